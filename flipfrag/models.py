@@ -1,0 +1,470 @@
+"""Architectures of both papers, a seeded ``train()``, and a checkpoint cache keyed by the configuration.
+
+Architectures
+-------------
+* :class:`MLP` — fully connected nets of the flip-point paper: ``erf(u / sigma)`` per hidden layer (the authors'
+  ``pointEval.m``), or ``tanh`` / ``softplus`` / ``relu`` variants. Inputs of any shape are flattened.
+* :class:`SmallCNN` — a small ReLU CNN (``nn.ReLU`` modules, max-pooling, global average pooling head like
+  SqueezeNet's); the offline stand-in for Ghorbani et al.'s CIFAR-10 CNN and for SqueezeNet on ImageNet.
+* :func:`squeezenet1_0` / :func:`inception_v3` — torchvision architectures; pretrained ImageNet weights only in the
+  ``paper`` profile (downloaded, sha256-prefix verified, cached). Nothing is downloaded otherwise.
+
+Checkpoint cache
+----------------
+:func:`train_cached` keys a trained model by a sha256 of (architecture config, training settings, data hash, seed).
+Checkpoints are written atomically (temp file + rename) with a ``.sha256`` sidecar and loaded with
+``torch.load(weights_only=True)``; a corrupt or mismatched checkpoint raises :class:`CheckpointError` in
+:func:`load_checkpoint` and is retrained (with a warning) by :func:`train_cached`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._io import ChecksumError, atomic_write, atomic_write_bytes, cache_dir, download, sha256_file
+from .smooth import Erf
+
+__all__ = [
+    "MLP",
+    "SmallCNN",
+    "build_model",
+    "squeezenet1_0",
+    "inception_v3",
+    "train",
+    "evaluate",
+    "predict",
+    "tensor_hash",
+    "config_key",
+    "save_checkpoint",
+    "load_checkpoint",
+    "train_cached",
+    "CheckpointError",
+    "PRETRAINED",
+    "ZOO",
+    "trained_model",
+]
+
+_ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
+    "erf": lambda sigma: Erf(sigma),
+    "tanh": lambda sigma: nn.Tanh(),
+    "softplus": lambda sigma: nn.Softplus(),
+    "relu": lambda sigma: nn.ReLU(),
+}
+
+
+class MLP(nn.Module):
+    """Fully connected classifier ``in_features -> hidden... -> n_classes`` returning pre-softmax scores.
+
+    Parameters
+    ----------
+    in_features : int
+        Input dimension; inputs of shape (N, *shape) are flattened to (N, in_features).
+    hidden : sequence of int
+        Hidden widths, e.g. ``[100, 100]``.
+    n_classes : int
+        Number of output scores (2 for a yes/no net, as in the flip-point paper's binary case).
+    activation : {"erf", "tanh", "softplus", "relu"}
+        ``"erf"`` is ``erf(u / sigma)`` with one sigma per layer, as in the authors' code.
+    sigma : float
+        Initial erf scale for every hidden layer (ignored for other activations).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        n_classes: int,
+        activation: str = "erf",
+        sigma: float = 1.0,
+    ):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if in_features < 1 or n_classes < 2 or any(h < 1 for h in hidden):
+            raise ValueError(
+                f"need in_features >= 1, n_classes >= 2, hidden widths >= 1; got {in_features}, {n_classes}, {hidden}"
+            )
+        self.config = {
+            "arch": "MLP",
+            "in_features": int(in_features),
+            "hidden": [int(h) for h in hidden],
+            "n_classes": int(n_classes),
+            "activation": activation,
+            "sigma": float(sigma),
+        }
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), _ACTIVATIONS[activation](sigma)]
+            width = h
+        layers.append(nn.Linear(width, n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Small ReLU CNN: 3 conv blocks, then a 1x1 class conv, ReLU and global average pooling (SqueezeNet's head).
+
+    Parameters
+    ----------
+    in_channels : int
+        1 for MNIST-like, 3 for CIFAR-like inputs.
+    n_classes : int
+    width : int
+        Channels of the first conv layer (doubled after each pooling).
+    head_relu : bool
+        Keep SqueezeNet's ReLU before the global average pool (scores >= 0). Default False, so the scores are
+        ordinary logits; the paper-profile SqueezeNet has it, as in Ghorbani et al.
+    """
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 10, width: int = 16, head_relu: bool = False):
+        super().__init__()
+        self.config = {
+            "arch": "SmallCNN",
+            "in_channels": int(in_channels),
+            "n_classes": int(n_classes),
+            "width": int(width),
+            "head_relu": bool(head_relu),
+        }
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1),
+            nn.ReLU(),
+        )
+        head: list[nn.Module] = [nn.Conv2d(4 * w, n_classes, 1)]
+        if head_relu:
+            head.append(nn.ReLU())
+        head += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Rebuild an architecture from its ``config`` dict (as stored in ``model.config`` and in checkpoints)."""
+    cfg = dict(config)
+    arch = cfg.pop("arch", None)
+    if arch == "MLP":
+        return MLP(**cfg)
+    if arch == "SmallCNN":
+        return SmallCNN(**cfg)
+    if arch == "squeezenet1_0":
+        return squeezenet1_0(pretrained=False)
+    if arch == "inception_v3":
+        return inception_v3(pretrained=False)
+    raise ValueError(f"config: unknown arch {arch!r}")
+
+
+# torchvision's ImageNet weights; the 8 hex digits in the file name are the start of the file's sha256.
+PRETRAINED: dict[str, dict[str, str]] = {
+    "squeezenet1_0": {
+        "url": "https://download.pytorch.org/models/squeezenet1_0-b66bff10.pth",
+        "sha256": "b66bff10",
+    },
+    "inception_v3": {
+        "url": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
+        "sha256": "0cc3c7bd",
+    },
+}
+
+
+def _pretrained_state(name: str, url: str | None) -> dict[str, torch.Tensor]:
+    spec = PRETRAINED[name]
+    url = url or spec["url"]
+    path = download(url, cache_dir("weights") / Path(spec["url"]).name, sha256=spec["sha256"])
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def squeezenet1_0(pretrained: bool = False, *, url: str | None = None) -> nn.Module:
+    """torchvision SqueezeNet 1.0 (what Ghorbani et al. used), in eval mode.
+
+    ``pretrained=True`` downloads torchvision's ImageNet weights (``paper`` profile only; needs a network, or ``url``
+    pointing at a local copy, e.g. ``file:///path/squeezenet1_0-b66bff10.pth``) and verifies the sha256 prefix.
+    """
+    import torchvision
+
+    model = torchvision.models.squeezenet1_0(weights=None)
+    if pretrained:
+        model.load_state_dict(_pretrained_state("squeezenet1_0", url))
+    model.config = {"arch": "squeezenet1_0"}
+    return model.eval()
+
+
+def inception_v3(pretrained: bool = False, *, url: str | None = None) -> nn.Module:
+    """torchvision Inception v3 (the influence-function experiment's feature extractor), in eval mode."""
+    import torchvision
+
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    if pretrained:
+        model.load_state_dict(_pretrained_state("inception_v3", url))
+    model.config = {"arch": "inception_v3"}
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+def _check_xy(X: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError("X and y must be torch tensors")
+    if X.shape[0] != y.shape[0] or X.shape[0] == 0:
+        raise ValueError(f"X and y must have the same non-zero length, got {X.shape[0]} and {y.shape[0]}")
+    if not torch.isfinite(X).all():
+        raise ValueError("X contains NaN or inf")
+
+
+def train(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    X_val: torch.Tensor | None = None,
+    y_val: torch.Tensor | None = None,
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """Train a classifier with Adam and cross-entropy on pre-softmax scores; deterministic for a given seed.
+
+    Returns a history dict: ``loss`` (mean train loss per epoch), ``train_acc`` and, if validation data is given,
+    ``val_acc`` per epoch. The model is left in eval mode.
+    """
+    _check_xy(X, y)
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    dtype = next(model.parameters()).dtype
+    X = X.to(dtype)
+    history: dict[str, list[float]] = {"loss": [], "train_acc": []}
+    if X_val is not None:
+        history["val_acc"] = []
+    bar = tqdm(range(epochs), desc=f"train {type(model).__name__}", disable=not progress, leave=False)
+    for _ in bar:
+        model.train()
+        perm = torch.randperm(X.shape[0], generator=gen)
+        total, correct, seen = 0.0, 0, 0
+        for start in range(0, X.shape[0], batch_size):
+            idx = perm[start : start + batch_size]
+            out = model(X[idx])
+            loss = loss_fn(out, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            correct += int((out.argmax(1) == y[idx]).sum())
+            seen += len(idx)
+        history["loss"].append(total / seen)
+        history["train_acc"].append(correct / seen)
+        if X_val is not None:
+            history["val_acc"].append(evaluate(model, X_val, y_val))
+        bar.set_postfix(loss=f"{total / seen:.3f}")
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Pre-softmax scores of ``model`` on ``X`` in batches (eval mode, no grad). Shape (N, C)."""
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    return torch.cat([model(X[i : i + batch_size].to(dtype)) for i in range(0, X.shape[0], batch_size)])
+
+
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy of ``model`` on (X, y)."""
+    return float((predict(model, X).argmax(1) == y).float().mean())
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is corrupt, truncated, or does not belong to the requested configuration."""
+
+
+def tensor_hash(*tensors: torch.Tensor) -> str:
+    """sha256 over the dtype, shape and bytes of tensors (keys the data a model was trained on)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A stable 16-hex key for a JSON-serialisable configuration dict."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, key: str, meta: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` atomically with its config, key and metadata, plus a ``.sha256`` sidecar."""
+    path = Path(path)
+    payload = {
+        "format": 1,
+        "key": key,
+        "config": getattr(model, "config", None),
+        "meta": json.dumps(meta or {}, default=str),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write_bytes(path.with_suffix(path.suffix + ".sha256"), (sha256_file(path) + "\n").encode())
+    return path
+
+
+def load_checkpoint(path: str | Path, *, key: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint`; returns ``(model, meta)``.
+
+    Raises :class:`CheckpointError` (naming the file) if the sidecar checksum does not match, the file does not
+    unpickle with ``weights_only=True``, its key differs from ``key``, or the state dict does not fit the config.
+    """
+    path = Path(path)
+    sidecar = path.with_suffix(path.suffix + ".sha256")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not sidecar.exists():
+        raise CheckpointError(f"checkpoint {path}: checksum file {sidecar.name} is missing")
+    expected = sidecar.read_text().strip()
+    if sha256_file(path) != expected:
+        raise CheckpointError(f"checkpoint {path}: sha256 does not match {sidecar.name} (corrupt or truncated)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != 1:
+            raise CheckpointError(f"checkpoint {path}: unknown format {payload.get('format')!r}")
+        if key is not None and payload["key"] != key:
+            raise CheckpointError(f"checkpoint {path}: key {payload['key']} != requested {key}")
+        state = payload["state_dict"]
+        model = build_model(payload["config"])
+        float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        if len(float_dtypes) == 1:  # keep float64 checkpoints in float64
+            model = model.to(float_dtypes.pop())
+        model.load_state_dict(state)
+        meta = json.loads(payload["meta"])
+    except CheckpointError:
+        raise
+    except Exception as err:  # unpickling / shape errors all mean "not a valid checkpoint"
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {err}") from err
+    return model.eval(), meta
+
+
+def train_cached(
+    model_fn: Callable[[], nn.Module],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    name: str = "model",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    cache: str | Path | None = None,
+    progress: bool = True,
+    **train_kwargs: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``model_fn()`` and train it on (X, y), or load it from the checkpoint cache.
+
+    The key hashes the model's ``config``, ``train_kwargs``, ``seed``, ``dtype`` and the data. Returns
+    ``(model, meta)`` with ``meta = {"key", "history", "cached": bool, "path"}``; the model is in eval mode.
+    """
+    torch.manual_seed(seed)
+    model = model_fn().to(dtype)
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("model_fn must return a model with a .config dict (see flipfrag.models)")
+    kwargs_for_key = {k: v for k, v in train_kwargs.items() if k not in ("X_val", "y_val")}
+    key = config_key(
+        {"name": name, "config": config, "train": kwargs_for_key, "seed": seed, "dtype": str(dtype),
+         "data": tensor_hash(X, y)}
+    )
+    folder = Path(cache) if cache is not None else cache_dir("models")
+    path = folder / f"{name}-{key}.pt"
+    if path.exists():
+        try:
+            loaded, meta = load_checkpoint(path, key=key)
+            return loaded.to(dtype), {**meta, "key": key, "cached": True, "path": str(path)}
+        except CheckpointError as err:
+            warnings.warn(f"{err}; retraining", stacklevel=2)
+    history = train(model, X, y, seed=seed, progress=progress, **train_kwargs)
+    meta = {"history": history}
+    save_checkpoint(path, model, key=key, meta=meta)
+    return model.eval(), {**meta, "key": key, "cached": False, "path": str(path)}
+
+
+__all__ += ["ChecksumError"]
+
+
+# ------------------------------------------------------------------------------------------------ model zoo
+# The trained models the notebooks share, one entry per (dataset, architecture). Sizes come from the profile, so a
+# notebook and the data overview get the same cached checkpoint for the same profile and seed.
+
+ZOO: dict[str, dict[str, Any]] = {
+    "adult-erf": {"dataset": "adult", "arch": "mlp", "activation": "erf", "hidden": "tabular_hidden",
+                  "epochs": "mlp_epochs", "lr": 1e-3, "batch_size": 256, "dtype": "float64"},
+    "breast_cancer-erf": {"dataset": "breast_cancer", "arch": "mlp", "activation": "erf", "hidden": "tabular_hidden",
+                          "epochs": "mlp_epochs", "lr": 3e-3, "batch_size": 32, "dtype": "float64", "epoch_scale": 5},
+    "mnist-erf": {"dataset": "mnist", "arch": "mlp", "activation": "erf", "hidden": "mnist_hidden",
+                  "epochs": "mlp_epochs", "lr": 1e-3, "batch_size": 64, "dtype": "float64"},
+    "mnist-cnn": {"dataset": "mnist", "arch": "cnn", "width": 16, "epochs": "cnn_epochs", "lr": 2e-3,
+                  "batch_size": 64, "dtype": "float32"},
+}  # fmt: skip
+
+
+def trained_model(key: str, profile: dict[str, Any] | str = "quick", *, seed: int = 0, data=None,
+                  progress: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:  # fmt: skip
+    """A model of the zoo, trained on its dataset with the profile's sizes (or loaded from the checkpoint cache).
+
+    Returns ``(model, dataset, meta)``; ``meta`` has ``train_acc``, ``test_acc``, ``history``, ``cached``, ``key``.
+    ``data`` may pass an already loaded :class:`flipfrag.datasets.Dataset` to avoid loading it twice.
+    """
+    from .datasets import load_dataset
+    from .profiles import get_profile
+
+    if key not in ZOO:
+        raise ValueError(f"key must be one of {sorted(ZOO)}, got {key!r}")
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    spec = ZOO[key]
+    data = data if data is not None else load_dataset(spec["dataset"], prof, seed=seed)
+    dtype = getattr(torch, spec["dtype"])
+    if spec["arch"] == "mlp":
+        d = int(np.prod(data.input_shape))
+
+        def model_fn() -> nn.Module:
+            return MLP(d, prof[spec["hidden"]], data.n_classes, activation=spec["activation"])
+    else:
+
+        def model_fn() -> nn.Module:
+            return SmallCNN(data.input_shape[0], data.n_classes, width=spec["width"])
+
+    epochs = int(prof[spec["epochs"]] * spec.get("epoch_scale", 1))
+    model, meta = train_cached(
+        model_fn, data.X_train.to(dtype), data.y_train, name=key, seed=seed, dtype=dtype, progress=progress,
+        epochs=epochs, lr=spec["lr"], batch_size=spec["batch_size"],
+    )  # fmt: skip
+    meta["train_acc"] = evaluate(model, data.X_train.to(dtype), data.y_train)
+    meta["test_acc"] = evaluate(model, data.X_test.to(dtype), data.y_test)
+    meta["epochs"] = epochs
+    return model, data, meta

@@ -1,0 +1,262 @@
+"""One figure style for every notebook, and the only way figures and tables are written.
+
+Usage in a notebook (after its ``parameters`` cell)::
+
+    from flipfrag import plotting
+    run = plotting.start_run("flip_points/confidence", profile=profile, seed=seed, figures_dir=figures_dir,
+                             parameters=dict(profile=profile, seed=seed), substitutions="MNIST-5k for MNIST")
+    fig, ax = plotting.subplots()
+    ...
+    plotting.save_figure(fig, "flip_points/fig_confidence")      # figures/flip_points/fig_confidence.png + .pdf
+    plotting.save_table(df, "flip_points/table_confidence")      # .csv + .md
+
+Every save writes the files atomically and records an entry in ``<figures_dir>/MANIFEST.json``:
+``{"id", "files", "notebook", "profile", "parameters", "seed", "runtime_s", "created"}`` (``runtime_s`` = seconds
+since :func:`start_run` when the item was saved). :func:`finish_run` records the notebook's total runtime under
+``"notebooks"``. Each figure carries a footer line naming its id, profile, seed and any substitution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from ._io import atomic_write, atomic_write_json
+
+__all__ = [
+    "set_style",
+    "subplots",
+    "start_run",
+    "finish_run",
+    "current_run",
+    "save_figure",
+    "save_table",
+    "figures_dir",
+    "read_manifest",
+    "Run",
+    "PALETTE",
+]
+
+PALETTE = {
+    "gradient": "#1f77b4",
+    "integrated_gradients": "#2ca02c",
+    "deeplift": "#d62728",
+    "lrp": "#9467bd",
+    "topk": "#d62728",
+    "center": "#ff7f0e",
+    "random": "#7f7f7f",
+    "targeted": "#17becf",
+    "correct": "#1f77b4",
+    "misclassified": "#d62728",
+}
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def set_style() -> None:
+    """The shared seaborn style: white grid, readable font sizes, 150-dpi PNGs, tight bounding boxes."""
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", palette="deep", font_scale=1.0)
+    plt.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "savefig.dpi": 150,
+            "savefig.bbox": "tight",
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "legend.fontsize": 9,
+            "xtick.labelsize": 9,
+            "ytick.labelsize": 9,
+            "image.cmap": "viridis",
+            "pdf.fonttype": 42,
+        }
+    )
+
+
+def subplots(*args: Any, **kwargs: Any):
+    """``plt.subplots`` with the shared style applied and ``constrained_layout`` on."""
+    set_style()
+    kwargs.setdefault("layout", "constrained")
+    return plt.subplots(*args, **kwargs)
+
+
+@dataclass
+class Run:
+    """What a notebook records about itself with every figure it saves."""
+
+    notebook: str
+    profile: str
+    seed: int
+    figures_dir: Path
+    parameters: dict[str, Any] = field(default_factory=dict)
+    substitutions: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+_RUN: Run | None = None
+
+
+def figures_dir(path: str | os.PathLike | None = None) -> Path:
+    """The output folder: ``path``, else ``$FLIPFRAG_FIGURES``, else ``figures/`` in the repository."""
+    return Path(path or os.environ.get("FLIPFRAG_FIGURES") or REPO_ROOT / "figures").resolve()
+
+
+def start_run(
+    notebook: str,
+    *,
+    profile: str,
+    seed: int,
+    figures_dir: str | os.PathLike | None = None,
+    parameters: dict[str, Any] | None = None,
+    substitutions: str | None = None,
+) -> Run:
+    """Start recording for a notebook (call right after the parameters cell). Applies the figure style."""
+    from .profiles import get_profile
+
+    get_profile(profile)  # validates the name
+    global _RUN
+    set_style()
+    _RUN = Run(
+        notebook=notebook,
+        profile=profile,
+        seed=int(seed),
+        figures_dir=globals()["figures_dir"](figures_dir),
+        parameters=dict(parameters or {}),
+        substitutions=substitutions,
+    )
+    _RUN.figures_dir.mkdir(parents=True, exist_ok=True)
+    return _RUN
+
+
+def current_run() -> Run:
+    if _RUN is None:
+        raise RuntimeError("no run started: call flipfrag.plotting.start_run(...) after the parameters cell")
+    return _RUN
+
+
+def read_json_store(path: Path, sections: tuple[str, ...]) -> dict[str, Any]:
+    """Read a JSON file made of named dict sections (MANIFEST.json, claims.json); validated, empty if missing."""
+    if not path.exists():
+        return {s: {} for s in sections}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it and re-run `make figures`") from err
+    if not isinstance(data, dict) or not all(isinstance(data.get(s), dict) for s in sections):
+        raise ValueError(f"{path} does not have the expected sections {list(sections)}")
+    return data
+
+
+@contextlib.contextmanager
+def locked_json_store(path: Path, sections: tuple[str, ...]):
+    """Read-modify-write a JSON store under an exclusive lock (notebooks may run in parallel); atomic write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        data = read_json_store(path, sections)
+        yield data
+        atomic_write_json(path, {s: dict(sorted(data[s].items())) for s in sections})
+
+
+_MANIFEST_SECTIONS = ("entries", "notebooks")
+
+
+def read_manifest(folder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The MANIFEST of a figures folder: ``{"entries": {id: entry}, "notebooks": {name: info}}``."""
+    return read_json_store(figures_dir(folder) / "MANIFEST.json", _MANIFEST_SECTIONS)
+
+
+def _split_id(item_id: str) -> tuple[str, str]:
+    parts = item_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(c in item_id for c in " \\.."):
+        raise ValueError(f"id must look like '<paper>/<name>' (e.g. 'flip_points/fig_confidence'), got {item_id!r}")
+    return parts[0], parts[1]
+
+
+def _record(item_id: str, files: list[Path], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    run = current_run()
+    entry = {
+        "id": item_id,
+        "files": [str(f.relative_to(run.figures_dir)) for f in files],
+        "notebook": run.notebook,
+        "profile": run.profile,
+        "parameters": run.parameters,
+        "seed": run.seed,
+        "runtime_s": round(run.elapsed, 2),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    with locked_json_store(run.figures_dir / "MANIFEST.json", _MANIFEST_SECTIONS) as manifest:
+        manifest["entries"][item_id] = entry
+    return entry
+
+
+def _footer(item_id: str) -> str:
+    run = current_run()
+    text = f"flipfrag {item_id} · profile={run.profile} · seed={run.seed}"
+    if run.substitutions:
+        text += f" · substitute: {run.substitutions}"
+    return text
+
+
+def save_figure(fig, item_id: str, *, footer: bool = True) -> dict[str, Any]:
+    """Write ``fig`` as ``<figures_dir>/<paper>/<name>.png`` and ``.pdf`` and record it in the MANIFEST."""
+    paper, name = _split_id(item_id)
+    run = current_run()
+    folder = run.figures_dir / paper
+    if footer:
+        fig.text(0.0, -0.01, _footer(item_id), fontsize=7, color="0.4", ha="left", va="top",
+                 transform=fig.transFigure)  # fmt: skip
+    files = []
+    for ext in ("png", "pdf"):
+        path = folder / f"{name}.{ext}"
+        # PDF metadata carries a timestamp by default; drop it so reruns give identical files
+        meta = {"CreationDate": None} if ext == "pdf" else {"Software": None}
+        atomic_write(path, lambda tmp, ext=ext, meta=meta: fig.savefig(tmp, format=ext, metadata=meta))
+        files.append(path)
+    return _record(item_id, files)
+
+
+def save_table(df: pd.DataFrame, item_id: str, *, float_format: str = "%.4g", caption: str | None = None
+               ) -> dict[str, Any]:  # fmt: skip
+    """Write ``df`` as ``<paper>/<name>.csv`` and ``.md`` (a Markdown table with a caption line) and record it."""
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    paper, name = _split_id(item_id)
+    run = current_run()
+    folder = run.figures_dir / paper
+    csv_path, md_path = folder / f"{name}.csv", folder / f"{name}.md"
+    atomic_write(csv_path, lambda tmp: df.to_csv(tmp, index=False, float_format=float_format))
+    md = f"**{item_id}** — {caption or ''}\n\n" if caption else f"**{item_id}**\n\n"
+    md += df.to_markdown(index=False, floatfmt=float_format.lstrip("%")) + f"\n\n_{_footer(item_id)}_\n"
+    atomic_write(md_path, lambda tmp: tmp.write_text(md))
+    return _record(item_id, [csv_path, md_path])
+
+
+def finish_run() -> dict[str, Any]:
+    """Record the notebook's total runtime (seconds) in the MANIFEST's ``notebooks`` section."""
+    run = current_run()
+    info = {
+        "profile": run.profile,
+        "seed": run.seed,
+        "runtime_s": round(run.elapsed, 2),
+        "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    with locked_json_store(run.figures_dir / "MANIFEST.json", _MANIFEST_SECTIONS) as manifest:
+        manifest["notebooks"][run.notebook] = info
+    return info

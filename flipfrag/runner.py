@@ -1,0 +1,134 @@
+"""Run the notebooks with papermill: ``python -m flipfrag.runner --profile quick [--select flip_points ...]``.
+
+Each notebook under ``notebooks/`` is executed with kernel ``python3`` and the parameters ``profile``, ``seed`` and
+``figures_dir``; the executed copy goes to ``build/notebooks/<same path>``. A failing notebook stops the run with its
+name, the failing cell's number and the error, and a non-zero exit code. After a successful run,
+``<figures_dir>/REPRODUCTION.md`` is regenerated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["NotebookFailed", "find_notebooks", "run_notebook", "run_all", "main"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names the notebook, the cell and the error."""
+
+
+@dataclass
+class NotebookRun:
+    path: Path
+    output: Path
+    seconds: float
+
+
+def find_notebooks(root: str | Path = REPO_ROOT / "notebooks", select: list[str] | None = None) -> list[Path]:
+    """Notebooks under ``root`` (sorted), optionally only those whose relative path starts with one of ``select``
+    (e.g. ``flip_points`` or ``fragility/01``; a trailing ``.ipynb`` is optional)."""
+    root = Path(root)
+    found = sorted(p for p in root.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    if not select:
+        return found
+    keys = [s.removeprefix("notebooks/").removesuffix(".ipynb") for s in select]
+    chosen = [p for p in found if any(str(p.relative_to(root)).startswith(k) for k in keys)]
+    if not chosen:
+        raise ValueError(f"select: no notebook under {root} matches {select}")
+    return chosen
+
+
+def _failure_message(path: Path, output: Path, err: Exception) -> str:
+    # exec_count numbers the cells of the executed copy, which has papermill's injected-parameters cell
+    cell = getattr(err, "exec_count", None)
+    ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
+    where = f"cell [{cell}]" if cell is not None else "a cell"
+    return f"notebook {path} failed in {where}: {ename}: {evalue}\n  (executed copy with the traceback: {output})"
+
+
+def run_notebook(
+    path: str | Path,
+    *,
+    profile: str,
+    seed: int = 0,
+    figures_dir: str | Path,
+    output_dir: str | Path,
+    root: str | Path = REPO_ROOT / "notebooks",
+    kernel: str = "python3",
+    progress: bool = False,
+) -> NotebookRun:
+    """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the cell and the error."""
+    import papermill as pm
+
+    path, root = Path(path).resolve(), Path(root).resolve()
+    rel = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
+    output = Path(output_dir) / rel
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Path(figures_dir).mkdir(parents=True, exist_ok=True)
+    params = {"profile": profile, "seed": int(seed), "figures_dir": str(Path(figures_dir).resolve())}
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(path), str(output), parameters=params, kernel_name=kernel, progress_bar=progress,
+            cwd=str(path.parent), log_output=False,
+        )  # fmt: skip
+    except pm.PapermillExecutionError as err:
+        raise NotebookFailed(_failure_message(path, output, err)) from None
+    return NotebookRun(path, output, time.perf_counter() - start)
+
+
+def run_all(
+    *,
+    profile: str,
+    seed: int = 0,
+    select: list[str] | None = None,
+    figures_dir: str | Path = REPO_ROOT / "figures",
+    output_dir: str | Path = REPO_ROOT / "build" / "notebooks",
+    root: str | Path = REPO_ROOT / "notebooks",
+) -> list[NotebookRun]:
+    """Run the selected notebooks in order, stop at the first failure, then write REPRODUCTION.md."""
+    from .report import write_reproduction
+
+    runs = []
+    notebooks = find_notebooks(root, select)
+    base = Path(root).resolve().parent
+    for i, nb in enumerate(notebooks, 1):
+        name = nb.relative_to(base) if nb.is_relative_to(base) else nb
+        print(f"[{i}/{len(notebooks)}] {name} (profile={profile}, seed={seed}) ...", flush=True)
+        run = run_notebook(nb, profile=profile, seed=seed, figures_dir=figures_dir, output_dir=output_dir, root=root)
+        print(f"      done in {run.seconds:.1f} s -> {run.output}", flush=True)
+        runs.append(run)
+    Path(figures_dir).mkdir(parents=True, exist_ok=True)
+    print(f"wrote {write_reproduction(figures_dir)}")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=os.environ.get("PROFILE", "quick"), choices=["smoke", "quick", "paper"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--select", nargs="*", default=None, help="notebook path prefixes, e.g. flip_points")
+    parser.add_argument("--figures-dir", default=str(REPO_ROOT / "figures"))
+    parser.add_argument("--output-dir", default=str(REPO_ROOT / "build" / "notebooks"))
+    parser.add_argument("--root", default=str(REPO_ROOT / "notebooks"))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        runs = run_all(profile=args.profile, seed=args.seed, select=args.select or None, figures_dir=args.figures_dir,
+                       output_dir=args.output_dir, root=args.root)  # fmt: skip
+    except (NotebookFailed, ValueError) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    print(f"{len(runs)} notebook(s) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

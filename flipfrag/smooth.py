@@ -1,0 +1,180 @@
+"""Smooth copies of a network, shared by the flip-point homotopy and the second-order attacks.
+
+Two deformations live here, and nowhere else:
+
+* **ReLU -> softplus(beta)**. ReLU nets have zero second derivative almost everywhere, so the gradient of a
+  gradient-based saliency map with respect to the input is degenerate. :func:`softplus_surrogate` returns a module
+  that evaluates the *same weights* with every ReLU replaced by ``softplus(beta * u) / beta`` (beta = 1 is what
+  Ghorbani et al.'s code used; large beta approaches ReLU, small beta is nearly linear).
+  Replacement works for ``nn.ReLU`` modules *and* functional calls (``F.relu``, ``torch.relu``, ``Tensor.relu``,
+  and their in-place forms) because it intercepts the call with a :class:`torch.overrides.TorchFunctionMode`
+  while the wrapped model runs. Not replaced (and therefore unsupported for second-order use): ``clamp``/``clip``
+  used as a ReLU, ``hardtanh``, ``relu6``, ``leaky_relu``, ``prelu`` and ``threshold``; :func:`has_relu` lets
+  callers check that something was replaced.
+
+* **erf(u / sigma) scale**. The flip-point networks of Yousefzadeh & O'Leary use erf activations with one scale
+  sigma per hidden layer (:class:`Erf`). The homotopy of their later code widens sigma so that no unit is saturated;
+  :func:`erf_layers` and :func:`erf_sigmas` find and set those scales.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "Erf",
+    "SoftplusSurrogate",
+    "softplus_surrogate",
+    "relu_as_softplus",
+    "has_relu",
+    "erf_layers",
+    "erf_sigmas",
+    "set_erf_sigmas",
+]
+
+
+class Erf(nn.Module):
+    """Gauss error function activation ``erf(u / sigma)`` with a scalar scale ``sigma`` (a buffer, not trained).
+
+    Parameters
+    ----------
+    sigma : float
+        Positive scale. ``sigma = 1`` is plain erf; larger sigma flattens the unit (less saturation).
+    """
+
+    def __init__(self, sigma: float = 1.0):
+        super().__init__()
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.erf(u / self.sigma.to(u.dtype))
+
+    def extra_repr(self) -> str:
+        return f"sigma={float(self.sigma):.4g}"
+
+
+_RELU_FUNCS = {
+    F.relu,
+    torch.relu,
+    torch.relu_,
+    torch.Tensor.relu,
+    torch.Tensor.relu_,
+    torch._C._nn.relu if hasattr(torch._C._nn, "relu") else torch.relu,
+}
+
+
+class _ReluToSoftplus(TorchFunctionMode):
+    """Replace every ReLU call made while active by softplus(beta); counts the replacements."""
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = float(beta)
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELU_FUNCS:
+            self.count += 1
+            # In-place forms return a new tensor: callers use the returned value (nn.ReLU does).
+            return F.softplus(args[0], beta=self.beta)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def relu_as_softplus(beta: float = 1.0) -> Iterator[_ReluToSoftplus]:
+    """Context manager: inside it, every ReLU (module or functional) computes ``softplus(beta)`` instead.
+
+    Yields the mode object; its ``count`` attribute says how many ReLU calls were replaced.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    mode = _ReluToSoftplus(beta)
+    with mode:
+        yield mode
+
+
+class SoftplusSurrogate(nn.Module):
+    """The same network (shared weights, not a copy) with every ReLU evaluated as ``softplus(beta)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A network built from ``nn.ReLU`` modules and/or functional ReLU calls.
+    beta : float
+        Softplus sharpness; ``softplus(u; beta) = log(1 + exp(beta u)) / beta``. Default 1 (Ghorbani et al.).
+
+    Raises
+    ------
+    ValueError
+        On the first forward pass if the model made no ReLU call at all (nothing to smooth: the caller is
+        probably handing a non-ReLU net or one using an unsupported form such as ``clamp``).
+    """
+
+    def __init__(self, model: nn.Module, beta: float = 1.0):
+        super().__init__()
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.model = model
+        self.beta = float(beta)
+        self.replaced_calls: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with relu_as_softplus(self.beta) as mode:
+            out = self.model(x)
+        if self.replaced_calls is None and mode.count == 0:
+            raise ValueError(
+                "model: softplus surrogate found no ReLU call to replace (supported: nn.ReLU, F.relu, torch.relu, "
+                "Tensor.relu and in-place forms; unsupported: clamp, hardtanh, relu6, leaky_relu, prelu, threshold)"
+            )
+        self.replaced_calls = mode.count
+        return out
+
+
+def softplus_surrogate(model: nn.Module, beta: float = 1.0, *, copy_weights: bool = False) -> SoftplusSurrogate:
+    """Return the softplus(beta) surrogate of ``model`` (weights shared unless ``copy_weights``)."""
+    return SoftplusSurrogate(copy.deepcopy(model) if copy_weights else model, beta)
+
+
+def has_relu(model: nn.Module, example: torch.Tensor) -> bool:
+    """True if evaluating ``model`` on ``example`` makes at least one (replaceable) ReLU call."""
+    with torch.no_grad(), relu_as_softplus(1.0) as mode:
+        model(example)
+    return mode.count > 0
+
+
+def erf_layers(model: nn.Module) -> list[Erf]:
+    """The :class:`Erf` activation modules of ``model`` in registration (= forward, for MLPs) order."""
+    return [m for m in model.modules() if isinstance(m, Erf)]
+
+
+def erf_sigmas(model: nn.Module) -> torch.Tensor:
+    """Current sigma of every :class:`Erf` layer, as a 1-D float64 tensor."""
+    return torch.tensor([float(m.sigma) for m in erf_layers(model)], dtype=torch.float64)
+
+
+@contextlib.contextmanager
+def set_erf_sigmas(model: nn.Module, sigmas: Sequence[float] | torch.Tensor) -> Iterator[nn.Module]:
+    """Temporarily set the sigma of every :class:`Erf` layer; restores the original values on exit."""
+    layers = erf_layers(model)
+    sigmas = [float(s) for s in sigmas]
+    if len(sigmas) != len(layers):
+        raise ValueError(f"sigmas: model has {len(layers)} Erf layers, got {len(sigmas)} values")
+    if any(not s > 0 for s in sigmas):
+        raise ValueError(f"sigmas must all be > 0, got {sigmas}")
+    old = [m.sigma.clone() for m in layers]
+    try:
+        for m, s in zip(layers, sigmas):
+            m.sigma.fill_(s)
+        yield model
+    finally:
+        for m, s in zip(layers, old):
+            m.sigma.copy_(s)

@@ -1,0 +1,23 @@
+"""Shared test settings: offline, 2 threads at most, a non-GUI backend, and a cache folder inside build/."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("FLIPFRAG_CACHE", str(Path(__file__).resolve().parent.parent / "build" / "test-cache"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,69 @@
+"""The notebook runner behind `make figures`: selection, parameters, and a failing notebook failing the run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from flipfrag import runner
+
+
+def _notebook(path: Path, body: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell('profile = "quick"\nseed = 0\nfigures_dir = "."')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def nb_root(tmp_path):
+    root = tmp_path / "notebooks"
+    _notebook(root / "a" / "01_ok.ipynb", "from pathlib import Path\nPath(figures_dir, f'ok-{profile}-{seed}').touch()")
+    _notebook(root / "b" / "02_fail.ipynb", "x = 1\nraise ValueError('deliberate failure 42')")
+    return root
+
+
+def test_find_notebooks_selects_by_prefix(nb_root):
+    assert [p.name for p in runner.find_notebooks(nb_root)] == ["01_ok.ipynb", "02_fail.ipynb"]
+    assert [p.name for p in runner.find_notebooks(nb_root, ["a"])] == ["01_ok.ipynb"]
+    assert [p.name for p in runner.find_notebooks(nb_root, ["notebooks/b/02_fail.ipynb"])] == ["02_fail.ipynb"]
+    with pytest.raises(ValueError, match="select"):
+        runner.find_notebooks(nb_root, ["zzz"])
+
+
+@pytest.mark.notebooks
+def test_parameters_reach_the_notebook_and_failure_stops_the_run(nb_root, tmp_path, capsys):
+    figs, out = tmp_path / "figs", tmp_path / "out"
+    code = runner.main(["--profile", "smoke", "--seed", "5", "--root", str(nb_root), "--figures-dir", str(figs),
+                        "--output-dir", str(out), "--select", "a"])  # fmt: skip
+    assert code == 0 and (figs / "ok-smoke-5").exists() and (out / "a" / "01_ok.ipynb").exists()
+    assert (figs / "REPRODUCTION.md").exists()
+    code = runner.main(["--profile", "smoke", "--root", str(nb_root), "--figures-dir", str(figs),
+                        "--output-dir", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "02_fail.ipynb" in err and "cell [3]" in err and "ValueError: deliberate failure 42" in err
+
+
+@pytest.mark.notebooks
+def test_make_figures_fails_on_a_failing_notebook(nb_root, tmp_path, repo):
+    """`make figures` itself (the README command) exits non-zero and names the notebook and the error."""
+    venv = Path(sys.prefix)
+    if not (venv / ".flipfrag-installed").exists():
+        pytest.skip("needs the Makefile's venv (run through `make test`)")
+    env = {**os.environ, "MAKEFLAGS": ""}
+    proc = subprocess.run(
+        ["make", "-C", str(repo), "figures", f"VENV={venv}", "PROFILE=smoke", f"NOTEBOOK_ROOT={nb_root}",
+         f"FIGURES={tmp_path / 'figs'}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "02_fail.ipynb" in proc.stderr and "deliberate failure 42" in proc.stderr
+    assert (tmp_path / "figs" / "ok-smoke-0").exists()  # the notebook before it ran
