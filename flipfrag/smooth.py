@@ -126,6 +126,7 @@ class SoftplusSurrogate(nn.Module):
         self.model = model
         self.beta = float(beta)
         self.replaced_calls: int | None = None
+        self.training = model.training  # follow the wrapped model's mode (without changing it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with relu_as_softplus(self.beta) as mode:
