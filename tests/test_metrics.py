@@ -1,0 +1,150 @@
+"""Metrics against hand-made cases, scipy.stats.spearmanr / rankdata and scipy.ndimage.center_of_mass."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import scipy.stats
+import torch
+
+from flipfrag.metrics import (
+    center_of_mass,
+    center_of_mass_shift,
+    default_k,
+    mass_in_region,
+    rankdata,
+    spearman,
+    topk_intersection,
+)
+
+
+def test_topk_intersection_hand_cases():
+    a = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    rev = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    assert topk_intersection(a, a, 3).tolist() == [1.0]
+    assert topk_intersection(a, rev, 2).tolist() == [0.0]  # {0,1} vs {3,4}
+    assert topk_intersection(a, rev, 3).tolist() == pytest.approx([1 / 3])  # {0,1,2} vs {2,3,4}
+    assert topk_intersection(a, rev, 5).tolist() == [1.0]
+
+
+def test_topk_intersection_batched_against_python_sets():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((6, 7, 9)), rng.random((6, 7, 9))
+    got = topk_intersection(a, b, 10)
+    for i in range(6):
+        sa = set(np.argsort(-a[i].ravel())[:10])
+        sb = set(np.argsort(-b[i].ravel())[:10])
+        assert got[i] == pytest.approx(len(sa & sb) / 10)
+
+
+def test_rankdata_matches_scipy_with_ties():
+    rng = np.random.default_rng(1)
+    v = rng.integers(0, 5, size=(4, 30)).astype(float)
+    got = rankdata(torch.from_numpy(v)).numpy()
+    np.testing.assert_allclose(got, scipy.stats.rankdata(v, axis=1, method="average"))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_spearman_matches_scipy(ties):
+    rng = np.random.default_rng(2)
+    if ties:
+        a = rng.integers(0, 4, size=(5, 6, 6)).astype(float)
+        b = a + rng.integers(0, 3, size=(5, 6, 6))
+    else:
+        a = rng.random((5, 6, 6))
+        b = a + 0.5 * rng.random((5, 6, 6))
+    got = spearman(a, b)
+    want = [scipy.stats.spearmanr(a[i].ravel(), b[i].ravel()).statistic for i in range(5)]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    got_t = spearman(torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    assert isinstance(got_t, torch.Tensor) and got_t.dtype == torch.float32
+    np.testing.assert_allclose(got_t.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_spearman_extremes():
+    a = torch.arange(12.0).view(1, 3, 4)
+    assert spearman(a, a).item() == pytest.approx(1.0)
+    assert spearman(a, -a).item() == pytest.approx(-1.0)
+    assert math.isnan(spearman(a, torch.ones_like(a)).item())  # constant map: undefined, as SciPy
+
+
+def test_center_of_mass_hand_cases_and_scipy():
+    m = torch.zeros(2, 5, 7)
+    m[0, 1, 4] = 1.0  # a single bright pixel
+    m[1, 0, 0] = m[1, 4, 6] = 2.0  # two equal pixels: the midpoint
+    np.testing.assert_allclose(center_of_mass(m).numpy(), [[1, 4], [2, 3]])
+    rng = np.random.default_rng(3)
+    r = rng.random((3, 8, 5))
+    got = center_of_mass(r)
+    assert isinstance(got, np.ndarray) and got.shape == (3, 2)
+    np.testing.assert_allclose(got, [scipy.ndimage.center_of_mass(r[i]) for i in range(3)], rtol=1e-12)
+
+
+def test_center_of_mass_shift_hand_and_floor():
+    a = torch.zeros(1, 10, 10)
+    b = torch.zeros(1, 10, 10)
+    a[0, 1, 1] = 1.0
+    b[0, 4, 5] = 1.0  # (3, 4) apart: 5 pixels
+    assert center_of_mass_shift(a, b).item() == pytest.approx(5.0)
+    # centers (0.6, 0.6) and (1.4, 1.4): float distance 0.8*sqrt(2), floored (0,0) vs (1,1): sqrt(2)
+    c = torch.zeros(1, 3, 3)
+    c[0, 0, 0], c[0, 1, 1] = 0.4, 0.6
+    d = torch.zeros(1, 3, 3)
+    d[0, 1, 1], d[0, 2, 2] = 0.6, 0.4
+    assert center_of_mass_shift(c, d).item() == pytest.approx(0.8 * math.sqrt(2), rel=1e-6)
+    assert center_of_mass_shift(c, d, floor=True).item() == pytest.approx(math.sqrt(2), rel=1e-6)
+
+
+def test_mass_in_region():
+    m = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])
+    mask = torch.tensor([[True, False], [False, True]])
+    assert mass_in_region(m, mask).item() == pytest.approx(5 / 8)
+    per_image = torch.tensor([[[0, 1], [0, 0]]])
+    assert mass_in_region(m, per_image).item() == pytest.approx(3 / 8)
+    out = mass_in_region(m.numpy(), mask.numpy())
+    assert isinstance(out, np.ndarray) and out[0] == pytest.approx(5 / 8)
+
+
+def test_center_and_region_are_differentiable():
+    m = torch.rand(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: center_of_mass(t), (m,))
+    mask = torch.zeros(4, 4, dtype=torch.float64)
+    mask[:2] = 1
+    assert torch.autograd.gradcheck(lambda t: mass_in_region(t, mask), (m,))
+
+
+def test_types_follow_inputs():
+    a = np.random.default_rng(4).random((2, 4, 4))
+    assert isinstance(topk_intersection(a, a, 3), np.ndarray)
+    assert isinstance(center_of_mass_shift(a, a), np.ndarray)
+    t = torch.from_numpy(a)
+    assert isinstance(topk_intersection(t, t, 3), torch.Tensor)
+    assert isinstance(topk_intersection(a, t, 3), torch.Tensor)  # mixed -> torch
+
+
+def test_default_k():
+    assert default_k(227 * 227) == 1000
+    assert default_k(224 * 224) == 1000
+    assert default_k(32 * 32) == 100
+    assert default_k(28 * 28) == 77
+    assert default_k(8 * 8) == 6
+    assert default_k(1) == 1
+    with pytest.raises(ValueError, match="n_features"):
+        default_k(0)
+
+
+def test_errors_name_the_argument():
+    a = torch.rand(2, 4, 4)
+    with pytest.raises(ValueError, match="k must"):
+        topk_intersection(a, a, 0)
+    with pytest.raises(ValueError, match="k must"):
+        topk_intersection(a, a, 17)
+    with pytest.raises(ValueError, match="map_a and map_b"):
+        spearman(a, torch.rand(2, 4, 5))
+    with pytest.raises(ValueError, match="maps"):
+        center_of_mass(torch.rand(4, 4))
+    with pytest.raises(ValueError, match="mask"):
+        mass_in_region(a, torch.ones(3, 3))
+    with pytest.raises(TypeError, match="map_a"):
+        spearman([[1.0, 2.0]], a)
