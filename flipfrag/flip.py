@@ -1,0 +1,1604 @@
+"""Closest flip points of a classifier: batched, certified, model-agnostic.
+
+A *flip point* of a classifier with pre-softmax scores ``z(x)`` between its source class ``s`` and a target class
+``t`` is an input where the two scores are equal and every other class scores lower. For an input ``x_hat`` the
+closest flip point (Yousefzadeh & O'Leary 2019) solves::
+
+    minimise    1/2 || D (x - x_hat) ||^2                       D = diag(scale), default identity
+    subject to  g(x)   = z_s(x) - z_t(x)            = 0         (the two top scores are equal)
+                h_k(x) = z_k(x) - z_t(x) + margin  <= 0         for every other class k
+                lower <= x <= upper,   x_i = x_hat_i where mask_i is False.
+
+``margin = 0`` is the definition; the authors' MATLAB code used ``margin = 0.2 / C``.
+
+Algorithm (one implementation, all points advanced together)
+------------------------------------------------------------
+A batched SQP (sequential quadratic programming) method with a scalar-secant Hessian model, globalised by an l1
+merit line search:
+
+1. At the iterate ``x_k`` evaluate the scores and, by autograd, the gradients of the equality constraint and of the
+   ``max_ineq`` most nearly active other-class constraints (one backward pass per constraint *slot*, for the whole
+   batch at once; loops run over slots and iterations, never over points).
+2. QP step with Hessian ``gamma * D^2``: the point closest (scaled norm) to the anchor ``x_k + (x_hat - x_k) / gamma``
+   that satisfies the linearised constraints inside the box. ``gamma`` is a per-point Barzilai-Borwein secant
+   estimate of the Lagrangian's curvature along the last step (``gamma = 1`` is the plain "project onto the
+   linearised boundary" iteration, which converges only linearly on curved boundaries), with Powell-style damping.
+   The QP's dual is a concave, piecewise-quadratic problem in ``m <= 1 + max_ineq`` multipliers per point, because
+   for fixed multipliers ``lam`` the primal minimiser is explicit, ``x(lam) = clip(anchor - D^-2 A^T lam, lower,
+   upper)``; it is maximised by projected semismooth Newton on batched ``(P, m, m)`` systems. A tiny quadratic
+   elastic term keeps it well posed when the linearisation is infeasible (the step then minimises the violation).
+3. Line search on ``phi = 1/2 ||D(x - x_hat)||^2 + mu * (|g| + sum_k max(0, h_k))`` with a per-point penalty ``mu``
+   (kept above twice the multipliers, allowed to halve per step): full step, then a second-order correction (one
+   more QP with the constraints re-evaluated at the trial point — no new gradients), then backtracking.
+4. Points freeze as soon as they pass the convergence test; points whose constraint violation does not fall by
+   10 % in 25 iterations (e.g. a target class that can never win) stop as "no progress".
+
+Nonsmooth (ReLU) models are detected (:func:`flipfrag.smooth.has_relu`): the secant is off (each linear piece has no
+curvature) and a *kink row* — the linearisation of ``g`` from just beyond a kink of the boundary — lets the QP move
+along the ridge where two linear pieces meet, where closest points of piecewise-linear boundaries often lie.
+
+Certification
+-------------
+After solving, every point is re-evaluated with the *original* model in its own dtype at the returned ``x_flip``:
+
+* ``residual = |z_s - z_t|`` must be ``<= tol * max(1, |z_s|, |z_t|)`` (a relative tolerance, spec section 3.3);
+* ``margin = min_k (z_t - z_k)`` over the other classes must be ``>= margin_param - tol * max(1, |z_s|, |z_t|)``
+  (the same tolerance: at a point where three scores meet, ``margin = 0`` holds only up to rounding);
+* ``bound_violation = max(lower - x, x - upper, 0)`` (and masked features moved) must be exactly 0;
+* ``kkt`` — the first-order optimality measure — must be ``<= kkt_tol``. It is the norm of the projected gradient of
+  the Lagrangian ``D^2 (x - x_hat) + A^T lam`` (multipliers fitted by least squares on the free coordinates, with
+  ``lam_k >= 0`` for the active inequalities; at a bound only the component pushing out of the box counts), measured
+  in the scaled norm and divided by ``||D (x - x_hat)||``. For a single active constraint and no active bounds it is
+  ``tan`` of the angle between ``x - x_hat`` and the constraint normal. For nonsmooth models a feasible point that
+  fails it is re-measured against a bundle of gradients of ``g`` sampled within ``1e-3 * distance`` (Goldstein
+  epsilon-stationarity: any same-sign combination of them may balance ``D^2 (x - x_hat)``).
+
+``converged`` is True only when all four hold. A point that fails is never returned as a flip point: its ``x_flip``
+and ``distance`` are NaN, the last iterate is kept in ``x_attempt`` and its diagnostics in the other fields.
+
+The problem is non-convex: a certified point is a local minimiser candidate (KKT point), not necessarily the global
+one. ``restarts`` (random starts around ``x_hat``) and ``homotopy`` (continuation from a smooth, nearly linear
+network to the trained one, as in the authors' later code) add candidates; the closest certified one is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
+
+from flipfrag.smooth import _RELU_FUNCS, erf_layers, erf_sigmas, has_relu, relu_as_softplus, set_erf_sigmas
+
+__all__ = ["FlipResult", "closest_flip_point", "erf_homotopy_sigmas"]
+
+# status codes of the iterative solver (before certification)
+_RUNNING, _CONVERGED, _MAX_ITER, _STALLED, _NO_PROGRESS = 0, 1, 2, 3, 4
+_SOLVER_STATUS = {_RUNNING: "running", _CONVERGED: "converged", _MAX_ITER: "max_iter", _STALLED: "line search failed",
+                  _NO_PROGRESS: "no progress toward feasibility"}
+_TINY = 1e-30  # a floor for norms before dividing (representable in float32)
+_DUAL_EPS = 1e-14  # quadratic elastic penalty of the QP subproblem (normalised units; 1e-6 in float32)
+_BUNDLE_SAMPLES, _BUNDLE_RADIUS = 8, 1e-3  # nonsmooth KKT: gradients sampled at 1e-3 x distance
+_PROGRESS_WINDOW = 25  # iterations over which an infeasible point must reduce its constraint violation by 10 %
+
+
+@dataclass
+class FlipResult:
+    """Closest flip points of a batch of N inputs, with a per-point certificate.
+
+    Attributes
+    ----------
+    x_flip : Tensor (N, *shape)
+        The certified flip point; NaN where ``converged`` is False (never a silently wrong point).
+    x_attempt : Tensor (N, *shape)
+        The solver's last iterate for every point (equal to ``x_flip`` where converged) — for diagnosis.
+    distance : Tensor (N,)
+        ``||scale * (x_flip - x)||_2`` (input units times scale); NaN where not converged.
+    source, target : LongTensor (N,)
+        The classes whose scores are equal at ``x_flip``. With ``target=None``, ``target`` is the class of the
+        closest certified flip point (for a point with none: the runner-up class at ``x``, whose attempt is shown).
+    residual : Tensor (N,)
+        ``|z_source - z_target|`` at ``x_attempt``, recomputed with the original model in its dtype.
+    margin : Tensor (N,)
+        ``min_k (z_target - z_k)`` over the other classes at ``x_attempt`` (``+inf`` for two classes).
+    bound_violation : Tensor (N,)
+        ``max(lower - x, x - upper, |x - x_hat| on masked features, 0)`` at ``x_attempt``.
+    kkt : Tensor (N,)
+        First-order optimality measure (module docstring); 0 when ``x`` itself is a flip point. For nonsmooth
+        models, the gradient-bundle (Goldstein) measure where the plain one fails.
+    iterations : LongTensor (N,)
+        SQP iterations used by the returned candidate (summed over homotopy steps for the homotopy candidate).
+    converged : BoolTensor (N,)
+        True only if residual, margin, bounds and KKT all meet their tolerances.
+    status : list of str (N,)
+        ``"converged"`` or why not, e.g. ``"residual 3.1e-02 > 1.0e-06 (solver: max_iter)"``.
+    start : LongTensor (N,)
+        Which candidate won: 0 = direct solve from ``x``, 1 = homotopy path, 2.. = random restarts; -1 if none
+        was certified.
+    distances : Tensor (N, C) or None
+        With ``target=None``: the certified distance toward every class, ``inf`` where that solve failed and in
+        the source column. None when ``target`` was given.
+    scores : Tensor (N, C)
+        Model scores at ``x_attempt`` (original model and dtype).
+    rounding_changed : BoolTensor (N,) or None
+        With ``groups``: True where rounding the relaxed one-hot blocks to valid categories moved the point.
+    tol, kkt_tol, margin_param : float
+        The tolerances and the margin used.
+    """
+
+    x_flip: torch.Tensor
+    x_attempt: torch.Tensor
+    distance: torch.Tensor
+    source: torch.Tensor
+    target: torch.Tensor
+    residual: torch.Tensor
+    margin: torch.Tensor
+    bound_violation: torch.Tensor
+    kkt: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    status: list[str]
+    start: torch.Tensor
+    scores: torch.Tensor
+    distances: torch.Tensor | None = None
+    rounding_changed: torch.Tensor | None = None
+    tol: float = 1e-6
+    kkt_tol: float = 1e-4
+    margin_param: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.distance.shape[0])
+
+    @property
+    def success_rate(self) -> float:
+        """Fraction of points with a certified flip point."""
+        return float(self.converged.float().mean())
+
+
+# ------------------------------------------------------------------------------------------------- problem data
+
+
+@dataclass
+class _Problems:
+    """P flattened single-target problems, all tensors in the working dtype, shape (P, n) or (P,)."""
+
+    xh: torch.Tensor  # the input x_hat
+    lo: torch.Tensor  # lower bounds; == hi on fixed (masked) coordinates
+    hi: torch.Tensor
+    w: torch.Tensor  # scale**2, the diagonal of the objective's Hessian
+    src: torch.Tensor
+    tgt: torch.Tensor
+    offset: torch.Tensor | None = None  # (P, C) added to the scores (homotopy's output-bias shift)
+
+    def __len__(self) -> int:
+        return self.xh.shape[0]
+
+    def take(self, idx: torch.Tensor) -> _Problems:
+        return _Problems(
+            self.xh[idx], self.lo[idx], self.hi[idx], self.w[idx], self.src[idx], self.tgt[idx],
+            None if self.offset is None else self.offset[idx],
+        )
+
+    def repeat(self, r: int) -> _Problems:
+        def rep(t):
+            return None if t is None else t.repeat(r, *([1] * (t.dim() - 1)))
+
+        return _Problems(*(rep(t) for t in (self.xh, self.lo, self.hi, self.w, self.src, self.tgt, self.offset)))
+
+    def with_offset(self, offset: torch.Tensor | None) -> _Problems:
+        return _Problems(self.xh, self.lo, self.hi, self.w, self.src, self.tgt, offset)
+
+    @property
+    def fixed(self) -> torch.Tensor:
+        return self.lo == self.hi
+
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # (P, n) flat inputs -> (P, C) scores
+
+
+def _constraint_values(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, margin: float):
+    """g = z_s - z_t (P,), h = z_k - z_t + margin for the other classes (P, C) with -inf at s and t."""
+    zs = z.gather(1, src[:, None])[:, 0]
+    zt = z.gather(1, tgt[:, None])[:, 0]
+    h = z - zt[:, None] + margin
+    other = torch.ones_like(z, dtype=torch.bool)
+    other.scatter_(1, src[:, None], False)
+    other.scatter_(1, tgt[:, None], False)
+    h = torch.where(other, h, torch.full_like(h, -math.inf))
+    return zs - zt, h, zs, zt
+
+
+def _violation(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """l1 constraint violation |g| + sum_k max(0, h_k) (P,)."""
+    return g.abs() + h.clamp(min=0).nan_to_num(posinf=math.inf).sum(1)
+
+
+def _tol_abs(zs: torch.Tensor, zt: torch.Tensor, tol: float) -> torch.Tensor:
+    return tol * torch.maximum(torch.ones_like(zs), torch.maximum(zs.abs(), zt.abs()))
+
+
+def _scores_and_jacobian(fn: ScoreFn, x: torch.Tensor, src, tgt, margin: float, n_ineq: int,
+                         relevant_only: bool = False):
+    """Scores z (P, C) and the constraint rows A (P, m, n), values c (P, m), slot mask (P, m) at x.
+
+    Slot 0 is the equality g = z_s - z_t; slots 1..n_ineq are the n_ineq largest h_k (most nearly active or most
+    violated other classes). One backward pass per slot, for the whole batch. ``relevant_only``: fewer slots when
+    no problem of the batch has that many classes within reach, h_k >= -(|g| + 0.1 (1 + |z_t|)) — the others
+    cannot become binding in one step of a converging iteration (and the line search still sees them all).
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = fn(x)
+        g, h, zs, zt = _constraint_values(z.detach(), src, tgt, margin)
+        P, C = z.shape
+        if relevant_only and n_ineq:
+            near = h >= -(g.abs() + 0.1 * (1 + zt.abs()))[:, None]
+            n_ineq = min(n_ineq, int(near.sum(1).max()))
+        m = 1 + n_ineq
+        rows = torch.zeros(P, m, C, dtype=z.dtype)
+        rows.scatter_(2, src[:, None, None].expand(P, 1, 1), 1.0)
+        rows[:, :, :].scatter_add_(2, tgt[:, None, None].expand(P, m, 1), -torch.ones(P, m, 1, dtype=z.dtype))
+        c = torch.zeros(P, m, dtype=z.dtype)
+        c[:, 0] = g
+        valid = torch.ones(P, m, dtype=torch.bool)
+        cls = torch.full((P, m), -1, dtype=torch.long)  # class of each slot; -1 = the equality
+        if n_ineq:
+            hv, kk = h.topk(n_ineq, dim=1)
+            rows[:, 1:, :].scatter_add_(2, kk[:, :, None], torch.ones(P, n_ineq, 1, dtype=z.dtype))
+            valid[:, 1:] = torch.isfinite(hv)
+            c[:, 1:] = torch.where(valid[:, 1:], hv, torch.zeros_like(hv))
+            cls[:, 1:] = kk
+        A = torch.empty(P, m, x.shape[1], dtype=z.dtype)
+        for j in range(m):
+            (A[:, j],) = torch.autograd.grad(z, x, rows[:, j], retain_graph=j < m - 1)
+    A = A * valid[:, :, None]
+    return z.detach(), g, h, zs, zt, A, c, valid, cls
+
+
+# ------------------------------------------------------------------------------------------------- the QP step
+
+
+def _dual_eps(dtype: torch.dtype) -> float:
+    return _DUAL_EPS if dtype == torch.float64 else 1e-6
+
+
+def _dual_qp(pr: _Problems, A: torch.Tensor, b: torch.Tensor, is_eq: torch.Tensor, rho: torch.Tensor,
+             lam0: torch.Tensor | None = None, iters: int = 15,
+             anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closest point to ``anchor`` (default x_hat; scaled norm) with A[:, 0] x = b[:, 0], A[:, j] x <= b[:, j] and
+    lo <= x <= hi, for P problems at once.
+
+    Solved through its dual: maximise the concave piecewise quadratic q(lam) - eps/2 |lam|^2 over lam_0 in
+    [-rho, rho], lam_j in [0, rho] (rho (P,) or (P, m)), where the primal minimiser is explicit,
+    x(lam) = clip(anchor - A^T lam / w, lo, hi). The eps term is a quadratic elastic penalty (the constraints hold
+    up to eps * lam): it keeps the dual strictly concave, so that an infeasible linearisation (all coordinates
+    clipped, q linear) still has a finite maximiser — the least-squares-violation step. Two phases: eps = 1e-8
+    first (an infeasible linearisation is settled there; its multipliers grow like violation / eps, so a smaller
+    eps only costs more doublings), then eps = 1e-14 (1e-6 in float32) for the problems found feasible,
+    warm-started. Projected semismooth Newton with an Armijo line search; only the problems still active are
+    computed on. Returns (x, lam) of shapes (P, n), (P, m).
+    """
+    P, m, n = A.shape
+    xh = pr.xh if anchor is None else anchor
+    rho = rho[:, None].expand(P, m) if rho.dim() == 1 else rho
+    L = torch.where(is_eq, -rho, torch.zeros_like(b))
+    U = rho
+    lam = torch.zeros(P, m, dtype=A.dtype) if lam0 is None else lam0.clamp(L, U)
+    # A x - b is computed with cancellation: ask for a small multiple of its rounding level, no more
+    rel = 1e-12 if A.dtype == torch.float64 else 1e-5
+    tol = rel * (1.0 + b.abs().amax(1) + torch.sqrt((pr.w * xh**2).sum(1)))
+    eps_final = _dual_eps(A.dtype)
+    eps1 = max(eps_final, 1e-8)
+    qp = _DualQP(A, b, xh, pr.w, pr.lo, pr.hi, L, U)
+    lam, x = qp.solve(lam, torch.ones(P, dtype=torch.bool), eps1, tol, iters)
+    if eps_final < eps1:
+        slack = torch.einsum("pmn,pn->pm", A, x) - b
+        viol = torch.where(is_eq, slack.abs(), slack.clamp(min=0)).amax(1)
+        # (normalised units are distances: an infeasible linearisation leaves a slack of the order of its
+        # violation, a feasible one only eps1 * lam)
+        feasible = viol <= 1e-4 * (1 + b.abs().amax(1))
+        if feasible.any():
+            lam, x = qp.solve(lam, feasible, eps_final, tol, iters, x)
+    return x, lam
+
+
+class _DualQP:
+    """The dual of one batch of QP subproblems (see :func:`_dual_qp`), maximised by projected Newton."""
+
+    def __init__(self, A, b, xh, w, lo, hi, L, U):
+        self.A, self.b, self.xh, self.w, self.lo, self.hi, self.L, self.U = A, b, xh, w, lo, hi, L, U
+
+    def data(self, idx):
+        """(A, b, xh, w, lo, hi, L, U) of the problems idx — without copying when idx is all of them."""
+        fields = (self.A, self.b, self.xh, self.w, self.lo, self.hi, self.L, self.U)
+        if len(idx) == self.A.shape[0]:
+            return fields
+        return tuple(t[idx] for t in fields)
+
+    def evaluate(self, idx, lam, eps, data=None):
+        """State at lam for the problems idx: y (unclipped primal), x, q, r (= dq/dlam), pg, at_bound, |pg|."""
+        A, b, xh, w, lo, hi, L, U = self.data(idx) if data is None else data
+        y = xh - torch.bmm(lam[:, None, :], A)[:, 0] / w
+        x = torch.minimum(torch.maximum(y, lo), hi)
+        r = torch.bmm(A, x[:, :, None])[:, :, 0] - b - eps * lam
+        q = 0.5 * (w * (x - xh) ** 2).sum(1) + (lam * r).sum(1) + 0.5 * eps * (lam * lam).sum(1)
+        at_bound = ((lam <= L) & (r < 0)) | ((lam >= U) & (r > 0))
+        pg = torch.where(at_bound, torch.zeros_like(r), r)
+        return [y, x, q, r, pg, at_bound, pg.abs().amax(1)]
+
+    def solve(self, lam, which, eps, tol, iters, x_prev=None):
+        lam = lam.clone()
+        P, m = lam.shape
+        if x_prev is None:
+            state = self.evaluate(torch.arange(P), lam, eps)
+        else:  # only the problems to re-solve are evaluated; the others keep their previous primal point
+            w_idx = torch.nonzero(which)[:, 0]
+            sub = self.evaluate(w_idx, lam[w_idx], eps)
+            state = [torch.zeros((P, *t.shape[1:]), dtype=t.dtype) for t in sub]
+            state[1] = x_prev.clone()
+            for t, v in zip(state, sub):
+                t[w_idx] = v
+        active = which & (state[6] > tol)
+        eye = torch.eye(m, dtype=lam.dtype)
+        for _ in range(iters):
+            idx = torch.nonzero(active)[:, 0]
+            if idx.numel() == 0:
+                break
+            dat = self.data(idx)
+            A, w, lo, hi, L, U = dat[0], dat[3], dat[4], dat[5], dat[6], dat[7]
+            li, y, _x, q, r, pg, at_bound, pgn = (t[idx] for t in [lam, *state])
+            free = (y > lo) & (y < hi)
+            H = torch.bmm(A * (free / w)[:, None, :], A.transpose(1, 2))
+            keep = ~at_bound
+            H = H * keep[:, :, None] * keep[:, None, :] + torch.diag_embed((~keep).to(A.dtype))
+            # the eps term's own curvature, plus 1 % damping (it changes the path, not the solution): in the null
+            # space of H (parallel rows, all coordinates clipped) the step is then within 1 % of exact
+            H = H + eye * (1.01 * eps)
+            d = torch.linalg.solve(H, pg[:, :, None])[:, :, 0]
+            step = torch.ones(len(idx), dtype=lam.dtype)
+            todo = torch.ones(len(idx), dtype=torch.bool)
+            for _ls in range(30):
+                j = torch.nonzero(todo)[:, 0]
+                if j.numel() == 0:
+                    break
+                cand = (li[j] + step[j, None] * d[j]).clamp(L[j], U[j])
+                out = self.evaluate(idx[j], cand, eps, dat if len(j) == len(idx) else None)
+                cq, cpgn = out[2], out[6]
+                # Armijo ascent; or, once q no longer resolves the change (near the optimum), a smaller gradient
+                flat = (cq - q[j]).abs() <= 1e-13 * torch.maximum(q[j].abs(), cq.abs()).clamp(min=_TINY)
+                ascent = (cq > q[j]) & (cq >= q[j] + 1e-4 * (r[j] * (cand - li[j])).sum(1))
+                ok = ascent | (flat & (cpgn < 0.5 * pgn[j]))
+                acc = idx[j[ok]]
+                lam[acc] = cand[ok]
+                for t, v in zip(state, out):
+                    t[acc] = v[ok]
+                todo[j[ok]] = False
+                step[j[~ok]] *= 0.5
+            active[idx[todo]] = False  # no acceptable step: solved as far as rounding allows
+            # where q is still linear along d after the step (the gradient did not turn: an infeasible QP whose
+            # multipliers run off), extend the step geometrically instead of crawling
+            rd = (r * d).sum(1)
+            grow = ~todo & ((state[3][idx] * d).sum(1) > 0.5 * rd) & (rd > 0)
+            for _ex in range(20):
+                j = torch.nonzero(grow)[:, 0]
+                if j.numel() == 0:
+                    break
+                step[j] *= 4
+                cand = (li[j] + step[j, None] * d[j]).clamp(L[j], U[j])
+                out = self.evaluate(idx[j], cand, eps)
+                ok = out[2] > state[2][idx[j]]
+                acc = idx[j[ok]]
+                lam[acc] = cand[ok]
+                for t, v in zip(state, out):
+                    t[acc] = v[ok]
+                grow[j[~ok]] = False
+                grow[j[ok & (cand >= U[j]).all(1)]] = False
+            active &= state[6] > tol
+        return lam, state[1]
+
+
+# ------------------------------------------------------------------------------------------------- certificate
+
+
+def _kkt_measure(pr: _Problems, x, A, c, valid, is_eq, tol_abs, bundle: torch.Tensor | None = None) -> torch.Tensor:
+    """Relative projected-gradient norm of the Lagrangian at x (see the module docstring). Shape (P,).
+
+    The multipliers are fitted by least squares on the free coordinates (scaled norm), inequality multipliers
+    (of nearly active rows) kept >= 0 by dropping negative ones and refitting. With ``bundle`` (P, K, n) — gradients
+    of the equality constraint sampled near x, for nonsmooth models — the equality gradient is replaced by the cone
+    of same-sign combinations of all K + 1 gradients (Goldstein epsilon-stationarity), both signs tried.
+    """
+    P, m, n = A.shape
+    grad_f = pr.w * (x - pr.xh)
+    dnorm = torch.sqrt((pr.w * (x - pr.xh) ** 2).sum(1))
+    fixed = pr.fixed
+    at_lo = (x <= pr.lo) & ~fixed
+    at_hi = (x >= pr.hi) & ~fixed
+    free = ~fixed & ~at_lo & ~at_hi
+    sw = 1.0 / torch.sqrt(pr.w)  # measure in the scaled norm: components divided by scale
+    use0 = valid & (is_eq | (c >= -tol_abs[:, None]))  # inequality rows take part only when (nearly) active
+
+    def fit(cols, use, signed):
+        """Least-squares multipliers for the columns (P, M, n); `signed` columns must get coefficients >= 0."""
+        M = cols.shape[1]
+        for _ in range(M + 1):
+            Af = cols * (use[:, :, None] * free[:, None, :] * sw[:, None, :])
+            rhs = -torch.einsum("pmn,pn->pm", Af, grad_f * sw)
+            G = Af @ Af.transpose(1, 2)
+            reg = (1e-12 if A.dtype == torch.float64 else 1e-6) * G.diagonal(dim1=1, dim2=2).amax(1)
+            reg = reg.clamp(min=torch.finfo(A.dtype).tiny)
+            G = G + torch.diag_embed((~use).to(A.dtype)) + reg[:, None, None] * torch.eye(M, dtype=A.dtype)
+            lam = torch.linalg.solve(G, rhs[:, :, None])[:, :, 0] * use
+            neg = use & signed & (lam < 0)
+            if not neg.any():
+                break
+            use = use & ~neg  # drop multipliers of the wrong sign and refit
+        r = grad_f + torch.einsum("pm,pmn->pn", lam, cols)
+        r = torch.where(free, r, torch.where(at_lo, r.clamp(max=0), torch.where(at_hi, r.clamp(min=0), 0 * r)))
+        return torch.sqrt(((r * sw) ** 2).sum(1))
+
+    if bundle is None:
+        rn = fit(A, use0, ~is_eq)
+    else:
+        rn = torch.full((P,), math.inf, dtype=A.dtype)
+        for sign in (1.0, -1.0):
+            cols = torch.cat([sign * A[:, :1], sign * bundle, A[:, 1:]], 1)
+            K = bundle.shape[1]
+            use = torch.cat([use0[:, :1], use0[:, :1].expand(P, K), use0[:, 1:]], 1)
+            rn = torch.minimum(rn, fit(cols, use, torch.ones_like(use)))
+    kkt = rn / dnorm.clamp(min=torch.finfo(x.dtype).tiny)
+    return torch.where(dnorm > 0, kkt, torch.zeros_like(kkt))
+
+
+def _equality_gradient(fn: ScoreFn, x: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor):
+    """g = z_s - z_t (P,) and its gradient (P, n) at x, one backward pass."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = fn(x)
+        rows = torch.zeros_like(z)
+        rows.scatter_(1, src[:, None], 1.0)
+        rows.scatter_add_(1, tgt[:, None], -torch.ones_like(rows[:, :1]))
+        (grad,) = torch.autograd.grad(z, x, rows)
+    return (z.detach() * rows).sum(1), grad
+
+
+def _equality_bundle(fn: ScoreFn, pr: _Problems, x: torch.Tensor, gen: torch.Generator, samples: int,
+                     radius: float) -> torch.Tensor:
+    """Gradients of g = z_s - z_t at `samples` random points of the scaled-norm sphere of radius
+    ``radius * max(||D (x - x_hat)||, 1e-12)`` around x, free coordinates only. Shape (P, samples, n)."""
+    P, n = x.shape
+    d = torch.sqrt((pr.w * (x - pr.xh) ** 2).sum(1)).clamp(min=1e-12)
+    u = torch.randn(P, samples, n, generator=gen, dtype=torch.float64).to(x.dtype) * (~pr.fixed)[:, None, :]
+    u = u / torch.sqrt(pr.w)[:, None, :]
+    u = u / torch.sqrt((pr.w[:, None, :] * u**2).sum(2, keepdim=True)).clamp(min=_TINY)
+    xs = (x[:, None, :] + radius * d[:, None, None] * u).reshape(P * samples, n)
+    xs = torch.minimum(torch.maximum(xs, pr.lo.repeat_interleave(samples, 0)), pr.hi.repeat_interleave(samples, 0))
+    _, grad = _equality_gradient(fn, xs, pr.src.repeat_interleave(samples), pr.tgt.repeat_interleave(samples))
+    return grad.reshape(P, samples, n)
+
+
+def _check(fn: ScoreFn, pr: _Problems, x: torch.Tensor, margin: float, tol: float, n_ineq: int,
+           bundle_gen: torch.Generator | None = None, kkt_tol: float = 0.0):
+    """Recompute scores, residual, margin, bound violation and KKT at x. Returns a dict of (P,) tensors.
+
+    With ``bundle_gen`` (nonsmooth models), feasible points whose plain KKT measure exceeds ``kkt_tol`` get the
+    gradient-bundle measure instead (Goldstein stationarity, :func:`_kkt_measure`).
+    """
+    z, g, h, zs, zt, A, c, valid, _ = _scores_and_jacobian(fn, x, pr.src, pr.tgt, margin, n_ineq)
+    tol_abs = _tol_abs(zs, zt, tol)
+    is_eq = torch.zeros_like(valid)
+    is_eq[:, 0] = True
+    kkt = _kkt_measure(pr, x, A, c, valid, is_eq, tol_abs)
+    marg = (-(h - margin)).amin(1) if z.shape[1] > 2 else torch.full_like(g, math.inf)
+    if bundle_gen is not None:
+        near = (g.abs() <= tol_abs) & (marg >= margin - tol_abs) & (kkt > kkt_tol)
+        if near.any():
+            i = torch.nonzero(near)[:, 0]
+            sub = pr.take(i)
+            bundle = _equality_bundle(fn, sub, x[i], bundle_gen, _BUNDLE_SAMPLES, _BUNDLE_RADIUS)
+            kb = _kkt_measure(sub, x[i], A[i], c[i], valid[i], is_eq[i], tol_abs[i], bundle=bundle)
+            kkt[i] = torch.minimum(kkt[i], kb)
+    bv = torch.maximum(pr.lo - x, x - pr.hi).clamp(min=0).amax(1)
+    return {"z": z, "residual": g.abs(), "margin": marg, "bound_violation": bv, "kkt": kkt, "tol_abs": tol_abs}
+
+
+def _certified(chk: dict, margin: float, kkt_tol: float) -> torch.Tensor:
+    finite = torch.isfinite(chk["z"]).all(1)
+    return (
+        finite
+        & (chk["residual"] <= chk["tol_abs"])
+        & (chk["margin"] >= margin - chk["tol_abs"])
+        & (chk["bound_violation"] == 0)
+        & (chk["kkt"] <= kkt_tol)
+    )
+
+
+# ------------------------------------------------------------------------------------------------- the SQP loop
+
+
+@dataclass
+class _Linearised:
+    """The constraints linearised at x for P problems: normalised rows An (P, m, n) and right-hand sides b,
+    raw values c (P, m), their normalised values cn, row norms nrm, masks, slot classes, the secant scale gamma
+    (P,) and the QP anchor x + (x_hat - x) / gamma."""
+
+    An: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor
+    cn: torch.Tensor
+    nrm: torch.Tensor
+    ok_row: torch.Tensor
+    valid: torch.Tensor
+    is_eq: torch.Tensor
+    cls: torch.Tensor
+    gamma: torch.Tensor
+    anchor: torch.Tensor
+    in_merit: torch.Tensor  # rows that are constraints of the problem (not the kink row of a nonsmooth model)
+
+    def take(self, idx: torch.Tensor) -> _Linearised:
+        return _Linearised(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+    def violation(self, p: torch.Tensor, V0: torch.Tensor) -> torch.Tensor:
+        """l1 violation of the linearised constraints after the step p (P, n) -> (P,). Classes outside the
+        working set keep their current (non-positive) violation."""
+        lin = self.cn + torch.einsum("pmn,pn->pm", self.An, p)
+        lin = torch.where(self.is_eq, lin.abs(), lin.clamp(min=0)) * self.nrm * self.ok_row
+        now = torch.where(self.is_eq, self.c.abs(), self.c.clamp(min=0)) * self.valid
+        # a row without gradient keeps its value (the step cannot change it to first order)
+        lin = torch.where(self.ok_row, lin, now) * self.in_merit
+        return lin.sum(1) + (V0 - (now * self.in_merit).sum(1))
+
+
+def _line_search_step(fn: ScoreFn, pr: _Problems, x: torch.Tensor, g, h, lp: _Linearised, mu: torch.Tensor,
+                      y: torch.Tensor, lam: torch.Tensor, rho: torch.Tensor, margin: float, elastic: torch.Tensor,
+                      max_halvings: int = 30):
+    """Step to the QP solution y, globalised on the l1 merit phi = f + mu * V.
+
+    Tries the full step, then a second-order correction (re-linearise at the trial point with the old gradients —
+    one more QP, no gradients — which pulls a step bent by the constraints' curvature back onto them; skipped where
+    the linearisation was infeasible, ``elastic``), then backtracking (Armijo, halving). Returns (x_new (P, n),
+    accepted (P,)).
+    """
+    P = x.shape[0]
+    p = y - x
+    f0 = 0.5 * (pr.w * (x - pr.xh) ** 2).sum(1)
+    V0 = _violation(g, h)
+    phi0 = f0 + mu * V0
+    # directional derivative of phi along p (upper bound): grad f . p + mu (V_lin(p) - V)
+    dphi = ((pr.w * (x - pr.xh) * p).sum(1) + mu * (lp.violation(p, V0) - V0)).clamp(max=0)
+
+    def merit(idx, xc):
+        with torch.no_grad():
+            z = _offset_fn(fn, None if pr.offset is None else pr.offset[idx])(xc)
+        gc, hc, _, _ = _constraint_values(z, pr.src[idx], pr.tgt[idx], margin)
+        phi = 0.5 * (pr.w[idx] * (xc - pr.xh[idx]) ** 2).sum(1) + mu[idx] * _violation(gc, hc)
+        return torch.where(torch.isfinite(phi), phi, torch.full_like(phi, math.inf)), gc, hc
+
+    def sufficient(idx, phi, alpha):
+        return phi <= phi0[idx] + 1e-4 * alpha * dphi[idx]
+
+    xnew = x.clone()
+    idx = torch.arange(P)
+    xc = torch.minimum(torch.maximum(y, pr.lo), pr.hi)
+    phi, gc, hc = merit(idx, xc)
+    ok = sufficient(idx, phi, 1.0)
+    xnew[ok] = xc[ok]
+    todo = ~ok
+    if (todo & ~elastic).any():
+        bad = torch.nonzero(todo & ~elastic)[:, 0]
+        lq = lp.take(bad)
+        cy = torch.where(lq.cls < 0, gc[bad][:, None], hc[bad].gather(1, lq.cls.clamp(min=0)))
+        cy = torch.where(lq.valid, cy, torch.zeros_like(cy))
+        b2 = torch.einsum("pmn,pn->pm", lq.An, xc[bad]) - cy / lq.nrm.clamp(min=_TINY)
+        b2 = torch.where(lq.ok_row | lq.is_eq, b2, torch.full_like(b2, 1.0))
+        y2, _ = _dual_qp(pr.take(bad), lq.An, b2, lq.is_eq, rho[bad], lam[bad], anchor=lq.anchor)
+        phi2, _, _ = merit(bad, y2)
+        ok2 = sufficient(bad, phi2, 1.0)
+        xnew[bad[ok2]] = y2[ok2]
+        todo[bad[ok2]] = False
+    full = ~todo
+    alpha = torch.full((P,), 0.5, dtype=x.dtype)
+    for _ in range(max_halvings):
+        if not todo.any():
+            break
+        idx = torch.nonzero(todo)[:, 0]
+        xc = torch.minimum(torch.maximum(x[idx] + alpha[idx, None] * p[idx], pr.lo[idx]), pr.hi[idx])
+        phi, _, _ = merit(idx, xc)
+        ok = sufficient(idx, phi, alpha[idx])
+        xnew[idx[ok]] = xc[ok]
+        todo[idx[ok]] = False
+        alpha[idx[~ok]] *= 0.5
+    return xnew, ~todo, full
+
+
+def _sqp(fn: ScoreFn, pr: _Problems, x0: torch.Tensor, *, margin: float, tol: float, kkt_tol: float,
+         max_iter: int, n_ineq: int, progress: bool = False, desc: str = "flip points",
+         nonsmooth: bool = False) -> dict:
+    """Batched SQP from x0 (P, n). Returns dict(x, iterations, status) — status codes _CONVERGED, ...
+
+    Points leave the active set when they pass the (working-precision) certificate; the final certificate with
+    the original model is done by the caller.
+
+    ``nonsmooth`` (ReLU nets): the scores are piecewise linear, so the secant curvature is switched off (each
+    piece has none), and a *kink row* is added: when a full step is rejected, the gradient of g just beyond x
+    along the step is sampled; if it differs (x sits on a kink of the boundary), its linearisation becomes a
+    second equality, so that the next QP moves along the ridge where both pieces vanish — where the closest point
+    of a piecewise-linear boundary often lies. The row is dropped when its multiplier takes the opposite sign to
+    the equality's (a concave kink: the minimiser is on one face).
+    """
+    P, n = x0.shape
+    secant = not nonsmooth
+    m = 1 + n_ineq + int(nonsmooth)
+    x = torch.minimum(torch.maximum(x0, pr.lo), pr.hi).clone()
+    iters = torch.zeros(P, dtype=torch.long)
+    status = torch.full((P,), _RUNNING, dtype=torch.long)
+    mu = torch.zeros(P, dtype=x.dtype)
+    lam_prev = torch.zeros(P, m, dtype=x.dtype)
+    stalls = torch.zeros(P, dtype=torch.long)
+    dist_scale = 1.0 + torch.sqrt((pr.w * pr.xh**2).sum(1))
+    # no box on the multipliers: the QP's quadratic elastic term (_DUAL_EPS) already bounds them
+    rho = torch.full((P,), math.inf, dtype=x.dtype)
+    # secant memory: last step s, the multipliers (true scale) and slot classes used, and a_j . s at the old point
+    s_prev = torch.zeros(P, n, dtype=x.dtype)
+    lamu_prev = torch.zeros(P, m, dtype=x.dtype)
+    cls_prev = torch.full((P, m), -1, dtype=torch.long)
+    as_prev = torch.zeros(P, m, dtype=x.dtype)
+    have_s = torch.zeros(P, dtype=torch.bool)
+    gamma = torch.ones(P, dtype=x.dtype)
+    v_ref = torch.full((P,), math.inf, dtype=x.dtype)  # violation at the start of the current progress window
+    if nonsmooth:  # the kink memory: a point beyond the kink, the gradient of g there and g there
+        kink_x = torch.zeros(P, n, dtype=x.dtype)
+        kink_a = torch.zeros(P, n, dtype=x.dtype)
+        kink_g = torch.zeros(P, dtype=x.dtype)
+        has_kink = torch.zeros(P, dtype=torch.bool)
+    bar = tqdm(range(max_iter + 1), desc=desc, disable=not progress, leave=False)
+    for it in bar:
+        act = torch.nonzero(status == _RUNNING)[:, 0]
+        if act.numel() == 0:
+            break
+        sub = pr.take(act)
+        xa = x[act]
+        z, g, h, zs, zt, A, c, valid, cls = _scores_and_jacobian(_offset_fn(fn, sub.offset), xa, sub.src, sub.tgt,
+                                                                 margin, n_ineq, relevant_only=not nonsmooth)
+        tol_abs = _tol_abs(zs, zt, tol)
+        is_eq = torch.zeros_like(valid)
+        is_eq[:, 0] = True
+        marg = (-(h - margin)).amin(1) if z.shape[1] > 2 else torch.full_like(g, math.inf)
+        feas = (g.abs() <= tol_abs) & (marg >= margin - tol_abs) & torch.isfinite(z).all(1)
+        done = feas.clone()
+        if feas.any():  # the optimality measure only where it can decide
+            f_idx = torch.nonzero(feas)[:, 0]
+            kkt = _kkt_measure(sub.take(f_idx), xa[f_idx], A[f_idx], c[f_idx], valid[f_idx], is_eq[f_idx],
+                               tol_abs[f_idx])
+            if nonsmooth:  # stationarity against the combination of both sides' gradients
+                bundle = (kink_a[act[f_idx]] * has_kink[act[f_idx], None])[:, None, :]
+                kb = _kkt_measure(sub.take(f_idx), xa[f_idx], A[f_idx], c[f_idx], valid[f_idx], is_eq[f_idx],
+                                  tol_abs[f_idx], bundle=bundle)
+                kkt = torch.minimum(kkt, kb)
+            done[f_idx] = kkt <= kkt_tol
+        status[act[done]] = _CONVERGED
+        if it == max_iter:
+            status[act[~done]] = _MAX_ITER
+            break
+        bar.set_postfix(active=int((~done).sum()))
+        keep = ~done
+        if not keep.any():
+            break
+        act, sub, xa = act[keep], sub.take(keep), xa[keep]
+        z, g, h, A, c, valid, cls = z[keep], g[keep], h[keep], A[keep], c[keep], valid[keep], cls[keep]
+        is_eq = is_eq[keep]
+        iters[act] += 1
+        # give up on points that do not approach feasibility (e.g. a target class that can never win)
+        V = _violation(g, h)
+        window = iters[act] % _PROGRESS_WINDOW == 1
+        hopeless = window & (V > 0.9 * v_ref[act]) & (V > 10 * tol_abs[keep])
+        v_ref[act] = torch.where(window, V, v_ref[act])
+        if hopeless.any():
+            status[act[hopeless]] = _NO_PROGRESS
+            go = ~hopeless
+            act, sub, xa = act[go], sub.take(go), xa[go]
+            z, g, h, A, c, valid, cls, is_eq = z[go], g[go], h[go], A[go], c[go], valid[go], cls[go], is_eq[go]
+            if act.numel() == 0:
+                continue
+        if secant:
+            # scalar secant (Barzilai-Borwein) model of the Lagrangian Hessian, gamma * D^2: s.y / s.D^2.s with
+            # y the change of the Lagrangian gradient over the last step, for constraint slots present both times
+            hs = have_s[act]
+            s = s_prev[act]
+            sWs = (sub.w * s * s).sum(1)
+            a_new = torch.bmm(A, s[:, :, None])[:, :, 0]  # a_j(x_k) . s for the current slots
+            match = cls[:, None, :] == cls_prev[act][:, :, None]  # (P, m_old, m_new)
+            curv = (lamu_prev[act][:, :, None] * (a_new[:, None, :] - as_prev[act][:, :, None]) * match).sum((1, 2))
+            gnew = (sWs + curv) / sWs.clamp(min=_TINY)
+            # Powell damping: the model curvature falls at most 5x per step (a secant along a step dominated by
+            # the normal component says little about the tangent space)
+            gnew = torch.maximum(gnew, 0.2 * gamma[act])
+            gnew = torch.where(hs & (sWs > 0), gnew.clamp(0.05, 20.0), torch.ones_like(gnew))
+            gamma[act] = gnew
+        ga = gamma[act]
+        in_merit = torch.ones_like(valid)
+        if nonsmooth:  # append the kink row: g_k + a_k . (y - x_k) = 0, i.e. c = g_k + a_k . (x - x_k)
+            hk = has_kink[act]
+            ck = kink_g[act] + (kink_a[act] * (xa - kink_x[act])).sum(1)
+            A = torch.cat([A, (kink_a[act] * hk[:, None])[:, None, :]], 1)
+            c = torch.cat([c, torch.where(hk, ck, torch.zeros_like(ck))[:, None]], 1)
+            valid = torch.cat([valid, hk[:, None]], 1)
+            is_eq = torch.cat([is_eq, torch.ones_like(hk)[:, None]], 1)
+            cls = torch.cat([cls, torch.full_like(cls[:, :1], -3)], 1)
+            in_merit = torch.ones_like(valid)
+            in_merit[:, -1] = False  # a model of g, not a constraint of its own
+        # normalise every row to unit length in the scaled norm (multipliers then have distance units)
+        free = ~sub.fixed
+        nrm = torch.sqrt(torch.einsum("pmn,pn->pm", A**2, free / sub.w))
+        ok_row = valid & (nrm > 0)
+        An = torch.where(ok_row[:, :, None], A / nrm.clamp(min=_TINY)[:, :, None], torch.zeros_like(A))
+        An = An * free[:, None, :]
+        cn = torch.where(ok_row, c / nrm.clamp(min=_TINY), torch.zeros_like(c))
+        # linearisation: c + a.(y - x) (=, <=) 0  ->  a.y (=, <=) a.x - c ; a row with no gradient is dropped
+        # (an equality with zero gradient cannot be linearised: the elastic dual then leaves x unchanged)
+        b = torch.einsum("pmn,pn->pm", An, xa) - cn
+        b = torch.where(ok_row | is_eq, b, torch.full_like(b, 1.0))
+        b = torch.where(valid | ~is_eq | (torch.arange(b.shape[1]) == 0), b, torch.zeros_like(b))  # unused kink row
+        lp = _Linearised(An, b, c, cn, nrm, ok_row, valid, is_eq, cls, ga, xa + (sub.xh - xa) / ga[:, None],
+                         in_merit)
+        # the QP step; its multipliers set the merit penalty
+        mc = An.shape[1]  # slots this iteration (fewer than m when few classes are within reach)
+        y0, lam = _dual_qp(sub, An, b, is_eq, rho[act], lam_prev[act][:, :mc], anchor=lp.anchor)
+        if nonsmooth:  # a kink row whose multiplier opposes the equality's: a concave kink, solve without it
+            opp = valid[:, -1] & (lam[:, -1] * lam[:, 0] < 0)
+            if opp.any():
+                o = torch.nonzero(opp)[:, 0]
+                An[o, -1] = 0.0
+                b[o, -1] = 0.0
+                ok_row[o, -1] = False
+                valid[o, -1] = False
+                y0[o], lam[o] = _dual_qp(sub.take(o), An[o], b[o], is_eq[o], rho[act][o], None, anchor=lp.anchor[o])
+                lp = _Linearised(An, b, c, cn, nrm, ok_row, valid, is_eq, cls, ga, lp.anchor, in_merit)
+        lam_prev[act] = _pad_slots(lam, m)
+        lam_true = ga[:, None] * lam / nrm.clamp(min=_TINY) * ok_row
+        # an infeasible linearisation (the QP returned its least-violation point): keep the penalty high
+        res_qp = torch.einsum("pmn,pn->pm", An, y0) - b
+        res_qp = torch.where(is_eq, res_qp.abs(), res_qp.clamp(min=0)) * ok_row
+        elastic = res_qp.amax(1) > 1e-6 * (1 + b.abs().amax(1))
+        lam_prev[act[elastic]] = 0.0  # do not warm-start the next QP from the huge least-violation multipliers
+        mu_new = torch.maximum(0.5 * mu[act], 2.0 * lam_true.abs().amax(1) + 1e-12)
+        # steering: while infeasible, mu must make the step's predicted merit decrease come at least half from the
+        # violation (else a weak penalty lets the distance term veto every step toward the boundary)
+        p0 = y0 - xa
+        quad = (sub.w * (xa - sub.xh) * p0).sum(1) + 0.5 * ga * (sub.w * p0 * p0).sum(1)
+        V0 = _violation(g, h)
+        steer = torch.where((V0 > 0) & (quad > 0), 2 * quad / V0.clamp(min=_TINY),
+                            torch.zeros_like(quad))
+        mu_new = torch.maximum(mu_new, steer)
+        mu_new = torch.where(elastic, torch.maximum(mu[act], 1e3 * dist_scale[act]), mu_new)
+        mu[act] = mu_new
+        lam_true = torch.where(elastic[:, None], torch.zeros_like(lam_true), lam_true)  # no secant from those
+        xnew, accepted, full = _line_search_step(fn, sub, xa, g, h, lp, mu_new, y0, lam, rho[act], margin, elastic)
+        stalls[act] = torch.where(accepted, torch.zeros_like(stalls[act]), stalls[act] + 1)
+        if nonsmooth and (~full).any():
+            # sample the gradient of g just beyond x on both sides along the rejected step
+            o = torch.nonzero(~full)[:, 0]
+            po = y0[o] - xa[o]
+            pn = torch.sqrt((sub.w[o] * po**2).sum(1)).clamp(min=_TINY)
+            dn = torch.sqrt((sub.w[o] * (xa[o] - sub.xh[o]) ** 2).sum(1))
+            eps = 1e-4 * torch.maximum(dn, pn)
+            step = po * (eps / pn)[:, None]
+            probe = torch.cat([xa[o] + step, xa[o] - step])
+            probe = torch.minimum(torch.maximum(probe, sub.lo[o].repeat(2, 1)), sub.hi[o].repeat(2, 1))
+            pg, pa = _equality_gradient(_offset_fn(fn, None if sub.offset is None else sub.offset[o].repeat(2, 1)),
+                                        probe, sub.src[o].repeat(2), sub.tgt[o].repeat(2))
+            a0 = A[o, 0]
+            unit = lambda v: v / v.norm(dim=-1, keepdim=True).clamp(min=_TINY)  # noqa: E731
+            diff = (unit(pa) - unit(a0).repeat(2, 1)).norm(dim=1).reshape(2, -1)
+            side = diff.argmax(0)
+            k = side * len(o) + torch.arange(len(o))
+            new_kink = diff.amax(0) > 1e-6
+            tgt_idx = act[o[new_kink]]
+            kink_x[tgt_idx], kink_a[tgt_idx], kink_g[tgt_idx] = probe[k][new_kink], pa[k][new_kink], pg[k][new_kink]
+            has_kink[tgt_idx] = True
+        s = xnew - xa
+        s_prev[act] = s
+        have_s[act] = accepted
+        lamu_prev[act] = _pad_slots(lam_true, m)
+        cls_prev[act] = _pad_slots(torch.where(ok_row, cls, torch.full_like(cls, -2)), m, -2)
+        as_prev[act] = _pad_slots(torch.bmm(A, s[:, :, None])[:, :, 0], m)
+        x[act] = xnew
+        status[act[stalls[act] >= 3]] = _STALLED
+    bar.close()
+    status[status == _RUNNING] = _MAX_ITER
+    return {"x": x, "iterations": iters, "status": status}
+
+
+def _pad_slots(t: torch.Tensor, m: int, value: float = 0) -> torch.Tensor:
+    """(P, k) slot values -> (P, m), padded with ``value``."""
+    if t.shape[1] == m:
+        return t
+    return torch.cat([t, torch.full((t.shape[0], m - t.shape[1]), value, dtype=t.dtype)], 1)
+
+
+def _offset_fn(fn: ScoreFn, offset: torch.Tensor | None) -> ScoreFn:
+    if offset is None:
+        return fn
+    return lambda x: fn(x) + offset
+
+
+# ------------------------------------------------------------------------------------------------- homotopy
+
+
+def _tau_argument(tau: float) -> float:
+    """p with erf'(p) = tau: the largest |u / sigma| at which an erf unit still has slope >= tau."""
+    if not 0 < tau < 2 / math.sqrt(math.pi):
+        raise ValueError(f"homotopy_tau must be in (0, 2/sqrt(pi)), got {tau}")
+    return math.sqrt(-math.log(math.sqrt(math.pi) * tau / 2))
+
+
+@torch.no_grad()
+def erf_homotopy_sigmas(model: nn.Module, x: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """The starting erf scales of the homotopy: no unit of any ``Erf`` layer is flatter than ``tau`` at ``x``.
+
+    Layer by layer (later layers see the already widened earlier ones), ``sigma_l = max(sigma_trained_l,
+    max |u_l| / p)`` with ``u_l`` the layer's pre-activation over the whole batch ``x`` and ``p =
+    sqrt(-ln(sqrt(pi) tau / 2))`` the argument where ``d/dv erf(v) = tau`` — the authors' ``sigma_point.m``
+    ("all" variant), except that biases are included in ``u`` (the authors' code ignores them) and sigma never
+    shrinks below the trained value. One sigma per layer is shared by the batch, hence the max over the batch.
+
+    Returns a float64 tensor (L,) for the L ``Erf`` layers of ``model``.
+    """
+    layers = erf_layers(model)
+    sig = erf_sigmas(model).clone()
+    p = _tau_argument(tau)
+    for i, layer in enumerate(layers):
+        seen: list[float] = []
+
+        def record(mod, args, seen=seen):
+            seen.append(float(args[0].abs().max()))
+
+        handle = layer.register_forward_pre_hook(record)
+        try:
+            with set_erf_sigmas(model, sig):
+                model(x)
+        finally:
+            handle.remove()
+        sig[i] = max(float(sig[i]), max(seen) / p)
+    return sig
+
+
+class _ReluScale(TorchFunctionMode):
+    """Records max |u| of the inputs of every ReLU call (to choose the softplus beta path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scales: list[float] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELU_FUNCS:
+            self.scales.append(float(args[0].detach().abs().max()))
+        return func(*args, **(kwargs or {}))
+
+
+class _SmoothMaxPool(TorchFunctionMode):
+    """Replaces ``F.max_pool2d`` by log-sum-exp pooling ``(logsumexp(beta * window) - log(k^2)) / beta`` — the window
+    mean for small beta, the max for large — so that the homotopy's deformed ReLU nets are smooth everywhere.
+    Pools with padding, dilation, ceil_mode or returned indices are left exact."""
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = float(beta)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.max_pool2d:
+            return self._pool(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _pool(self, func, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+              return_indices=False):
+        pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))  # noqa: E731
+        k, s = pair(kernel_size), pair(stride if stride not in (None, []) else kernel_size)
+        if pair(padding) != (0, 0) or pair(dilation) != (1, 1) or ceil_mode or return_indices or x.dim() != 4:
+            return func(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+        N, C, H, W = x.shape
+        Ho, Wo = (H - k[0]) // s[0] + 1, (W - k[1]) // s[1] + 1
+        cols = F.unfold(x, k, stride=s).reshape(N, C, k[0] * k[1], Ho * Wo)
+        out = (torch.logsumexp(self.beta * cols, dim=2) - math.log(k[0] * k[1])) / self.beta
+        return out.reshape(N, C, Ho, Wo)
+
+
+def _feasible_offset(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, margin: float) -> torch.Tensor:
+    """Output shift (P, C) that makes the current scores a flip point: z_s, z_t -> their mean; others pushed below.
+
+    The authors' ``trans_b`` (a minimal change of the output bias); here per problem, added to the scores.
+    """
+    zs = z.gather(1, src[:, None])
+    zt = z.gather(1, tgt[:, None])
+    mid = 0.5 * (zs + zt)
+    off = (mid - margin - 1e-9 * (1 + mid.abs()) - z).clamp(max=0)
+    off.scatter_(1, src[:, None], mid - zs)
+    off.scatter_(1, tgt[:, None], mid - zt)
+    return off
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class _Ctx:
+    work: nn.Module  # the model used for solving (maybe a float64 copy)
+    orig: nn.Module  # the user's model, for certification
+    shape: tuple
+    dtype: torch.dtype  # solve dtype
+    cert_dtype: torch.dtype  # model dtype
+    out_dtype: torch.dtype  # x dtype
+    margin: float
+    tol: float
+    kkt_tol: float
+    max_iter: int
+    n_ineq: int
+    chunk: int
+    progress: bool
+    nonsmooth: bool
+    seed: int
+
+
+def _model_fn(model: nn.Module, shape: tuple) -> ScoreFn:
+    return lambda xf: model(xf.reshape(xf.shape[0], *shape))
+
+
+def _chunks(P: int, size: int):
+    return [torch.arange(i, min(P, i + size)) for i in range(0, P, size)]
+
+
+def _run_sqp(ctx: _Ctx, fn: ScoreFn, pr: _Problems, x0: torch.Tensor, max_iter: int, desc: str,
+             nonsmooth: bool | None = None) -> dict:
+    """_sqp over chunks of problems (bounded memory). Returns x (P, n), iterations (P,), status (P,)."""
+    outs = []
+    for idx in _chunks(len(pr), ctx.chunk):
+        outs.append(_sqp(fn, pr.take(idx), x0[idx], margin=ctx.margin, tol=ctx.tol, kkt_tol=ctx.kkt_tol,
+                         max_iter=max_iter, n_ineq=ctx.n_ineq, progress=ctx.progress, desc=desc,
+                         nonsmooth=nonsmooth if nonsmooth is not None else ctx.nonsmooth))
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+
+def _homotopy(ctx: _Ctx, pr: _Problems, steps: int, tau: float) -> dict:
+    """Continuation from a smooth, nearly linear deformation of the network (with an output shift that makes
+    x_hat itself a flip point) to the trained network, warm-starting every step. Returns like _run_sqp."""
+    model, shape = ctx.work, ctx.shape
+    xh_in = pr.xh.reshape(len(pr), *shape)
+    layers = erf_layers(model)
+    if layers:
+        sig_nn = erf_sigmas(model)
+        sig_h = erf_homotopy_sigmas(model, xh_in, tau)
+
+        def deform(i):  # i = 0 .. steps: sigma from sig_h to sig_nn, linear in i as in CFP_homo.m
+            return set_erf_sigmas(model, sig_nn + (sig_h - sig_nn) * (1 - i / steps))
+    else:
+        with torch.no_grad(), _ReluScale() as rec:
+            model(xh_in)
+        if rec.scales:
+            s = float(torch.tensor(rec.scales).median().clamp(min=1e-12))
+            betas = [(1.0 / s) * (1e4 ** (i / max(steps - 1, 1))) for i in range(steps)]
+
+            def deform(i):  # softplus beta from 1/s (smooth) to 1e4/s, then the ReLU net itself
+                return _Smoothed(betas[i]) if i < steps else _nullcontext()
+        else:  # smooth net without erf: only the output shift is continued
+
+            def deform(i):
+                return _nullcontext()
+
+    fn = _model_fn(model, shape)
+    with torch.no_grad(), deform(0):
+        z0 = fn(pr.xh)
+    off0 = _feasible_offset(z0, pr.src, pr.tgt, ctx.margin)
+    x = pr.xh.clone()
+    iters = torch.zeros(len(pr), dtype=torch.long)
+    inner = max(10, ctx.max_iter // 4)
+    out = None
+    x_smooth = x
+    for i in tqdm(range(1, steps + 1), desc="homotopy", disable=not ctx.progress, leave=False):
+        sub = pr.with_offset(off0 * (1 - i / steps) if i < steps else None)
+        x_smooth = x
+        with deform(i):
+            # the deformed nets are smooth; only the last step is on the model itself
+            out = _run_sqp(ctx, fn, sub, x, ctx.max_iter if i == steps else inner, f"homotopy {i}/{steps}",
+                           nonsmooth=None if i == steps else False)
+        x = out["x"]
+        iters += out["iterations"]
+    out["iterations"] = iters
+    if ctx.nonsmooth:
+        # the last smooth stage is usually closer to the kinked optimum than the SQP on the kinks themselves gets:
+        # project it (and the final attempt) onto the boundary exactly, keep the closest feasible
+        failed = out["status"] != _CONVERGED
+        if failed.any():
+            i = torch.nonzero(failed)[:, 0]
+            sub = pr.take(i)
+            cands = [x[i], _restore_feasibility(fn, sub, x_smooth[i]), _restore_feasibility(fn, sub, x[i])]
+            out["x"][i] = _closest_feasible(fn, sub, cands, ctx.margin, ctx.tol)
+    return out
+
+
+@torch.no_grad()
+def _restore_feasibility(fn: ScoreFn, pr: _Problems, x: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """Move x onto z_s = z_t exactly along the scaled steepest-descent direction of |g| (clipped to the box): a
+    bracket by doubling, then bisection — robust on any continuous model, however many kinks it has. Points
+    without a sign change within reach are returned unchanged. Shape (P, n)."""
+    g, a = _equality_gradient(fn, x, pr.src, pr.tgt)
+    u = -torch.sign(g)[:, None] * a / pr.w * (~pr.fixed)
+    t0 = g.abs() / (a * u).abs().sum(1).clamp(min=_TINY)  # the Newton estimate of the root
+
+    rows = _pair_rows(pr.src, pr.tgt, fn(x[:1]).shape[1] if len(x) else 2, x.dtype)
+
+    def g_at(t):
+        return (fn(torch.minimum(torch.maximum(x + t[:, None] * u, pr.lo), pr.hi)) * rows).sum(1)
+
+    lo_t = torch.zeros_like(g)
+    hi_t = torch.full_like(g, math.nan)
+    t = 0.5 * t0
+    for _ in range(40):  # bracket
+        open_ = torch.isnan(hi_t)
+        if not open_.any():
+            break
+        crossed = open_ & (torch.sign(g_at(t)) != torch.sign(g))
+        hi_t = torch.where(crossed, t, hi_t)
+        lo_t = torch.where(open_ & ~crossed, t, lo_t)
+        t = torch.where(open_ & ~crossed, 2 * t, t)
+    ok = torch.isfinite(hi_t)
+    hi_t = torch.where(ok, hi_t, lo_t)
+    for _ in range(iters):  # bisection on [lo_t, hi_t]
+        mid = 0.5 * (lo_t + hi_t)
+        same = torch.sign(g_at(mid)) == torch.sign(g)
+        lo_t = torch.where(ok & same, mid, lo_t)
+        hi_t = torch.where(ok & ~same, mid, hi_t)
+    xr = torch.minimum(torch.maximum(x + hi_t[:, None] * u, pr.lo), pr.hi)
+    return torch.where(ok[:, None], xr, x)
+
+
+def _pair_rows(src: torch.Tensor, tgt: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """(P, C) rows e_s - e_t: (z * rows).sum(1) = z_s - z_t."""
+    rows = torch.zeros(len(src), C, dtype=dtype)
+    rows.scatter_(1, src[:, None], 1.0)
+    rows.scatter_add_(1, tgt[:, None], -torch.ones_like(rows[:, :1]))
+    return rows
+
+
+def _closest_feasible(fn: ScoreFn, pr: _Problems, cands: list[torch.Tensor], margin: float, tol: float) -> torch.Tensor:
+    """Per problem, the closest of the candidate points that is feasible (residual and margin within tolerance);
+    the first candidate where none is."""
+    best = cands[0].clone()
+    best_f = torch.full((len(pr),), math.inf, dtype=best.dtype)
+    for xc in cands:
+        with torch.no_grad():
+            z = fn(xc)
+        g, h, zs, zt = _constraint_values(z, pr.src, pr.tgt, margin)
+        ta = _tol_abs(zs, zt, tol)
+        marg = (-(h - margin)).amin(1) if z.shape[1] > 2 else torch.full_like(g, math.inf)
+        feas = (g.abs() <= ta) & (marg >= margin - ta) & torch.isfinite(z).all(1)
+        f = torch.where(feas, ((pr.w * (xc - pr.xh) ** 2).sum(1)), torch.full_like(g, math.inf))
+        better = f < best_f
+        best = torch.where(better[:, None], xc, best)
+        best_f = torch.minimum(best_f, f)
+    return best
+
+
+class _Smoothed:
+    """ReLU -> softplus(beta) and max-pooling -> log-sum-exp pooling(beta), together."""
+
+    def __init__(self, beta: float):
+        self.modes = [relu_as_softplus(beta), _SmoothMaxPool(beta)]
+
+    def __enter__(self):
+        self.modes[0].__enter__()
+        self.modes[1].__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.modes[1].__exit__(*exc)
+        return self.modes[0].__exit__(*exc)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _certify(ctx: _Ctx, pr: _Problems, x: torch.Tensor) -> dict:
+    """Exact check with the original model in its dtype at the point returned to the user (x in out dtype)."""
+    cd = ctx.cert_dtype
+    prc = _Problems(pr.xh.to(cd), pr.lo.to(cd), pr.hi.to(cd), pr.w.to(cd), pr.src, pr.tgt, None)
+    fn = _model_fn(ctx.orig, ctx.shape)
+    gen = torch.Generator().manual_seed(ctx.seed + 1) if ctx.nonsmooth else None
+    outs = []
+    for idx in _chunks(len(pr), ctx.chunk):
+        outs.append(_check(fn, prc.take(idx), x[idx].to(cd), ctx.margin, ctx.tol, ctx.n_ineq, gen, ctx.kkt_tol))
+    chk = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    # bounds and distance in the output dtype, against the bounds as given
+    xo = x.to(torch.float64)
+    chk["bound_violation"] = torch.maximum(pr.lo - xo, xo - pr.hi).clamp(min=0).amax(1).to(torch.float64)
+    chk["distance"] = torch.sqrt((pr.w * (xo - pr.xh) ** 2).sum(1))
+    chk["ok"] = _certified(chk, ctx.margin, ctx.kkt_tol)
+    return chk
+
+
+def _to_output(ctx: _Ctx, pr: _Problems, x: torch.Tensor) -> torch.Tensor:
+    """Working-dtype solution -> the user's dtype, inside the box and exact on fixed features."""
+    xo = x.to(ctx.out_dtype)
+    lo, hi = pr.lo.to(ctx.out_dtype), pr.hi.to(ctx.out_dtype)
+    return torch.minimum(torch.maximum(xo, lo), hi)
+
+
+def _solve_candidates(ctx: _Ctx, pr: _Problems, *, homotopy: bool, homotopy_steps: int, homotopy_tau: float,
+                      restarts: int, gen: torch.Generator) -> dict:
+    """Solve every problem from every start; keep per problem the closest certified candidate.
+
+    Returns a dict of per-problem tensors: x (out dtype), certificate fields, iterations, solver status, start.
+    """
+    fn = _model_fn(ctx.work, ctx.shape)
+    P = len(pr)
+    cands = []  # (start id, solver output)
+    x0 = torch.minimum(torch.maximum(pr.xh, pr.lo), pr.hi)
+    direct = _run_sqp(ctx, fn, pr, x0, ctx.max_iter, "flip points")
+    if ctx.nonsmooth:  # an SQP stuck among kinks near the boundary: finish the feasibility exactly
+        failed = direct["status"] != _CONVERGED
+        if failed.any():
+            i = torch.nonzero(failed)[:, 0]
+            sub = pr.take(i)
+            xi = direct["x"][i]
+            direct["x"][i] = _closest_feasible(fn, sub, [xi, _restore_feasibility(fn, sub, xi)], ctx.margin, ctx.tol)
+    cands.append((0, direct))
+    if homotopy:
+        cands.append((1, _homotopy(ctx, pr, homotopy_steps, homotopy_tau)))
+    if restarts:
+        # random starts around x_hat at the distance scale of the direct solution
+        xd = _to_output(ctx, pr, cands[0][1]["x"])
+        chk0 = _certify(ctx, pr, xd)
+        d = torch.where(chk0["ok"], chk0["distance"], torch.full_like(chk0["distance"], math.nan))
+        fallback = d.nanmedian() if torch.isfinite(d).any() else torch.tensor(1.0, dtype=torch.float64)
+        d = torch.where(torch.isfinite(d) & (d > 0), d, fallback.clamp(min=1e-6)).to(ctx.dtype)
+        free = (~pr.fixed).to(ctx.dtype)
+        xs = []
+        for _ in range(restarts):
+            xi = torch.randn(pr.xh.shape, generator=gen, dtype=torch.float64).to(ctx.dtype) * free
+            xi = xi / torch.sqrt(pr.w) / torch.sqrt((xi**2).sum(1, keepdim=True)).clamp(min=_TINY)
+            rad = d * (0.5 + torch.rand(P, generator=gen, dtype=torch.float64).to(ctx.dtype))
+            xs.append(torch.minimum(torch.maximum(pr.xh + rad[:, None] * xi, pr.lo), pr.hi))
+        prr = pr.repeat(restarts)
+        outr = _run_sqp(ctx, fn, prr, torch.cat(xs), ctx.max_iter, "restarts")
+        for r in range(restarts):
+            sl = slice(r * P, (r + 1) * P)
+            cands.append((2 + r, {k: v[sl] for k, v in outr.items()}))
+    best = None
+    for start, out in cands:
+        xo = _to_output(ctx, pr, out["x"])
+        chk = _certify(ctx, pr, xo)
+        cur = {"x": xo, **chk, "iterations": out["iterations"], "solver": out["status"],
+               "start": torch.full((P,), start, dtype=torch.long)}
+        if best is None:
+            best = cur
+            continue
+        # strictly closer (beyond rounding) wins; ties keep the earlier start
+        better = cur["ok"] & (~best["ok"] | (cur["distance"] < best["distance"] * (1 - 1e-6)))
+        for k in best:
+            v = best[k]
+            best[k] = torch.where(better.reshape(-1, *([1] * (v.dim() - 1))), cur[k], v)
+    return best
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+
+def _as_feature_tensor(name: str, v, x: torch.Tensor, dtype=torch.float64) -> torch.Tensor | None:
+    """A scalar or tensor broadcastable to x -> a tensor of x's shape (float64, or bool for masks)."""
+    if v is None:
+        return None
+    if isinstance(v, (int, float, bool)):
+        v = torch.tensor(v)
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or a number, got {type(v).__name__}")
+    try:
+        return torch.broadcast_to(v.detach().to(dtype), x.shape).clone()
+    except RuntimeError as err:
+        raise ValueError(f"{name} of shape {tuple(v.shape)} does not broadcast to x of shape {tuple(x.shape)}") from err
+
+
+def _check_classes(name: str, v, N: int, C: int) -> torch.Tensor | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        v = torch.full((N,), v, dtype=torch.long)
+    if not isinstance(v, torch.Tensor) or v.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                          torch.uint8):
+        raise TypeError(f"{name} must be None or an integer tensor of shape ({N},)")
+    if v.shape != (N,):
+        raise ValueError(f"{name} must have shape ({N},), got {tuple(v.shape)}")
+    v = v.long()
+    if ((v < 0) | (v >= C)).any():
+        raise ValueError(f"{name} has classes out of range [0, {C}): {v[(v < 0) | (v >= C)][:5].tolist()}")
+    return v
+
+
+def _train_mode_modules(model: nn.Module) -> list[str]:
+    kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+    return [type(m).__name__ for m in model.modules() if isinstance(m, kinds) and m.training]
+
+
+def _model_dtype(model: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return fallback
+
+
+def _check_groups(groups, n: int) -> list[torch.Tensor]:
+    if groups is None:
+        return []
+    if isinstance(groups, torch.Tensor) or not isinstance(groups, Sequence):
+        raise TypeError("groups must be a list of lists of flat feature indices")
+    out, seen = [], set()
+    for gi, grp in enumerate(groups):
+        idx = [int(i) for i in grp]
+        if len(idx) < 2:
+            raise ValueError(f"groups[{gi}] must list at least 2 features (a one-hot block), got {idx}")
+        if any(i < 0 or i >= n for i in idx):
+            raise ValueError(f"groups[{gi}] has feature indices outside [0, {n})")
+        if seen & set(idx) or len(set(idx)) != len(idx):
+            raise ValueError(f"groups[{gi}] overlaps another group or repeats an index")
+        seen |= set(idx)
+        out.append(torch.tensor(idx, dtype=torch.long))
+    return out
+
+
+def _one_hot_blocks(x: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tensor:
+    """Round every one-hot block of x (P, n) to its argmax category (a copy)."""
+    x = x.clone()
+    for gidx in groups:
+        blk = x[:, gidx]
+        x[:, gidx] = torch.zeros_like(blk).scatter_(1, blk.argmax(1, keepdim=True), 1.0)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------- public API
+
+
+def closest_flip_point(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    target: torch.Tensor | int | None = None,
+    source: torch.Tensor | int | None = None,
+    lower: torch.Tensor | float | None = None,
+    upper: torch.Tensor | float | None = None,
+    scale: torch.Tensor | float | None = None,
+    mask: torch.Tensor | None = None,
+    groups: Sequence[Sequence[int]] | None = None,
+    margin: float = 0.0,
+    tol: float = 1e-6,
+    kkt_tol: float = 1e-4,
+    max_iter: int = 200,
+    max_ineq: int = 8,
+    homotopy: bool = False,
+    homotopy_steps: int = 10,
+    homotopy_tau: float = 0.1,
+    restarts: int = 0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    solve_dtype: torch.dtype = torch.float64,
+    nonsmooth: bool | None = None,
+    progress: bool = False,
+) -> FlipResult:
+    """Closest flip point of every input of a batch, certified per point (see the module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps (N, *shape) to (N, C) pre-softmax scores, C >= 2; any architecture (MLP, CNN, smooth or ReLU). Used
+        read-only: it is never modified (a float64 copy is solved on when ``solve_dtype`` differs from its dtype).
+        Dropout / BatchNorm layers must be in eval mode.
+    x : Tensor (N, *shape), float32 or float64
+        The inputs ``x_hat``; not modified.
+    target : LongTensor (N,) or int, optional
+        Class to flip to. None (default): every class other than the source; the closest certified flip point is
+        returned and ``distances`` holds all of them.
+    source : LongTensor (N,) or int, optional
+        The class whose score is equalled. Default: the predicted class at ``x`` (argmax of the scores). Pass the
+        true label to flip misclassified points from their true class, as the authors' code does.
+    lower, upper : Tensor broadcastable to x, or float, optional
+        Box bounds on the features (default unbounded). Inputs outside the box are allowed (the flip point is
+        inside it).
+    scale : Tensor broadcastable to x, or float, optional
+        Positive per-feature weights D: the distance is ``||scale * (x_flip - x)||_2``. Default 1.
+    mask : BoolTensor broadcastable to x, optional
+        True where a feature may change; the others stay exactly at their value in ``x`` (which must lie inside
+        ``[lower, upper]``).
+    groups : list of lists of int, optional
+        One-hot blocks of categorical features, as indices into the flattened feature vector. They are relaxed to
+        continuous values in ``[0, 1]`` for the solve; afterwards each block is rounded to its argmax category,
+        fixed, and the rest of the point re-solved and re-certified. A second candidate keeps the categories of
+        ``x`` (rounded to one-hot) fixed; the closer certified one is returned. ``rounding_changed`` says where
+        rounding moved the relaxed solution. This is a heuristic for the mixed-integer problem: the result is a
+        certified flip point with valid categories, not a proven closest one over all category combinations.
+    margin : float
+        Other classes must satisfy ``z_k <= z_target - margin``. 0 (default) is the definition of a flip point;
+        ``0.2 / C`` reproduces the authors' code.
+    tol : float
+        Relative residual tolerance: converged needs ``|z_s - z_t| <= tol * max(1, |z_s|, |z_t|)`` and
+        ``margin >= margin_param - tol * max(1, |z_s|, |z_t|)``. For a float32 model the scores themselves carry
+        rounding errors of about ``1e-7 * |z|`` times the depth, so a deep float32 model may need ``tol = 1e-5``.
+    kkt_tol : float
+        Tolerance on the relative first-order optimality measure ``kkt``. ``math.inf`` certifies feasibility only.
+    max_iter : int
+        SQP iterations per start (the homotopy's intermediate steps use ``max(10, max_iter // 4)`` each).
+    max_ineq : int
+        How many of the other classes (the most nearly active) are linearised per iteration; the rest are still
+        checked by the line search and the certificate.
+    homotopy : bool
+        Add the homotopy candidate: the network is deformed to a smooth, nearly linear one — erf scales widened
+        (:func:`erf_homotopy_sigmas`) for nets with :class:`flipfrag.smooth.Erf` layers, ReLU replaced by
+        softplus(beta) with beta growing geometrically from ``1/s`` to ``1e4/s`` (s = median pre-activation scale)
+        for ReLU nets — and the scores shifted so that ``x`` itself is a flip point; the deformation and shift are
+        undone linearly over ``homotopy_steps`` steps, each solve warm-started from the previous one. The erf
+        scales are shared by the batch (max over the batch). Nets with neither: only the shift is continued.
+    homotopy_steps : int
+        Number of continuation steps (default 10, as recommended in the spec; the authors' code has no default).
+    homotopy_tau : float
+        Minimum erf slope at ``x`` that fixes the widest sigma (default 0.1, spec section 3.2).
+    restarts : int
+        Extra random starts around ``x`` (at 0.5-1.5 times the direct solution's distance, random directions in
+        the scaled norm, seeded by ``seed``); the closest certified candidate wins.
+    seed : int
+        Seed of the restarts' ``torch.Generator`` (no global RNG is touched).
+    batch_size : int, optional
+        Problems solved together per chunk (memory bound). Default: about 2**24 / (constraints * features).
+    solve_dtype : torch.dtype
+        Working precision of the solver (default float64). Certification always uses the model's own dtype.
+    nonsmooth : bool, optional
+        Whether the scores are only piecewise smooth (ReLU, max-pooling). Default: True if the model makes a ReLU
+        call (:func:`flipfrag.smooth.has_relu`). At a kink of the decision boundary — where the closest point of a
+        ReLU net often lies — the autograd gradient is one-sided and the plain KKT measure fails; for nonsmooth
+        models a feasible point failing it is re-measured with a gradient bundle: gradients of ``z_s - z_t`` at 8
+        random points within ``1e-3 * distance`` (scaled norm), stationarity against any same-sign combination of
+        them (Goldstein epsilon-stationarity).
+    progress : bool
+        Show tqdm bars.
+
+    Returns
+    -------
+    FlipResult
+        See :class:`FlipResult`. ``x_flip`` has x's dtype and shape.
+
+    Notes
+    -----
+    * Failed points keep their diagnostics (``residual``, ``margin``, ``kkt``, ``status``, ``x_attempt``); raising
+      ``max_iter``, adding ``restarts`` or ``homotopy=True`` are the remedies to try.
+    * ReLU networks with many small linear pieces (e.g. CNNs with max-pooling) often have their closest flip point at
+      a kink where first-order optimality cannot be certified to ``kkt_tol = 1e-4`` even by the gradient bundle:
+      the feasibility part of the certificate still holds for ``x_attempt`` (it is restored exactly), and
+      ``kkt_tol=math.inf`` accepts such points as certified *flip points* (not certified *closest* ones).
+      ``homotopy=True`` (softplus and log-sum-exp pooling continuation) gives the best such points.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad input, naming the argument (NaN/inf in x, shape not matching the model, lower > upper, target out
+        of range or equal to the source class, empty batch, ...).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 or float64, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch of shape (N, *shape), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (N = 0)")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf")
+    busy = _train_mode_modules(model)
+    if busy:
+        raise ValueError(f"model has {sorted(set(busy))} layers in train mode; call model.eval() first")
+    for name, val, lo_ok in (("tol", tol, 0), ("kkt_tol", kkt_tol, 0)):
+        if not (isinstance(val, (int, float)) and val > lo_ok):
+            raise ValueError(f"{name} must be a number > 0, got {val!r}")
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    for name, val, least in (("max_iter", max_iter, 1), ("homotopy_steps", homotopy_steps, 1),
+                             ("restarts", restarts, 0), ("max_ineq", max_ineq, 0)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {val!r}")
+    if homotopy:
+        _tau_argument(homotopy_tau)  # raises naming homotopy_tau
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
+    if solve_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype}")
+
+    N, shape = x.shape[0], tuple(x.shape[1:])
+    n = math.prod(shape)
+    cert_dtype = _model_dtype(model, x.dtype)
+    x_in = x.detach()
+    with torch.no_grad():
+        try:
+            z = model(x_in.to(cert_dtype))
+        except Exception as err:  # the model's own error, re-raised naming the argument
+            raise ValueError(f"x of shape {tuple(x.shape)} does not fit the model: {err}") from err
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != N or z.shape[1] < 2:
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"model must map x of shape {tuple(x.shape)} to scores (N={N}, C>=2), got {got}")
+    if not torch.isfinite(z).all():
+        raise ValueError("model returns NaN/inf scores at x")
+    C = z.shape[1]
+    src = _check_classes("source", source, N, C)
+    src = z.argmax(1) if src is None else src
+    tgt = _check_classes("target", target, N, C)
+    if tgt is not None and (tgt == src).any():
+        bad = torch.nonzero(tgt == src)[:5, 0].tolist()
+        raise ValueError(f"target equals the source (predicted) class at points {bad}")
+
+    lo = _as_feature_tensor("lower", lower, x_in)
+    hi = _as_feature_tensor("upper", upper, x_in)
+    lo = torch.full(x.shape, -math.inf, dtype=torch.float64) if lo is None else lo
+    hi = torch.full(x.shape, math.inf, dtype=torch.float64) if hi is None else hi
+    if torch.isnan(lo).any() or torch.isnan(hi).any():
+        raise ValueError("lower/upper contain NaN")
+    if (lo > hi).any():
+        raise ValueError("lower > upper for some features")
+    w = _as_feature_tensor("scale", scale, x_in)
+    if w is not None and not (torch.isfinite(w).all() and (w > 0).all()):
+        raise ValueError("scale must be finite and > 0 everywhere")
+    w = torch.ones(x.shape, dtype=torch.float64) if w is None else w**2
+    free = _as_feature_tensor("mask", mask, x_in, dtype=torch.bool)
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    xh = x_in.to(torch.float64)
+    if free is not None:
+        fixed = ~free
+        if ((xh < lo) | (xh > hi))[fixed].any():
+            raise ValueError("mask: features fixed by the mask lie outside [lower, upper] in x")
+        lo = torch.where(fixed, xh, lo)
+        hi = torch.where(fixed, xh, hi)
+    lo, hi, w, xh = (t.reshape(N, n) for t in (lo, hi, w, xh))
+    grp = _check_groups(groups, n)
+    for gidx in grp:  # the relaxation: a one-hot entry lives in [0, 1]
+        movable = lo[:, gidx] < hi[:, gidx]
+        lo[:, gidx] = torch.where(movable, lo[:, gidx].clamp(min=0.0), lo[:, gidx])
+        hi[:, gidx] = torch.where(movable, hi[:, gidx].clamp(max=1.0), hi[:, gidx])
+        if (lo[:, gidx] > hi[:, gidx]).any():
+            raise ValueError("groups: the bounds of a one-hot feature exclude [0, 1]")
+
+    # the working model: the user's if it already has the solve dtype, else a private copy
+    work = model
+    if cert_dtype != solve_dtype:
+        try:
+            work = copy.deepcopy(model).to(solve_dtype)
+            for prm in work.parameters():
+                prm.requires_grad_(False)
+            with torch.no_grad():
+                work(x_in[:1].to(solve_dtype))
+        except Exception as err:  # a model that cannot run in solve_dtype: solve in its own
+            warnings.warn(f"model cannot run in {solve_dtype} ({err}); solving in {cert_dtype}", stacklevel=2)
+            work, solve_dtype = model, cert_dtype
+    n_ineq = min(C - 2, max_ineq)
+    chunk = batch_size or max(1, int(2**24 // ((1 + n_ineq) * n)))
+    if nonsmooth is None:
+        nonsmooth = has_relu(model, x_in[:1].to(cert_dtype))
+    ctx = _Ctx(work, model, shape, solve_dtype, cert_dtype, x.dtype, float(margin), float(tol), float(kkt_tol),
+               max_iter, n_ineq, chunk, progress, bool(nonsmooth), int(seed))
+    gen = torch.Generator().manual_seed(seed)
+
+    # one single-target problem per (point, target)
+    pid = torch.arange(N)
+    if tgt is None:
+        others = torch.stack([torch.tensor([k for k in range(C) if k != int(s)]) for s in src.unique()])
+        row = {int(s): i for i, s in enumerate(src.unique())}
+        tg = others[torch.tensor([row[int(s)] for s in src])]  # (N, C-1), classes != source
+        pid = pid[:, None].expand(N, C - 1).reshape(-1)
+        ptgt = tg.reshape(-1)
+    else:
+        ptgt = tgt
+    sd = solve_dtype
+    pr = _Problems(xh[pid].to(sd), lo[pid].to(sd), hi[pid].to(sd), w[pid].to(sd), src[pid], ptgt)
+    solve_kw = dict(homotopy=homotopy, homotopy_steps=homotopy_steps, homotopy_tau=homotopy_tau,
+                    restarts=restarts, gen=gen)
+    best = _solve_candidates(ctx, pr, **solve_kw)
+    rounding_changed = None
+    if grp:
+        best, rounding_changed = _round_groups(ctx, pr, best, grp)
+
+    # per point: the closest certified target
+    dist_ok = torch.where(best["ok"], best["distance"], torch.full_like(best["distance"], math.inf))
+    distances = None
+    if tgt is None:
+        K = C - 1
+        dmat = dist_ok.reshape(N, K)
+        distances = torch.full((N, C), math.inf, dtype=torch.float64)
+        distances.scatter_(1, ptgt.reshape(N, K), dmat)
+        # no certified target: report the runner-up's attempt
+        zt = z.to(torch.float64).gather(1, ptgt.reshape(N, K))
+        pick = torch.where(torch.isfinite(dmat).any(1), dmat.argmin(1), zt.argmax(1))
+        sel = torch.arange(N) * K + pick
+        if rounding_changed is not None:
+            rounding_changed = rounding_changed[sel]
+    else:
+        sel = torch.arange(N)
+    b = {k: v[sel] for k, v in best.items()}
+    ok = b["ok"]
+    x_att = b["x"].reshape(N, *shape)
+    nan = torch.full_like(x_att, math.nan)
+    x_flip = torch.where(ok.reshape(N, *([1] * len(shape))), x_att, nan)
+    status = []
+    for i in range(N):
+        if ok[i]:
+            status.append("converged")
+            continue
+        why = []
+        if not torch.isfinite(b["z"][i]).all():
+            why.append("non-finite scores")
+        if b["residual"][i] > b["tol_abs"][i]:
+            why.append(f"residual {float(b['residual'][i]):.1e} > {float(b['tol_abs'][i]):.1e}")
+        if b["margin"][i] < margin - b["tol_abs"][i]:
+            why.append(f"margin {float(b['margin'][i]):.1e} < {margin:.1e}")
+        if b["bound_violation"][i] > 0:
+            why.append(f"bound violation {float(b['bound_violation'][i]):.1e}")
+        if not b["kkt"][i] <= kkt_tol:
+            why.append(f"kkt {float(b['kkt'][i]):.1e} > {kkt_tol:.1e}")
+        status.append("; ".join(why) + f" (solver: {_SOLVER_STATUS[int(b['solver'][i])]})")
+    return FlipResult(
+        x_flip=x_flip,
+        x_attempt=x_att,
+        distance=torch.where(ok, b["distance"], torch.full_like(b["distance"], math.nan)),
+        source=src.clone(),
+        target=ptgt[sel].clone(),
+        residual=b["residual"].to(torch.float64),
+        margin=b["margin"].to(torch.float64),
+        bound_violation=b["bound_violation"],
+        kkt=b["kkt"].to(torch.float64),
+        iterations=b["iterations"],
+        converged=ok,
+        status=status,
+        start=torch.where(ok, b["start"], torch.full_like(b["start"], -1)),
+        scores=b["z"],
+        distances=distances,
+        rounding_changed=rounding_changed,
+        tol=float(tol),
+        kkt_tol=float(kkt_tol),
+        margin_param=float(margin),
+    )
+
+
+def _round_groups(ctx: _Ctx, pr: _Problems, relaxed: dict, groups: list[torch.Tensor]):
+    """Round the one-hot blocks of the relaxed solutions, fix them, re-solve the rest and re-certify.
+
+    Two candidates per problem: the relaxed solution's argmax categories, and x's own categories. Returns the
+    per-problem best (certified first, then closest) and whether rounding moved the relaxed point (P,).
+    """
+    gidx = torch.cat(groups)
+    xr = relaxed["x"].to(ctx.dtype)
+    # a failed relaxed solve still gives a rounding guess: its last iterate
+    cands = []
+    for start_x in (xr, pr.xh):
+        xround = _one_hot_blocks(start_x, groups)
+        lo, hi = pr.lo.clone(), pr.hi.clone()
+        lo[:, gidx] = xround[:, gidx]
+        hi[:, gidx] = xround[:, gidx]
+        sub = _Problems(pr.xh, lo, hi, pr.w, pr.src, pr.tgt, None)
+        x0 = torch.where(torch.isfinite(xr), xr, pr.xh)
+        x0[:, gidx] = xround[:, gidx]
+        out = _run_sqp(ctx, _model_fn(ctx.work, ctx.shape), sub, x0, ctx.max_iter, "categorical re-solve")
+        xo = _to_output(ctx, sub, out["x"])
+        chk = _certify(ctx, sub, xo)  # a KKT point of the problem with the categories fixed
+        cands.append({"x": xo, **chk, "iterations": out["iterations"] + relaxed["iterations"],
+                      "solver": out["status"], "start": relaxed["start"]})
+    a, b = cands
+    better = b["ok"] & (~a["ok"] | (b["distance"] < a["distance"] * (1 - 1e-6)))
+    best = {k: torch.where(better.reshape(-1, *([1] * (v.dim() - 1))), b[k], v) for k, v in a.items()}
+    changed = (best["x"][:, gidx].to(torch.float64) - relaxed["x"][:, gidx].to(torch.float64)).abs().amax(1) > 1e-9
+    return best, changed
