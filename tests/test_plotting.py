@@ -83,3 +83,9 @@ def test_save_without_run_is_an_error(monkeypatch):
     monkeypatch.setattr(plotting, "_RUN", None)
     with pytest.raises(RuntimeError, match="start_run"):
         plotting.save_table(pd.DataFrame({"a": [1]}), "beyond/t")
+
+
+def test_written_files_are_world_readable(run, tmp_path):
+    plotting.save_table(pd.DataFrame({"a": [1]}), "beyond/perm")
+    for f in ("MANIFEST.json", "beyond/perm.csv", "beyond/perm.md"):
+        assert (tmp_path / f).stat().st_mode & 0o044 == 0o044, f
