@@ -51,6 +51,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "flip_restarts": 1,
         "retrain_fractions": [0.2, 0.5],
         "retrain_repeats": 1,
+        # flip-point analyses (flipstats / notebooks/flip_points)
+        "retrain_pool": 300,
+        "retrain_steps": 60,
+        "adversarial_n_images": 2,
+        "adversarial_ks": [10, 784],
+        "homotopy_n_points": 6,
         # attacks
         "attack_n_images": 2,
         "attack_iters": 3,
@@ -62,6 +68,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "influence_n_test": 6,
         "hessian_n_images": 2,
         "lanczos_k": 3,
+        # fragility grids (F3 and its CIFAR-10 analogue): methods x attacks x epsilons, so sized separately
+        "grid_n_images": 2,
+        "grid_iters": 3,
+        "grid_ig_steps": 4,
     },
     "quick": {
         **_COMMON,
@@ -79,6 +89,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "flip_restarts": 3,
         "retrain_fractions": [0.05, 0.1, 0.2, 0.4, 0.7, 1.0],
         "retrain_repeats": 3,
+        "retrain_pool": 2000,  # Adult training points whose flip points rank them for retraining (E5)
+        "retrain_steps": 300,  # Adam steps per retraining, whatever the subset size
+        "adversarial_n_images": 8,
+        "adversarial_ks": [5, 10, 20, 50, 100, 200, 784],
+        "homotopy_n_points": 100,
         "attack_n_images": 32,
         "attack_iters": 60,
         "ig_steps": 32,
@@ -87,6 +102,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "influence_n_test": 60,
         "hessian_n_images": 8,
         "lanczos_k": 8,
+        "grid_n_images": 16,
+        "grid_iters": 40,
+        "grid_ig_steps": 16,
     },
     "paper": {
         **_COMMON,
@@ -104,6 +122,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "flip_restarts": 5,
         "retrain_fractions": [0.05, 0.1, 0.2, 0.4, 0.7, 1.0],
         "retrain_repeats": 5,
+        "retrain_pool": None,  # the whole training set
+        "retrain_steps": 2000,
+        "adversarial_n_images": 32,
+        "adversarial_ks": [5, 10, 20, 50, 100, 200, 784],
+        "homotopy_n_points": 500,
         "attack_n_images": 512,  # Ghorbani et al.: 512 correctly classified ImageNet images
         "attack_iters": 300,
         "ig_steps": 100,
@@ -112,6 +135,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "influence_n_test": 200,
         "hessian_n_images": 32,
         "lanczos_k": 20,
+        "grid_n_images": 512,  # Ghorbani et al.: 512 correctly classified ImageNet images, 300 iterations, M = 100
+        "grid_iters": 300,
+        "grid_ig_steps": 100,
     },
 }
 
