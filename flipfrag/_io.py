@@ -22,6 +22,8 @@ __all__ = [
     "atomic_write_json",
     "download",
     "verify_sha256",
+    "write_checksummed",
+    "verify_checksummed",
 ]
 
 
@@ -94,6 +96,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(path.suffix + ".sha256")
+
+
+def write_checksummed(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """:func:`atomic_write` plus a ``<name>.sha256`` sidecar holding the file's sha256 (for caches and checkpoints)."""
+    path = atomic_write(path, write)
+    atomic_write_bytes(_sidecar(path), (sha256_file(path) + "\n").encode())
+    return path
+
+
+def verify_checksummed(path: str | os.PathLike, error: type[Exception], what: str) -> Path:
+    """Check a file written by :func:`write_checksummed`; raise ``error`` naming the file if it is missing, its
+    sidecar is missing, or the sha256 does not match (corrupt or truncated)."""
+    path = Path(path)
+    sidecar = _sidecar(path)
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    if not sidecar.exists():
+        raise error(f"{what} {path}: checksum file {sidecar.name} is missing")
+    if sha256_file(path) != sidecar.read_text().strip():
+        raise error(f"{what} {path}: sha256 does not match {sidecar.name} (corrupt or truncated)")
+    return path
 
 
 def download(url: str, dest: str | os.PathLike, *, sha256: str, timeout: float = 60.0) -> Path:

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import flip as _flip
-from ._io import atomic_write, atomic_write_bytes, cache_dir, sha256_file
+from ._io import cache_dir, sha256_file, verify_checksummed, write_checksummed
 from .flip import FlipResult, closest_flip_point
 from .models import config_key, tensor_hash
 
@@ -209,9 +209,7 @@ def save_flip_result(path: str | Path, res: FlipResult, *, key: str = "", second
         np.savez(buf, **arrays)
         tmp.write_bytes(buf.getvalue())
 
-    atomic_write(path, write)
-    atomic_write_bytes(path.with_suffix(path.suffix + ".sha256"), (sha256_file(path) + "\n").encode())
-    return path
+    return write_checksummed(path, write)
 
 
 def load_flip_result(path: str | Path, *, key: str | None = None) -> tuple[FlipResult, dict[str, Any]]:
@@ -220,14 +218,7 @@ def load_flip_result(path: str | Path, *, key: str | None = None) -> tuple[FlipR
     Raises :class:`FlipCacheError` naming the file if the checksum sidecar is missing or does not match, the
     archive does not load without pickles, its key differs from ``key``, or its arrays are inconsistent.
     """
-    path = Path(path)
-    sidecar = path.with_suffix(path.suffix + ".sha256")
-    if not path.exists():
-        raise FlipCacheError(f"flip cache {path} does not exist")
-    if not sidecar.exists():
-        raise FlipCacheError(f"flip cache {path}: checksum file {sidecar.name} is missing")
-    if sha256_file(path) != sidecar.read_text().strip():
-        raise FlipCacheError(f"flip cache {path}: sha256 does not match {sidecar.name} (corrupt or truncated)")
+    path = verify_checksummed(path, FlipCacheError, "flip cache")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

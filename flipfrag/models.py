@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import ChecksumError, atomic_write, atomic_write_bytes, cache_dir, download, sha256_file
+from ._io import ChecksumError, cache_dir, download, verify_checksummed, write_checksummed
 from .smooth import Erf
 
 __all__ = [
@@ -333,9 +333,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, key: str, meta: dict[
         "meta": json.dumps(meta or {}, default=str),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-    atomic_write_bytes(path.with_suffix(path.suffix + ".sha256"), (sha256_file(path) + "\n").encode())
-    return path
+    return write_checksummed(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | Path, *, key: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -344,15 +342,7 @@ def load_checkpoint(path: str | Path, *, key: str | None = None) -> tuple[nn.Mod
     Raises :class:`CheckpointError` (naming the file) if the sidecar checksum does not match, the file does not
     unpickle with ``weights_only=True``, its key differs from ``key``, or the state dict does not fit the config.
     """
-    path = Path(path)
-    sidecar = path.with_suffix(path.suffix + ".sha256")
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not sidecar.exists():
-        raise CheckpointError(f"checkpoint {path}: checksum file {sidecar.name} is missing")
-    expected = sidecar.read_text().strip()
-    if sha256_file(path) != expected:
-        raise CheckpointError(f"checkpoint {path}: sha256 does not match {sidecar.name} (corrupt or truncated)")
+    path = verify_checksummed(path, CheckpointError, "checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != 1:
