@@ -1171,19 +1171,23 @@ class PCAResult:
         return int(min(np.searchsorted(np.cumsum(self.explained), level - 1e-12) + 1, len(self.explained)))
 
 
+def _checked_direction_matrix(D: Any, normalize: bool) -> np.ndarray:
+    """D as a finite (m, n) float array with m, n >= 1 (rows scaled to unit length if ``normalize``)."""
+    A = _as_numpy(D, "D", ndim=2)
+    if A.shape[0] < 1 or A.shape[1] < 1:
+        raise ValueError(f"D must have at least one row and column, got shape {A.shape}")
+    if not np.isfinite(A).all():
+        raise ValueError("D contains NaN or inf (use direction_matrix to drop uncertified rows)")
+    return direction_matrix(A, normalize=True) if normalize else A
+
+
 def pca_directions(D: Any, *, center: bool = True, normalize: bool = False) -> PCAResult:
     """PCA (``center=True``) or plain SVD (``center=False``) of a direction matrix D (m, n) with m >= 1 rows.
 
     ``normalize`` scales rows to unit length first (see :func:`direction_matrix`). NaN rows are an error: build D
     with :func:`direction_matrix`.
     """
-    A = _as_numpy(D, "D", ndim=2)
-    if A.shape[0] < 1 or A.shape[1] < 1:
-        raise ValueError(f"D must have at least one row and column, got shape {A.shape}")
-    if not np.isfinite(A).all():
-        raise ValueError("D contains NaN or inf (use direction_matrix to drop uncertified rows)")
-    if normalize:
-        A = direction_matrix(A, normalize=True)
+    A = _checked_direction_matrix(D, normalize)
     mean = A.mean(0) if center else np.zeros(A.shape[1])
     _, s, vt = np.linalg.svd(A - mean, full_matrices=False)
     idx = np.argmax(np.abs(vt), axis=1)
@@ -1235,13 +1239,7 @@ def rrqr_directions(D: Any, *, normalize: bool = False, rank_tol: float | None =
     """
     from scipy.linalg import qr
 
-    A = _as_numpy(D, "D", ndim=2)
-    if A.shape[0] < 1 or A.shape[1] < 1:
-        raise ValueError(f"D must have at least one row and column, got shape {A.shape}")
-    if not np.isfinite(A).all():
-        raise ValueError("D contains NaN or inf (use direction_matrix to drop uncertified rows)")
-    if normalize:
-        A = direction_matrix(A, normalize=True)
+    A = _checked_direction_matrix(D, normalize)
     _, R, piv = qr(A, mode="economic", pivoting=True)
     r = np.abs(np.diag(R))
     tol = float(rank_tol) if rank_tol is not None else max(A.shape) * np.finfo(float).eps
