@@ -410,6 +410,17 @@ def standard_flips(key: str, profile: Mapping[str, Any] | str = "quick", *, spli
 # ============================================================================================== confidence
 
 
+def _scores_and_labels(scores: Any, positive: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Finite 1-D scores and a same-length boolean label array (the detectors' shared argument checks)."""
+    s = _as_numpy(scores, "scores", ndim=1)
+    p = _as_numpy(positive, "positive", ndim=1, dtype=bool)
+    if s.shape != p.shape:
+        raise ValueError(f"scores and positive must have the same length, got {s.shape} and {p.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or inf (drop uncertified points first)")
+    return s, p
+
+
 def auroc(scores: Any, positive: Any) -> float:
     """Area under the ROC curve of ``scores`` as a detector of ``positive`` (higher score = more likely positive).
 
@@ -425,12 +436,7 @@ def auroc(scores: Any, positive: Any) -> float:
     """
     from scipy.stats import rankdata
 
-    s = _as_numpy(scores, "scores", ndim=1)
-    p = _as_numpy(positive, "positive", ndim=1, dtype=bool)
-    if s.shape != p.shape:
-        raise ValueError(f"scores and positive must have the same length, got {s.shape} and {p.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("scores contain NaN or inf (drop uncertified points first)")
+    s, p = _scores_and_labels(scores, positive)
     n_pos, n_neg = int(p.sum()), int((~p).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"positive must contain both classes, got {n_pos} positives and {n_neg} negatives")
@@ -444,12 +450,7 @@ def average_precision(scores: Any, positive: Any) -> float:
     Thresholds are the distinct score values (the definition of ``sklearn.metrics.average_precision_score``).
     Chance level is the fraction of positives. Arguments as in :func:`auroc`.
     """
-    s = _as_numpy(scores, "scores", ndim=1)
-    p = _as_numpy(positive, "positive", ndim=1, dtype=bool)
-    if s.shape != p.shape:
-        raise ValueError(f"scores and positive must have the same length, got {s.shape} and {p.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("scores contain NaN or inf (drop uncertified points first)")
+    s, p = _scores_and_labels(scores, positive)
     n_pos = int(p.sum())
     if n_pos == 0:
         raise ValueError("positive must contain at least one positive")
