@@ -50,7 +50,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .metrics import _center, center_of_mass_shift, default_k, mass_in_region, spearman, topk_intersection
+from .metrics import ReferenceMaps, _center, default_k, mass_in_region
 from .saliency import (
     _attribute_with_logits,
     _check_model,
@@ -473,17 +473,18 @@ class InterpretationAttack:
         x_new = torch.minimum(torch.maximum(x_new, x0 - self.eps), x0 + self.eps)
         return torch.minimum(torch.maximum(x_new, self._lo), self._hi)
 
-    def _scores(self, map0, maps, region) -> dict[str, torch.Tensor]:
-        """Criterion and (optionally) all metrics between the original maps and ``maps``."""
+    def _scores(self, ref: ReferenceMaps, maps, region, names=None) -> dict[str, torch.Tensor]:
+        """Criterion and (optionally) all metrics between the original maps ``ref`` and ``maps``."""
         out: dict[str, torch.Tensor] = {}
-        names = set(_METRICS) if self.record_metrics else set()
-        names.add(self.criterion)
+        if names is None:
+            names = set(_METRICS) if self.record_metrics else set()
+            names.add(self.criterion)
         if "topk" in names:
-            out["topk"] = topk_intersection(map0, maps, self._k)
+            out["topk"] = ref.topk_intersection(maps)
         if "spearman" in names:
-            out["spearman"] = spearman(map0, maps)
+            out["spearman"] = ref.spearman(maps)
         if "center" in names:
-            out["center"] = center_of_mass_shift(map0, maps, floor=self.floor_center)
+            out["center"] = ref.center_shift(maps)
         if "target" in names:
             if region is None:
                 raise ValueError("criterion='target' needs a target region (use TargetedAttack)")
@@ -542,7 +543,8 @@ class InterpretationAttack:
                     stacklevel=3,
                 )
         better_low = CRITERIA[self.criterion]
-        scores0 = self._scores(map0, map0, region)
+        ref = ReferenceMaps(map0, self._k, floor_center=self.floor_center)
+        scores0 = self._scores(ref, map0, region)
         keep_metrics = [m for m in _METRICS if self.record_metrics]
         hist_crit = [scores0[self.criterion]]
         hist_kept = [attacked.clone()]
@@ -567,7 +569,7 @@ class InterpretationAttack:
             elif logits is None:
                 logits = self._logits(x)
             kept = (logits.argmax(1) == y) & attacked
-            scores = self._scores(map0, maps, region)
+            scores = self._scores(ref, maps, region)
             crit = scores[self.criterion]
             improve = kept & ((crit < best_crit) if better_low else (crit > best_crit))
             best_x = torch.where(improve.view(-1, 1, 1, 1), x, best_x)
@@ -588,23 +590,16 @@ class InterpretationAttack:
             "objective": torch.stack(hist_obj),
             **{m: torch.stack(v) for m, v in hist_metrics.items()},
         }
-        return self._finish(x0, y, map0, best_x, best_iter, attacked, region, history, best_by)
+        return self._finish(x0, y, ref, best_x, best_iter, attacked, region, history, best_by)
 
     def _step_direction(self, dmodel, obj, x, y, p):
         return self._direction(dmodel, obj, x, y)
 
-    def _finish(self, x0, y, map0, best_x, best_iter, attacked, region, history, best_by) -> AttackResult:
+    def _finish(self, x0, y, ref, best_x, best_iter, attacked, region, history, best_by) -> AttackResult:
         map_adv, logits = self._evaluate(best_x, y)
-        final = self._scores(map0, map_adv, region)
-        metrics = {m: final[m] for m in _METRICS if m in final}
-        if "topk" not in metrics:
-            metrics["topk"] = topk_intersection(map0, map_adv, self._k)
-        if "spearman" not in metrics:
-            metrics["spearman"] = spearman(map0, map_adv)
-        if "center" not in metrics:
-            metrics["center"] = center_of_mass_shift(map0, map_adv, floor=self.floor_center)
-        if region is not None:
-            metrics["target"] = final.get("target", mass_in_region(map_adv, region))
+        names = {*_METRICS, self.criterion} | ({"target"} if region is not None else set())
+        final = self._scores(ref, map_adv, region, names)
+        metrics = {m: final[m] for m in (*_METRICS, "target") if m in final}
         return AttackResult(
             x_adv=best_x,
             label_kept=logits.argmax(1) == y,
@@ -614,7 +609,7 @@ class InterpretationAttack:
             criterion=final[self.criterion],
             metrics=metrics,
             history=history,
-            saliency=map0,
+            saliency=ref.maps,
             saliency_adv=map_adv,
             x_best_by={m: bx for m, (bx, _) in best_by.items()},
             config=self._config(),
@@ -799,9 +794,10 @@ class RandomSignAttack(InterpretationAttack):
             kept = (self._predict(cand) == y) & todo
             x_out = torch.where(kept.view(-1, 1, 1, 1), cand, x_out)
             accepted |= kept
-        scores0 = self._scores(map0, map0, region)
+        ref = ReferenceMaps(map0, self._k, floor_center=self.floor_center)
+        scores0 = self._scores(ref, map0, region)
         maps, _ = self._evaluate(x_out, y)
-        scores = self._scores(map0, maps, region)
+        scores = self._scores(ref, maps, region)
         history = {
             "criterion": torch.stack([scores0[self.criterion], scores[self.criterion]]),
             "label_kept": torch.stack([attacked, accepted]),
@@ -809,4 +805,4 @@ class RandomSignAttack(InterpretationAttack):
         }
         best_iter = accepted.long()
         best_by = {m: (x_out, None) for m in _METRICS if self.record_metrics}
-        return self._finish(x0, y, map0, x_out, best_iter, attacked, region, history, best_by)
+        return self._finish(x0, y, ref, x_out, best_iter, attacked, region, history, best_by)

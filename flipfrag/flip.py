@@ -63,6 +63,7 @@ network to the trained one, as in the authors' later code) add candidates; the c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -70,12 +71,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from flipfrag.smooth import _RELU_FUNCS, erf_layers, erf_sigmas, has_relu, relu_as_softplus, set_erf_sigmas
+from flipfrag.smooth import (
+    RELU_FUNCS,
+    erf_layers,
+    erf_sigmas,
+    has_relu,
+    maxpool_as_logsumexp,
+    relu_as_softplus,
+    set_erf_sigmas,
+)
 
 __all__ = ["FlipResult", "closest_flip_point", "erf_homotopy_sigmas"]
 
@@ -878,37 +886,9 @@ class _ReluScale(TorchFunctionMode):
         self.scales: list[float] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _RELU_FUNCS:
+        if func in RELU_FUNCS:
             self.scales.append(float(args[0].detach().abs().max()))
         return func(*args, **(kwargs or {}))
-
-
-class _SmoothMaxPool(TorchFunctionMode):
-    """Replaces ``F.max_pool2d`` by log-sum-exp pooling ``(logsumexp(beta * window) - log(k^2)) / beta`` — the window
-    mean for small beta, the max for large — so that the homotopy's deformed ReLU nets are smooth everywhere.
-    Pools with padding, dilation, ceil_mode or returned indices are left exact."""
-
-    def __init__(self, beta: float):
-        super().__init__()
-        self.beta = float(beta)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.max_pool2d:
-            return self._pool(func, *args, **kwargs)
-        return func(*args, **kwargs)
-
-    def _pool(self, func, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-              return_indices=False):
-        pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))  # noqa: E731
-        k, s = pair(kernel_size), pair(stride if stride not in (None, []) else kernel_size)
-        if pair(padding) != (0, 0) or pair(dilation) != (1, 1) or ceil_mode or return_indices or x.dim() != 4:
-            return func(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
-        N, C, H, W = x.shape
-        Ho, Wo = (H - k[0]) // s[0] + 1, (W - k[1]) // s[1] + 1
-        cols = F.unfold(x, k, stride=s).reshape(N, C, k[0] * k[1], Ho * Wo)
-        out = (torch.logsumexp(self.beta * cols, dim=2) - math.log(k[0] * k[1])) / self.beta
-        return out.reshape(N, C, Ho, Wo)
 
 
 def _feasible_offset(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, margin: float) -> torch.Tensor:
@@ -1086,20 +1066,18 @@ def _closest_feasible(fn: ScoreFn, pr: _Problems, cands: list[torch.Tensor], mar
     return best
 
 
-class _Smoothed:
+class _Smoothed(contextlib.ExitStack):
     """ReLU -> softplus(beta) and max-pooling -> log-sum-exp pooling(beta), together."""
 
     def __init__(self, beta: float):
-        self.modes = [relu_as_softplus(beta), _SmoothMaxPool(beta)]
+        super().__init__()
+        self.beta = beta
 
     def __enter__(self):
-        self.modes[0].__enter__()
-        self.modes[1].__enter__()
+        super().__enter__()
+        self.enter_context(relu_as_softplus(self.beta))
+        self.enter_context(maxpool_as_logsumexp(self.beta))
         return self
-
-    def __exit__(self, *exc):
-        self.modes[1].__exit__(*exc)
-        return self.modes[0].__exit__(*exc)
 
 
 class _nullcontext:

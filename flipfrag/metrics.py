@@ -30,6 +30,7 @@ __all__ = [
     "center_of_mass",
     "center_of_mass_shift",
     "mass_in_region",
+    "ReferenceMaps",
 ]
 
 ArrayLike = Any  # torch.Tensor | np.ndarray
@@ -101,26 +102,46 @@ def topk_intersection(map_a: ArrayLike, map_b: ArrayLike, k: int) -> ArrayLike:
     """
     a, b, numpy_out = _pair(map_a, map_b)
     a, b = a.flatten(1), b.flatten(1)
-    d = a.shape[1]
+    k = _check_k(k, a.shape[1])
+    return _out(_shared_topk(_topk_mask(a, k), b, k), numpy_out)
+
+
+def _check_k(k: Any, d: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d:
         raise ValueError(f"k must be an integer in [1, {d}] (the number of features), got {k!r}")
-    k = int(k)
-    top_a = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(k, dim=1).indices, True)
-    shared = top_a.gather(1, b.topk(k, dim=1).indices).sum(1)
-    return _out(shared.to(a.dtype) / k, numpy_out)
+    return int(k)
+
+
+def _topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, D) bool: the k largest features of each row of ``a`` (N, D)."""
+    return torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(k, dim=1).indices, True)
+
+
+def _shared_topk(top_a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Fraction of the k largest features of each row of ``b`` (N, D) that lie in the mask ``top_a``."""
+    return top_a.gather(1, b.topk(k, dim=1).indices).sum(1).to(b.dtype) / k
 
 
 def rankdata(values: torch.Tensor) -> torch.Tensor:
     """Ranks (1-based, float64) along the last dimension with ties given their average rank, like
-    ``scipy.stats.rankdata(method="average")``, batched over leading dimensions."""
+    ``scipy.stats.rankdata(method="average")``, batched over leading dimensions.
+
+    One sort per row: tied entries are adjacent in sorted order and share the mean of their first and last
+    (1-based) sorted positions.
+    """
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
-    s = values.sort(dim=-1).values.contiguous()
-    v = values.contiguous()
-    below = torch.searchsorted(s, v, right=False)  # number of entries < v
-    upto = torch.searchsorted(s, v, right=True)  # number of entries <= v
-    # tied entries occupy 1-based positions below+1 .. upto; their average is (below + 1 + upto) / 2
-    return (below + upto + 1).to(torch.float64) / 2
+    s, order = values.sort(dim=-1)
+    d = s.shape[-1]
+    pos = torch.arange(d, device=s.device).expand_as(s)
+    starts = torch.ones_like(s, dtype=torch.bool)  # first entry of a group of equal values
+    starts[..., 1:] = s[..., 1:] != s[..., :-1]
+    ends = torch.ones_like(starts)  # last entry of a group
+    ends[..., :-1] = starts[..., 1:]
+    first = torch.where(starts, pos, 0).cummax(-1).values
+    last = torch.where(ends, pos, d).flip(-1).cummin(-1).values.flip(-1)
+    avg = (first + last + 2).to(torch.float64) / 2
+    return torch.empty_like(avg).scatter_(-1, order, avg)
 
 
 def spearman(map_a: ArrayLike, map_b: ArrayLike) -> ArrayLike:
@@ -134,11 +155,19 @@ def spearman(map_a: ArrayLike, map_b: ArrayLike) -> ArrayLike:
     (N,) values in [-1, 1].
     """
     a, b, numpy_out = _pair(map_a, map_b)
-    ra, rb = rankdata(a.flatten(1).double()), rankdata(b.flatten(1).double())
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    rho = (ra * rb).sum(1) / torch.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+    rho = _rank_correlation(_centered_ranks(a.flatten(1)), _centered_ranks(b.flatten(1)))
     return _out(rho if numpy_out else rho.to(a.dtype), numpy_out)
+
+
+def _centered_ranks(a: torch.Tensor) -> torch.Tensor:
+    """Average ranks (float64) of each row of ``a`` (N, D) minus their mean."""
+    r = rankdata(a)
+    return r - r.mean(1, keepdim=True)
+
+
+def _rank_correlation(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of centered rank rows (float64): Spearman's rho."""
+    return (ra * rb).sum(1) / torch.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
 
 
 def _center(m: torch.Tensor) -> torch.Tensor:
@@ -211,3 +240,54 @@ def mass_in_region(maps: ArrayLike, mask: ArrayLike) -> ArrayLike:
     r = r.to(device=m.device, dtype=m.dtype)
     value = (m * r).sum((-2, -1)) / m.sum((-2, -1))
     return _out(value, nm and nr)
+
+
+class ReferenceMaps:
+    """Reference maps compared with many other batches of maps: their top-k sets, ranks and centers computed once.
+
+    An attack compares the original maps with the maps of every iterate; this class does the reference's share of
+    :func:`topk_intersection`, :func:`spearman` and :func:`center_of_mass_shift` once, and each call then equals the
+    corresponding function on ``(reference, maps)``.
+
+    Parameters
+    ----------
+    maps : Tensor (N, H, W)
+        The reference maps (torch only).
+    k : int
+        Top-k size, 1 <= k <= H * W.
+    floor_center : bool
+        Floor centers to integers (as ``center_of_mass_shift(..., floor=True)``).
+    """
+
+    def __init__(self, maps: torch.Tensor, k: int, *, floor_center: bool = False):
+        if not isinstance(maps, torch.Tensor) or not maps.is_floating_point() or maps.dim() != 3:
+            got = f"{maps.dtype} {tuple(maps.shape)}" if isinstance(maps, torch.Tensor) else type(maps).__name__
+            raise ValueError(f"maps must be a floating-point torch.Tensor of shape (N, H, W), got {got}")
+        self.maps = maps.detach()
+        self.k = _check_k(k, maps.shape[-2] * maps.shape[-1])
+        self.floor_center = bool(floor_center)
+        flat = self.maps.flatten(1)
+        self._top = _topk_mask(flat, self.k)
+        self._ranks = _centered_ranks(flat)
+        center = _center(self.maps)
+        self._center = center.floor() if self.floor_center else center
+
+    def _check(self, maps: torch.Tensor) -> torch.Tensor:
+        if not isinstance(maps, torch.Tensor) or maps.shape != self.maps.shape:
+            got = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+            want = tuple(self.maps.shape)
+            raise ValueError(f"maps must be a torch.Tensor of the reference's shape {want}, got {got}")
+        return maps.detach().to(self.maps.dtype)
+
+    def topk_intersection(self, maps: torch.Tensor) -> torch.Tensor:
+        """``topk_intersection(reference, maps, k)``."""
+        return _shared_topk(self._top, self._check(maps).flatten(1), self.k)
+
+    def spearman(self, maps: torch.Tensor) -> torch.Tensor:
+        """``spearman(reference, maps)``."""
+        return _rank_correlation(self._ranks, _centered_ranks(self._check(maps).flatten(1))).to(self.maps.dtype)
+
+    def center_shift(self, maps: torch.Tensor) -> torch.Tensor:
+        """``center_of_mass_shift(reference, maps, floor=floor_center)``."""
+        center = _center(self._check(maps))
+        return ((center.floor() if self.floor_center else center) - self._center).norm(dim=-1)

@@ -27,7 +27,7 @@ authors did; DeepLIFT's Rescale multipliers depend smoothly on the input, so it 
 
 Rule-based methods (DeepLIFT, LRP) intercept operations with a :class:`torch.overrides.TorchFunctionMode` while
 the model runs, so they work for ``nn.ReLU`` modules and functional ReLU calls alike (the set of ReLU forms is
-``flipfrag.smooth._RELU_FUNCS``), with no module hooks and no restriction on module reuse. With ``create_graph=True``
+``flipfrag.smooth.RELU_FUNCS``), with no module hooks and no restriction on module reuse. With ``create_graph=True``
 they run the model twice (once for the true forward values the rules depend on, once for the modified backward), so
 their second derivatives are exact rather than derivatives of the modified chain. Unsupported: ReLUs
 written as ``clamp``/``hardtanh``/``threshold``/``relu6``/``leaky_relu`` (treated as ordinary differentiable ops,
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .smooth import _RELU_FUNCS
+from .smooth import RELU_FUNCS, softplus
 
 __all__ = [
     "METHODS",
@@ -392,6 +392,15 @@ def _softplus_d(u: torch.Tensor, params: tuple, kwargs: dict) -> torch.Tensor:
     return torch.where(u * beta > threshold, torch.ones_like(u), torch.sigmoid(beta * u))
 
 
+def _surrogate_softplus_fn(u: torch.Tensor, params: tuple, kwargs: dict) -> torch.Tensor:
+    return softplus(u, *params, **kwargs)
+
+
+def _surrogate_softplus_d(u: torch.Tensor, params: tuple, kwargs: dict) -> torch.Tensor:
+    beta = params[0] if params else kwargs.get("beta", 1.0)
+    return torch.sigmoid(beta * u)
+
+
 def _sigmoid_d(u: torch.Tensor, params: tuple, kwargs: dict) -> torch.Tensor:
     s = torch.sigmoid(u)
     return s * (1 - s)
@@ -406,10 +415,11 @@ def _erf_d(u: torch.Tensor, params: tuple, kwargs: dict) -> torch.Tensor:
 
 
 # Elementwise activations the rules know: func -> (f(u), f'(u)), given the call's extra arguments.
-_ACTIVATIONS: dict[Callable, tuple[Callable, Callable]] = {f: (_relu_fn, _relu_d) for f in _RELU_FUNCS}
+_ACTIVATIONS: dict[Callable, tuple[Callable, Callable]] = {f: (_relu_fn, _relu_d) for f in RELU_FUNCS}
 _ACTIVATIONS.update(
     {
         F.softplus: (_softplus_fn, _softplus_d),
+        softplus: (_surrogate_softplus_fn, _surrogate_softplus_d),  # what the attacks' surrogate calls
         torch.sigmoid: (lambda u, p, k: torch.sigmoid(u), _sigmoid_d),
         torch.Tensor.sigmoid: (lambda u, p, k: torch.sigmoid(u), _sigmoid_d),
         torch.tanh: (lambda u, p, k: torch.tanh(u), _tanh_d),

@@ -9,6 +9,7 @@ import scipy.stats
 import torch
 
 from flipfrag.metrics import (
+    ReferenceMaps,
     center_of_mass,
     center_of_mass_shift,
     default_k,
@@ -43,6 +44,41 @@ def test_rankdata_matches_scipy_with_ties():
     v = rng.integers(0, 5, size=(4, 30)).astype(float)
     got = rankdata(torch.from_numpy(v)).numpy()
     np.testing.assert_allclose(got, scipy.stats.rankdata(v, axis=1, method="average"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rankdata_leading_dims_runs_of_ties_and_edges(dtype):
+    rng = np.random.default_rng(3)
+    # (2, 3, 50): long runs of ties, ties at both ends of the sorted order, single distinct values, a constant row
+    v = rng.integers(0, 6, size=(2, 3, 50)).astype(float)
+    v[0, 1] = rng.random(50)  # no ties
+    v[1, 2] = 7.0  # constant
+    got = rankdata(torch.from_numpy(v).to(dtype))
+    assert got.dtype == torch.float64 and got.shape == v.shape
+    np.testing.assert_array_equal(got.numpy(), scipy.stats.rankdata(v, axis=-1, method="average"))
+    single = rankdata(torch.tensor([[4.0]]))
+    assert single.tolist() == [[1.0]]
+
+
+def test_reference_maps_equal_the_functions():
+    rng = np.random.default_rng(4)
+    a = torch.from_numpy(rng.integers(0, 4, size=(6, 9, 7)).astype(np.float32))  # ties in ranks and top-k
+    b = a + torch.from_numpy(rng.random((6, 9, 7)).astype(np.float32))
+    b[0] = a[0]  # an identical pair
+    for floor in (False, True):
+        ref = ReferenceMaps(a, k=10, floor_center=floor)
+        torch.testing.assert_close(ref.center_shift(b), center_of_mass_shift(a, b, floor=floor))
+    torch.testing.assert_close(ref.spearman(b), spearman(a, b))
+    assert ref.spearman(b)[0].item() == pytest.approx(1.0)
+    # top-k with ties: both sides pick their top-k sets with torch.topk, as the function does
+    torch.testing.assert_close(ref.topk_intersection(b), topk_intersection(a, b, 10))
+    assert ref.topk_intersection(b)[0].item() == 1.0
+    with pytest.raises(ValueError, match="k must"):
+        ReferenceMaps(a, k=64)
+    with pytest.raises(ValueError, match="maps must"):
+        ref.spearman(b[:2])
+    with pytest.raises(ValueError, match="maps must"):
+        ReferenceMaps(a.flatten(1), k=3)
 
 
 @pytest.mark.parametrize("ties", [False, True])

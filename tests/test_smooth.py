@@ -1,12 +1,15 @@
 """Softplus surrogates (module and functional ReLU) and erf scales."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from flipfrag.models import MLP, SmallCNN
-from flipfrag.smooth import Erf, erf_layers, erf_sigmas, has_relu, set_erf_sigmas, softplus_surrogate
+from flipfrag.smooth import Erf, erf_layers, erf_sigmas, has_relu, set_erf_sigmas, softplus, softplus_surrogate
 
 
 class FunctionalNet(nn.Module):
@@ -75,3 +78,67 @@ def test_erf_sigmas_set_and_restored():
             pass
     with pytest.raises(ValueError, match="sigma"):
         Erf(0.0)
+
+
+@pytest.mark.parametrize("beta", [1.0, 3.0, 0.25])
+def test_softplus_values_and_derivatives_against_torch_and_closed_form(beta):
+    # float64 oracle: F.softplus with an unreachable threshold is log1p(exp(beta u)) / beta
+    u64 = torch.cat([torch.linspace(-120, 120, 2001, dtype=torch.float64), torch.tensor([0.0, 1e-9, -1e-9, 35.0])])
+    ref = F.softplus(u64, beta=beta, threshold=1e9)
+    ours = softplus(u64, beta)
+    torch.testing.assert_close(ours, ref, rtol=1e-14, atol=1e-300)  # exact for tiny outputs too (u << 0)
+    u32 = u64.float()  # float32: within a few ulp of torch's kernel (same rounding of beta * u)
+    torch.testing.assert_close(softplus(u32, beta), F.softplus(u32, beta=beta), rtol=3e-7, atol=1e-38)
+    # first and second derivatives: sigmoid(beta u) and beta sigmoid' (beta u), also through create_graph
+    u = u64.clone().requires_grad_(True)
+    (d1,) = torch.autograd.grad(softplus(u, beta).sum(), u, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), u)
+    s = torch.sigmoid(beta * u64)
+    torch.testing.assert_close(d1.detach(), s, rtol=1e-14, atol=1e-300)
+    torch.testing.assert_close(d2, beta * s * (1 - s), rtol=1e-12, atol=1e-300)
+    x = (torch.randn(7, dtype=torch.float64) * 3).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: softplus(t, beta), (x,))
+
+
+def test_softplus_is_visible_to_function_modes():
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    u = torch.ones(3)
+    with Seen() as mode:
+        softplus(u, 2.0)
+    assert mode.funcs[0] is softplus
+
+
+def test_maxpool_as_logsumexp_limits_and_exact_cases():
+    from flipfrag.smooth import maxpool_as_logsumexp
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    pool = nn.MaxPool2d(2)
+    with maxpool_as_logsumexp(1e-6):  # beta -> 0: the window mean
+        torch.testing.assert_close(pool(x), F.avg_pool2d(x, 2), rtol=1e-5, atol=1e-5)
+    with maxpool_as_logsumexp(1e4):  # beta -> inf: the max, within log(4) / beta
+        assert (pool(x) - F.max_pool2d(x, 2)).abs().max() < math.log(4) / 1e4 + 1e-12
+    with maxpool_as_logsumexp(2.0):  # closed form for one window, and smooth (non-zero second derivative)
+        w = x[0, 0, :2, :2]
+        want = (torch.logsumexp(2 * w.flatten(), 0) - math.log(4)) / 2
+        assert pool(x)[0, 0, 0, 0].item() == pytest.approx(want.item())
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(pool(xr).pow(2).sum(), xr, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), xr)
+        assert h.abs().sum() > 0
+        # pools with padding or returned indices stay exact
+        padded = F.max_pool2d(x, 3, padding=1)
+        with_indices, _ = F.max_pool2d(x, 2, return_indices=True)
+    torch.testing.assert_close(padded, F.max_pool2d(x, 3, padding=1), rtol=0, atol=0)
+    torch.testing.assert_close(with_indices, F.max_pool2d(x, 2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="beta"):
+        with maxpool_as_logsumexp(0.0):
+            pass

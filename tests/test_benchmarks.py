@@ -1,0 +1,30 @@
+"""The benchmark scripts run (tiny sizes) and report what their tables claim: no timing assertions here."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_attacks_smoke(tmp_path, capsys):
+    res = _load("bench_attacks").main(["--smoke", "--out", str(tmp_path)])
+    rows = res["attack"]
+    assert [(r["method"], r["record_metrics"]) for r in rows] == [("gradient", True), ("gradient", False), ("ig", True)]
+    for r in rows:
+        assert r["batched_s"] > 0 and r["one_at_a_time_s"] > 0
+        assert math.isclose(r["throughput_ratio"], r["one_at_a_time_s"] / r["batched_s"])
+    assert all(r["direction_ms_per_image_batched"] > 0 for r in rows if r["record_metrics"])
+    # flipfrag's IG equals Captum's (riemann_right) to float32 rounding of the attributions
+    (ig,) = res["ig_vs_captum"]
+    assert ig["max_abs_diff"] <= 1e-5 * ig["max_abs_attr"]
+    out = capsys.readouterr().out
+    assert "ceiling on the ratio" in out and "| tiny16 | gradient (no history) |" in out
+    assert not list(tmp_path.iterdir())  # --smoke prints, it does not overwrite the recorded results
