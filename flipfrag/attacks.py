@@ -18,10 +18,10 @@ Design choices (see the spec, ``papers/fragility.md`` §2 and §8):
 
 * **Surrogate.** ReLU nets have zero second derivatives almost everywhere, so for ``gradient``, ``ig`` and ``lrp``
   the step direction is computed on :func:`flipfrag.smooth.softplus_surrogate` (same weights, β = 1 as in the authors'
-  code; ``surrogate=`` and ``beta=`` change it). DeepLIFT is differentiated on the model itself (its Rescale
-  multipliers depend smoothly on x), as the authors did. A model without any ReLU is used directly. A ReLU net with
-  ``surrogate=None`` and a second-order method is rejected. Everything reported — the label check, the top-k set and
-  center of the original map, the criterion, the metrics, the history — uses the original model.
+  code; ``surrogate=`` and ``beta=`` change it). DeepLIFT and DTD are differentiated on the model itself (their
+  rule ratios depend smoothly on x), as the authors did for DeepLIFT. A model without any ReLU is used directly. A
+  ReLU net with ``surrogate=None`` and a second-order method is rejected. Everything reported — the label check, the
+  top-k set and center of the original map, the criterion, the metrics, the history — uses the original model.
 * **Selection.** Each attack keeps the best iterate on its own criterion (top-k → lowest top-k intersection,
   center → largest center shift, targeted → largest saliency mass in the target region), the paper's reading. The
   authors' code selects on a ``measure`` chosen independently of the attack: pass ``criterion=`` to do that, or set
@@ -165,6 +165,9 @@ def targeted_objective(mask: torch.Tensor) -> Objective:
 #: Selection criteria: name -> lower_is_better. "target" needs a target region (TargetedAttack).
 CRITERIA = {"topk": True, "spearman": True, "center": False, "target": False}
 _METRICS = ("topk", "spearman", "center")
+#: Methods whose maps are differentiated on the model itself, never on a surrogate: their rule ratios depend smoothly
+#: on x even in ReLU nets.
+_ON_MODEL = frozenset({"deeplift", "dtd"})
 _ALL_CONST = float("inf")
 
 
@@ -277,7 +280,7 @@ class InterpretationAttack:
         Maps images (N, C, H, W) in [lower, upper] to pre-softmax scores (N, classes); any normalisation is inside.
         Must be in eval mode (samples may not interact).
     method : str
-        Saliency method: "gradient" (alias "sg"), "integrated_gradients" ("ig"), "deeplift" or "lrp".
+        Saliency method: "gradient" (alias "sg"), "integrated_gradients" ("ig"), "deeplift", "lrp" or "dtd".
     eps : float
         L∞ budget on the 0–1 pixel scale (default 8/255, the paper's largest ε). ``eps = 0`` returns x.
     step : float
@@ -288,10 +291,10 @@ class InterpretationAttack:
         Top-k size for the top-k objective and the top-k metric; None = :func:`flipfrag.metrics.default_k`
         (1000 for ImageNet-size maps, 100 for CIFAR-size).
     lower, upper : float or Tensor broadcastable to x
-        Valid pixel range (default [0, 1]).
+        Valid pixel range (default [0, 1]); also DTD's input bounds unless ``method_kwargs`` sets them.
     surrogate : "softplus", nn.Module or None
         Network whose saliency map is differentiated for the step direction. "softplus" (default): the softplus(β)
-        copy of ``model`` when it contains ReLUs (except for DeepLIFT, which uses ``model``), else ``model``.
+        copy of ``model`` when it contains ReLUs (except for DeepLIFT and DTD, which use ``model``), else ``model``.
         An ``nn.Module``: used as given. None: ``model`` itself, rejected for ReLU nets with a second-order method.
     beta : float
         Softplus sharpness of the default surrogate (1, as the authors).
@@ -362,6 +365,9 @@ class InterpretationAttack:
             raise TypeError(f"method_kwargs: {sorted(unknown)} are not options of {self.method!r} ({sorted(allowed)})")
         if "steps" in self.method_kwargs:
             _check_int(self.method_kwargs["steps"], "steps", 1)
+        if self.method == "dtd":  # DTD's box rule uses the attack's pixel range unless told otherwise
+            self.method_kwargs.setdefault("lower", lower)
+            self.method_kwargs.setdefault("upper", upper)
         criterion = self.default_criterion if criterion is None else criterion
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
@@ -422,9 +428,9 @@ class InterpretationAttack:
             _check_model(self.surrogate)
             return self.surrogate
         relu = has_relu(self.model, x[:1])
-        if self.surrogate == "softplus" and relu and self.method != "deeplift":
+        if self.surrogate == "softplus" and relu and self.method not in _ON_MODEL:
             return softplus_surrogate(self.model, self.beta)
-        if self.surrogate is None and relu and self.method != "deeplift":
+        if self.surrogate is None and relu and self.method not in _ON_MODEL:
             raise ValueError(
                 f"surrogate=None: the model contains ReLUs, whose second derivative is zero almost everywhere, so "
                 f"the {self.method!r} map cannot be attacked by gradients on the model itself; use "
@@ -534,7 +540,7 @@ class InterpretationAttack:
         n = x0.shape[0]
         obj = self.objective(map0, x0, y, self._k)
         dmodel = self._direction_model(x0)
-        if self.second_order and self.method != "deeplift":
+        if self.second_order and self.method not in _ON_MODEL:
             found = _piecewise_linear_calls(self.model, x0[:1])
             if found:
                 warnings.warn(

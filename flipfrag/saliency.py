@@ -17,15 +17,19 @@ Methods (names accepted by :func:`attribute` / :func:`saliency_fn` in brackets)
 * :func:`lrp` ["lrp"] — layer-wise relevance propagation with the epsilon rule (LRP-eps) on linear, convolution,
   pooling and batch-norm layers, relevance passed unchanged through ReLUs: the "relevance propagation" named by the
   paper's first arXiv version. Equals Captum's ``LRP`` with ``EpsilonRule(eps)`` on those layers.
+* :func:`dtd` ["dtd", "deep_taylor"] — Deep Taylor Decomposition (Montavon et al. 2017) as in Ghorbani et al.'s code:
+  the z+ rule on every linear / convolution layer except the first, the z^B (box) rule with the input pixel range
+  ``[lower, upper]`` at the first one; relevance passed unchanged through ReLUs, max-pooling winner-take-all.
 
 :func:`saliency_map` applies the paper's post-processing: absolute value, sum over channels, normalise to sum 1.
 
 Second derivatives. ReLU nets have zero second derivative almost everywhere, so ``create_graph=True`` on a ReLU
 net gives a correct but useless (zero almost everywhere) input-gradient of a simple-gradient, IG or LRP map. The
 attacks therefore differentiate these maps on :func:`flipfrag.smooth.softplus_surrogate` (same weights), as the
-authors did; DeepLIFT's Rescale multipliers depend smoothly on the input, so it is differentiated on the ReLU net.
+authors did; DeepLIFT's Rescale multipliers and DTD's ratios ``z / z+``, ``z / z^B`` depend smoothly on the input,
+so these two are differentiated on the ReLU net itself.
 
-Rule-based methods (DeepLIFT, LRP) intercept operations with a :class:`torch.overrides.TorchFunctionMode` while
+Rule-based methods (DeepLIFT, LRP, DTD) intercept operations with a :class:`torch.overrides.TorchFunctionMode` while
 the model runs, so they work for ``nn.ReLU`` modules and functional ReLU calls alike (the set of ReLU forms is
 ``flipfrag.smooth.RELU_FUNCS``), with no module hooks and no restriction on module reuse. With ``create_graph=True``
 they run the model twice (once for the true forward values the rules depend on, once for the modified backward), so
@@ -55,6 +59,7 @@ __all__ = [
     "integrated_gradients",
     "deeplift",
     "lrp",
+    "dtd",
     "saliency_map",
     "attribute",
     "saliency_fn",
@@ -62,7 +67,7 @@ __all__ = [
 ]
 
 #: Canonical method names; aliases are listed in ``_ALIASES``.
-METHODS = ("gradient", "integrated_gradients", "deeplift", "lrp")
+METHODS = ("gradient", "integrated_gradients", "deeplift", "lrp", "dtd")
 _ALIASES = {
     "ig": "integrated_gradients",
     "sg": "gradient",
@@ -70,6 +75,9 @@ _ALIASES = {
     "saliency": "gradient",
     "lrp_epsilon": "lrp",
     "lrp-eps": "lrp",
+    "deep_taylor": "dtd",
+    "deep-taylor": "dtd",
+    "deep_taylor_decomposition": "dtd",
 }
 _SCORES = ("logit", "probability")
 
@@ -348,7 +356,7 @@ def integrated_gradients(
 
 # ------------------------------------------------------------------------------- rule-based backward passes
 #
-# DeepLIFT and LRP are "modified gradients": the backward pass is the ordinary one except that selected operations
+# DeepLIFT, LRP and DTD are "modified gradients": the backward pass is the ordinary one except that selected operations
 # multiply the incoming gradient by their own factor instead of their local derivative. With create_graph=True the
 # result must also be differentiable *correctly* in x: the factors depend on x through the true forward values,
 # while the modified chain must not be mistaken for the derivative of those values (one autograd graph cannot hold
@@ -712,6 +720,262 @@ def lrp(
     return _lrp(model, x, target, eps=eps, create_graph=create_graph)[0]
 
 
+# ------------------------------------------------------------------------------------ Deep Taylor Decomposition
+#
+# DTD in gradient form. With relevance R_t = t ⊙ g_t at every tensor t (g the modified gradient), ReLUs pass
+# relevance unchanged when differentiated normally (relu(z) 1[z>0] = relu(z)), max-pooling routes it to the argmax, and
+# a layer z = f(a; W, b) applies
+#   z+  rule: R_a = a ⊙ W+ᵀ (R_z / z+),   z+ = f(a; W+, 0),                       i.e. g_a = W+ᵀ ((z / z+) ⊙ g_z);
+#   z^B rule: R_a = a ⊙ Wᵀs - l ⊙ W+ᵀs - h ⊙ W-ᵀs,  s = R_z / z^B,  z^B = f(a; W, 0) - f(l; W+, 0) - f(h; W-, 0).
+# Both are ``_with_factor(z, t, c)`` with t = z+ (resp. z^B as a function of a, l and h) and c = z / t: the backward
+# pass then gives g_a = W+ᵀ(c g_z) (resp. g_a = Wᵀs, g_l = -W+ᵀs, g_h = -W-ᵀs), so R_x = a g_a + l g_l + h g_h.
+# The first layer's bounds (l, h) are the model's prefix applied to the bound images, found by a probe pass on
+# [L; H] that stops at the first linear / convolution call; since g_a + g_l + g_h = 0 (W = W+ + W-), the input-space
+# sum x ⊙ g_x + L ⊙ g_L + H ⊙ g_H equals R at the first layer's input whenever the prefix is elementwise affine.
+
+# Layers with a DTD rule; normalisation layers have none and are rejected.
+_DTD_LAYERS = _funcs("linear", "conv1d", "conv2d", "conv3d")
+_NORM_LAYERS = _funcs("batch_norm", "instance_norm", "group_norm", "layer_norm")
+
+
+def _layer_arg(args: tuple, kwargs: dict, pos: int, name: str) -> Any:
+    return args[pos] if len(args) > pos else kwargs.get(name)
+
+
+def _layer_call(func: Callable, args: tuple, kwargs: dict, inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The linear / convolution call ``func(*args, **kwargs)`` with its input and weight replaced and no bias."""
+    args, kwargs = list(args), dict(kwargs)
+    for pos, name, value in ((0, "input", inp), (1, "weight", weight), (2, "bias", None)):
+        if len(args) > pos:
+            args[pos] = value
+        else:
+            kwargs[name] = value
+    return func(*args, **kwargs)
+
+
+def _stabilised_ratio(z: torch.Tensor, d: torch.Tensor, eps: float) -> torch.Tensor:
+    """z / (d + eps sign(d)) with sign(0) := +1, and 0 where that denominator is exactly 0 (only possible for
+    eps = 0); written with differentiable ops and a safe denominator, so that second derivatives are finite."""
+    d = d + eps * torch.where(d >= 0, torch.ones_like(d), -torch.ones_like(d))
+    zero = d == 0
+    return torch.where(zero, torch.zeros_like(z), z / torch.where(zero, torch.ones_like(d), d))
+
+
+class _FirstLayerReached(Exception):
+    def __init__(self, inp: Any):
+        super().__init__("first linear / convolution layer reached")
+        self.inp = inp
+
+
+class _FirstLayerProbe(TorchFunctionMode):
+    """Runs a model until its first linear / convolution call and raises :class:`_FirstLayerReached` with its input."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DTD_LAYERS:
+            raise _FirstLayerReached(_layer_arg(args, kwargs, 0, "input"))
+        return func(*args, **kwargs)
+
+
+def _first_layer_bounds(model: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bound images (N, *shape) mapped to the first rule layer's input space: elementwise (min, max) of the
+    model's prefix applied to them (so that a decreasing prefix, e.g. a negative scale, still gives l <= h)."""
+    n = lo.shape[0]
+    try:
+        with _FirstLayerProbe():
+            model(torch.cat([lo, hi]))
+    except _FirstLayerReached as reached:
+        a = reached.inp
+    else:
+        raise ValueError("model: dtd found no linear or convolution layer (DTD's rules apply to these)")
+    if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != 2 * n:
+        raise ValueError(
+            "model: dtd runs the lower and upper bound images as one batch and needs the first linear / convolution "
+            f"layer's input to keep that batch as dimension 0 (expected {2 * n}, got "
+            f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__})"
+        )
+    a_l, a_h = a.chunk(2)
+    return torch.minimum(a_l, a_h), torch.maximum(a_l, a_h)
+
+
+class _DTDMode(_RuleMode):
+    """:class:`_RuleMode` with the DTD layer rules: z^B at the first linear / convolution call (bounds ``box``, the
+    first layer's input-space (l, h) with the graph to the bound images), z+ at every later one. Activations get
+    their derivative (ReLUs pass relevance unchanged), everything else is differentiated normally."""
+
+    def __init__(self, box: tuple[torch.Tensor, torch.Tensor], eps: float, phase: str = "apply", saved=None):
+        super().__init__(activation_factor=_derivative_factor, phase=phase, saved=saved)
+        self.box = box
+        self.eps = eps
+        self.layers = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _NORM_LAYERS:
+            raise ValueError(
+                f"model: dtd has no rule for normalisation layers ({getattr(func, '__name__', func)}); fold eval-mode "
+                "batch norm into the preceding convolution first"
+            )
+        if func not in _DTD_LAYERS:
+            return super().__torch_function__(func, types, args, kwargs)
+        kwargs = kwargs or {}
+        a = _layer_arg(args, kwargs, 0, "input")
+        w = _layer_arg(args, kwargs, 1, "weight")
+        z = func(*args, **kwargs)
+        first = self.layers == 0
+        self.layers += 1
+        if first:
+            lo, hi = self.box
+            if not isinstance(a, torch.Tensor) or a.shape != lo.shape:
+                raise ValueError(
+                    "model: the first linear / convolution layer's input changed shape between the bound images and x "
+                    f"({tuple(lo.shape)} vs {tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__})"
+                )
+            w_pos, w_neg = w.clamp_min(0), w.clamp_max(0)
+
+            def rule(inp: torch.Tensor, detach_box: bool) -> torch.Tensor:
+                low, high = (lo.detach(), hi.detach()) if detach_box else (lo, hi)
+                return (
+                    _layer_call(func, args, kwargs, inp, w)
+                    - _layer_call(func, args, kwargs, low, w_pos)
+                    - _layer_call(func, args, kwargs, high, w_neg)
+                )
+
+        else:
+            w_pos = w.clamp_min(0)
+
+            def rule(inp: torch.Tensor, detach_box: bool) -> torch.Tensor:
+                return _layer_call(func, args, kwargs, inp, w_pos)
+
+        if self.phase == "record":  # c = z / t as a function of x (through a and z), for the apply pass
+            self._base(_stabilised_ratio(z, rule(a, True), self.eps))
+            self.count += 1
+            return z
+        t = rule(a, False)
+        c = self._base(z) if self.replay else _stabilised_ratio(z.detach(), t.detach(), self.eps)
+        self.count += 1
+        return _with_factor(z, t, c)
+
+
+def _bound_tensor(value: Any, x: torch.Tensor, name: str) -> torch.Tensor:
+    if value is None:
+        raise TypeError(f"{name} must be a number or a tensor broadcastable to x, got None")
+    return _baseline_tensor(value, x, name)
+
+
+def _dtd(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: Any,
+    *,
+    lower: Any = 0.0,
+    upper: Any = 1.0,
+    create_graph: bool = False,
+    eps: float = 1e-9,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_model(model)
+    _check_x(x)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    n = x.shape[0]
+    t = _target_tensor(target, n, x.device)
+    lo = _bound_tensor(lower, x, "lower")
+    hi = _bound_tensor(upper, x, "upper")
+    if not (lo < hi).all():
+        raise ValueError("lower must be < upper everywhere (lower, upper: the input range of DTD's box rule)")
+    if (x < lo).any() or (x > hi).any():
+        raise ValueError(
+            f"x has values outside [lower, upper] (x in [{float(x.min()):.4g}, {float(x.max()):.4g}]); DTD's box rule "
+            "needs lower <= x <= upper: pass the model's input range as lower / upper"
+        )
+    eps = float(eps)
+    with torch.enable_grad():
+        xin = _input_for_grad(x) if create_graph else x.detach()
+        lo_v, hi_v = lo.clone().requires_grad_(True), hi.clone().requires_grad_(True)
+        box = _first_layer_bounds(model, lo_v, hi_v)
+        saved = None
+        if create_graph:
+            with _DTDMode(box, eps, phase="record") as rec:
+                model(xin)
+            saved = rec.saved
+        v = xin.detach().requires_grad_(True)
+        with _DTDMode(box, eps, phase="apply", saved=saved):
+            logits = model(v)
+        s = _select(logits, t)
+        grads = torch.autograd.grad(s.sum(), (v, lo_v, hi_v), create_graph=create_graph, allow_unused=True)
+        g_x, g_l, g_h = (torch.zeros_like(x) if g is None else g for g in grads)
+        attr = xin * g_x + lo * g_l + hi * g_h
+    return (attr if create_graph else attr.detach()), logits.detach()
+
+
+def dtd(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: Any,
+    *,
+    lower: Any = 0.0,
+    upper: Any = 1.0,
+    create_graph: bool = False,
+    eps: float = 1e-9,
+) -> torch.Tensor:
+    """Deep Taylor Decomposition (Montavon et al. 2017) as in Ghorbani et al.'s code, differentiable w.r.t. ``x``.
+
+    Relevance starts as ``S_target(x)`` at the output and flows to the input by
+
+    * the z+ rule at every linear / convolution layer except the first one the input reaches:
+      ``R_a = a ⊙ W+ᵀ (R_z / z+)``, ``z+ = W+ a`` (``W+ = max(W, 0)``, no bias). The rule assumes ``a >= 0``, i.e. that
+      these layers follow ReLUs (or pooling of ReLU outputs); other inputs are not rejected, but the rule then has no
+      Deep-Taylor justification;
+    * the z^B (box) rule at the first linear / convolution layer, for inputs bounded by ``l <= a <= h``:
+      ``R_a = a ⊙ Wᵀs - l ⊙ W+ᵀs - h ⊙ W-ᵀs``, ``s = R_z / z^B``, ``z^B = W a - W+ l - W- h`` (``W- = min(W, 0)``);
+    * ReLUs: relevance passed unchanged; max-pooling: differentiated normally (winner-take-all to the argmax, as the
+      authors' code); average / adaptive-average pooling: differentiated normally, which *is* the z+ rule for their
+      non-negative weights and non-negative inputs; other elementwise activations known to :func:`deeplift` (e.g. the
+      softplus surrogate): their derivative, as :func:`lrp`. Flatten / reshape / concatenation: differentiated
+      normally (they only move relevance). Batch / instance / group / layer norm: rejected (``ValueError`` naming
+      ``model``): fold eval-mode batch norm into the preceding convolution first. Matrix products written without
+      ``F.linear`` / ``F.conv*`` (``@``, ``torch.matmul``, ``conv_transpose``) are differentiated normally.
+
+    The denominators are stabilised as ``d + eps sign(d)`` (``sign(0) = +1``), and a message is 0 where that is 0.
+    Conservation: ``attr.sum() = S_target(x)`` (up to ``eps``) unless a unit that carries relevance has ``z+ = 0`` or
+    ``z^B = 0`` (its relevance is then dropped); zero biases and ``S_target(x) > 0`` exclude that (``z > 0`` implies
+    ``z+ > 0``). Sign: with ``lower <= x <= upper`` every message has the sign of ``S_target(x)`` (``z / z+ >= 0`` on
+    active units, ``z^B >= 0`` in the box), biases or not; so ``attr >= 0`` for a positive target score.
+
+    Bounds. ``lower`` / ``upper`` are the model's *input* range (pixels in [0, 1] by default). When the model
+    normalises inside (e.g. ``(x - mean) / std`` before conv1), the bounds of the first layer's input are found by
+    running that prefix on the bound images (elementwise min / max of the two results, so a decreasing prefix is
+    handled too). The returned relevance is ``x ⊙ g_x + L ⊙ g_L + H ⊙ g_H`` (gradients of the modified pass w.r.t.
+    ``x`` and the bound images): this equals the z^B relevance at the first layer's input, position by position,
+    whenever the prefix is an elementwise affine map possibly composed with reshapes / flatten / concatenation
+    (identity, per-channel normalisation, flatten) — because ``g_a + g_l + g_h = 0`` the prefix's shift cancels.
+    For any affine prefix the sum ``attr.sum()`` is still the first layer's total relevance; for nonlinear prefixes
+    the result is not DTD. ``x`` outside ``[lower, upper]`` is rejected.
+
+    Second derivatives. ``d map / d x`` is *not* degenerate on the ReLU net itself: the factors ``z / z+`` and
+    ``z / z^B`` are ratios of piecewise-linear functions of ``x`` (rational within each linear region), so the input-
+    gradient of a loss on ``saliency_map(dtd(...))`` is finite and non-zero almost everywhere (like DeepLIFT; unlike the
+    simple gradient, whose ReLU-net map is piecewise constant); ReLU masks and max-pool routing are piecewise
+    constant and contribute nothing. Attacks can therefore differentiate DTD on the model itself. With
+    ``create_graph=True`` the model runs twice (exact second derivatives, as :func:`deeplift`).
+
+    Parameters
+    ----------
+    model, x, target, create_graph
+        As in :func:`gradient`. First the model runs on ``[L; H]`` (the 2N bound images) only up to its first linear /
+        convolution call (cheap), then on ``x`` (twice with ``create_graph``).
+    lower, upper : float or Tensor broadcastable to x
+        Input range of the box rule, ``lower < upper`` everywhere and ``lower <= x <= upper`` (default [0, 1]).
+    eps : float
+        Stabiliser of the denominators ``z+`` and ``z^B`` (default 1e-9; 0 allowed).
+
+    Returns
+    -------
+    Tensor (N, *shape)
+        The input relevance ``R_x`` (not gradient x input).
+    """
+    return _dtd(model, x, target, lower=lower, upper=upper, create_graph=create_graph, eps=eps)[0]
+
+
 # ------------------------------------------------------------------------------------------ post-processing
 
 
@@ -763,12 +1027,14 @@ _CORE = {
     "integrated_gradients": _integrated_gradients,
     "deeplift": _deeplift,
     "lrp": _lrp,
+    "dtd": _dtd,
 }
 _PUBLIC = {
     "gradient": gradient,
     "integrated_gradients": integrated_gradients,
     "deeplift": deeplift,
     "lrp": lrp,
+    "dtd": dtd,
 }
 
 

@@ -63,7 +63,7 @@ def _attacks(model, method, **kw):
     ]
 
 
-@pytest.mark.parametrize("method", ["gradient", "ig", "deeplift", "lrp"])
+@pytest.mark.parametrize("method", ["gradient", "ig", "deeplift", "lrp", "dtd"])
 def test_invariants(setup, method):
     model, x, y = setup
     x_before = x.clone()
@@ -120,7 +120,7 @@ def test_each_attack_beats_random_sign_on_its_own_metric(setup):
     assert (topk.history["objective"][-1] > topk.history["objective"][0]).float().mean() > 0.5
 
 
-@pytest.mark.parametrize("method", ["ig", "deeplift", "lrp"])
+@pytest.mark.parametrize("method", ["ig", "deeplift", "lrp", "dtd"])
 def test_topk_attack_beats_random_sign_for_other_methods(setup, method):
     model, x, y = setup
     mk = {"steps": 8} if method == "ig" else {}
@@ -155,7 +155,7 @@ class FunctionalSmallCNN(SmallCNN):
         return self.classifier(x)
 
 
-@pytest.mark.parametrize("method", ["gradient", "deeplift", "lrp"])
+@pytest.mark.parametrize("method", ["gradient", "deeplift", "lrp", "dtd"])
 def test_functional_relu_net_attacked_like_module_relu_net(setup, method):
     model, x, y = setup
     fmodel = FunctionalSmallCNN(1, 10, width=8).eval()
@@ -165,8 +165,9 @@ def test_functional_relu_net_attacked_like_module_relu_net(setup, method):
     fout = TopKAttack(fmodel, method, **kw)(x[:4], y[:4])
     torch.testing.assert_close(fout.x_adv, out.x_adv)
     torch.testing.assert_close(fout.history["objective"], out.history["objective"])
-    if method != "deeplift":  # the softplus surrogate replaced the functional ReLUs too: the direction moved x
-        assert out.success.any()
+    # the softplus surrogate replaced the functional ReLUs too (gradient, LRP), or the rule ratios (DeepLIFT, DTD)
+    # give a direction on the ReLU net itself: either way the attack moved x
+    assert out.success.any()
 
 
 def test_memory_bounded_ig_direction_equals_full(setup):
@@ -196,8 +197,14 @@ def test_surrogate_rules(setup):
     model, x, y = setup
     with pytest.raises(ValueError, match="surrogate"):
         TopKAttack(model, "gradient", surrogate=None, k=K, iters=1, progress=False)(x, y)
-    # DeepLIFT differentiates the ReLU net itself (its multipliers depend smoothly on x)
+    # DeepLIFT and DTD differentiate the ReLU net itself (their rule ratios depend smoothly on x)
     TopKAttack(model, "deeplift", surrogate=None, k=K, iters=1, progress=False)(x, y)
+    attack = TopKAttack(model, "dtd", k=K, iters=3, step=1 / 255, progress=False)
+    assert attack._direction_model(x) is model  # the default surrogate="softplus" leaves DTD's net as it is
+    assert TopKAttack(model, "lrp", k=K)._direction_model(x) is not model
+    out = attack(x, y)
+    assert out.success.any()
+    assert out.config["method_kwargs"] == {"lower": 0.0, "upper": 1.0}  # DTD's box = the attack's pixel range
     # a net without ReLU is used directly, also with surrogate=None
     torch.manual_seed(0)
     smooth = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Softplus(), nn.Flatten(), nn.Linear(4 * 256, 10)).eval()

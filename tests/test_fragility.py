@@ -294,6 +294,15 @@ def test_grid_cache_key_depends_on_settings_weights_and_images(digits_model):
         model, x, y, {**base, "kw": {"baseline": torch.ones(1)}})
 
 
+def test_grid_runs_dtd_and_lrp(digits_model):
+    model, x, y = digits_model
+    df = fr.run_attack_grid(model, x, y, k=6, methods=["dtd", "lrp"], attacks=["topk", "random"], epsilons=[8 / 255],
+                            iters=3, cache=False)  # fmt: skip
+    assert set(df.method) == {"dtd", "lrp"} and len(df) == 2 * 2 * len(x)
+    assert df.label_kept.all() and df.topk.between(0, 1).all()
+    assert fr.METHODS[-1] == "dtd" and "lrp" in fr.GRID_METHODS  # the paper's 4th column; LRP-ε on request
+
+
 def test_grid_rejects_bad_arguments(digits_model):
     model, x, y = digits_model
     kw = dict(k=6, iters=2, cache=False)

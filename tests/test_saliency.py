@@ -16,6 +16,7 @@ from flipfrag.saliency import (
     canonical_method,
     completeness_gap,
     deeplift,
+    dtd,
     gradient,
     integrated_gradients,
     lrp,
@@ -25,7 +26,7 @@ from flipfrag.saliency import (
 from flipfrag.smooth import softplus_surrogate
 
 captum_attr = pytest.importorskip("captum.attr")
-from captum.attr._utils.lrp_rules import EpsilonRule  # noqa: E402
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule  # noqa: E402
 
 DT = torch.float64
 
@@ -312,7 +313,7 @@ def test_functional_relu_equals_module_relu(trained):
     model, x, y = trained
     fmodel = FunctionalCNN(width=4).double().eval()
     fmodel.load_state_dict(model.state_dict())
-    for method in ("gradient", "ig", "deeplift", "lrp"):
+    for method in ("gradient", "ig", "deeplift", "lrp", "dtd"):
         kw = {"steps": 5} if method == "ig" else {}
         kw |= {"baseline": 0.1} if method in ("ig", "deeplift") else {}
         torch.testing.assert_close(attribute(fmodel, x, y, method, **kw), attribute(model, x, y, method, **kw))
@@ -320,7 +321,7 @@ def test_functional_relu_equals_module_relu(trained):
 
 def test_batched_equals_one_at_a_time(trained):
     model, x, y = trained
-    for method in ("gradient", "ig", "deeplift", "lrp"):
+    for method in ("gradient", "ig", "deeplift", "lrp", "dtd"):
         kw = {"steps": 6} if method == "ig" else {}
         batch = attribute(model, x, y, method, **kw)
         single = torch.cat([attribute(model, x[i : i + 1], y[i : i + 1], method, **kw) for i in range(len(x))])
@@ -337,13 +338,13 @@ def _map_fn(method, model, target, **kw):
     return fn
 
 
-@pytest.mark.parametrize("method", ["gradient", "ig", "lrp", "deeplift"])
+@pytest.mark.parametrize("method", ["gradient", "ig", "lrp", "deeplift", "dtd"])
 def test_second_order_matches_finite_differences(method):
     """The input-Jacobian of the saliency map (double backprop) equals finite differences: on the softplus
-    surrogate for gradient / IG / LRP, on the ReLU net itself for DeepLIFT."""
+    surrogate for gradient / IG / LRP, on the ReLU net itself for DeepLIFT and DTD."""
     torch.manual_seed(6)
     relu_net = NoPoolCNN(c=2, width=2, n_classes=3).double().eval()
-    model = relu_net if method == "deeplift" else softplus_surrogate(relu_net, beta=2.0)
+    model = relu_net if method in ("deeplift", "dtd") else softplus_surrogate(relu_net, beta=2.0)
     kw = {"steps": 4} if method == "ig" else {}
     kw |= {"baseline": 0.2 * torch.rand(2, 5, 5, dtype=DT)} if method == "deeplift" else {}
     kw |= {"eps": 0.05} if method == "lrp" else {}  # a large eps: its factors' x-dependence must be exact too
@@ -367,7 +368,7 @@ def test_relu_second_order_is_zero_and_surrogate_is_not(trained):
 def test_create_graph_gives_the_same_values(trained):
     model, x, y = trained
     smooth = softplus_surrogate(model, beta=2.0)
-    for method, net in (("deeplift", model), ("lrp", model), ("lrp", smooth), ("ig", smooth)):
+    for method, net in (("deeplift", model), ("lrp", model), ("lrp", smooth), ("ig", smooth), ("dtd", model)):
         kw = {"steps": 4} if method == "ig" else {}
         xg = x.clone().requires_grad_(True)
         torch.testing.assert_close(
@@ -379,7 +380,7 @@ def test_create_graph_keeps_result_attached():
     torch.manual_seed(7)
     model = MLP(5, [4], 2, activation="softplus").double()
     x = torch.rand(3, 5, dtype=DT, requires_grad=True)
-    for method in ("gradient", "ig", "deeplift", "lrp"):
+    for method in ("gradient", "ig", "deeplift", "lrp", "dtd"):
         kw = {"steps": 3} if method == "ig" else {}
         assert attribute(model, x, 0, method, create_graph=True, **kw).requires_grad
         assert not attribute(model, x.detach(), 0, method, **kw).requires_grad
@@ -408,7 +409,7 @@ def test_inputs_not_mutated_and_no_parameter_grads(trained):
     model, x, y = trained
     model = copy.deepcopy(model)  # fresh .grad fields (Captum's LRP may have touched the shared one)
     x0, y0 = x.clone(), y.clone()
-    for method in ("gradient", "ig", "deeplift", "lrp"):
+    for method in ("gradient", "ig", "deeplift", "lrp", "dtd"):
         attribute(model, x, y, method, **({"steps": 3} if method == "ig" else {}))
     assert torch.equal(x, x0) and torch.equal(y, y0)
     assert all(p.grad is None for p in model.parameters())
@@ -418,6 +419,7 @@ def test_method_names():
     assert canonical_method("IG") == "integrated_gradients"
     assert canonical_method("sg") == "gradient"
     assert saliency_fn("deeplift") is deeplift
+    assert canonical_method("deep_taylor") == "dtd" and saliency_fn("DTD") is dtd
     with pytest.raises(ValueError, match="method"):
         canonical_method("smoothgrad")
 
@@ -449,3 +451,326 @@ def test_errors_name_the_argument(trained):
     dropout_net = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(64, 3)).double().train()
     with pytest.raises(ValueError, match="model"):
         gradient(dropout_net, x, 0)
+
+
+# ---------------------------------------------------------------------------- DTD from the paper's formulas
+
+
+def _stab(d, eps):
+    """Denominator d + eps sign(d), sign(0) = +1 (the documented stabiliser)."""
+    return d + eps * (1.0 if d >= 0 else -1.0)
+
+
+def _dtd_reference(ops, x, target, lower, upper, eps):
+    """Deep Taylor Decomposition written from Montavon et al. 2017 with explicit loops over connections (numpy, no
+    autograd). ``ops`` is the network as a list of ("dense", W (out, in), b), ("relu",) and ("maxpool", (C, H, W), k)
+    acting on flat vectors. Relevance starts as z_target at the output; the first "dense" op gets the z^B rule with
+    bounds (lower, upper), the other dense ops the z+ rule, ReLUs pass relevance unchanged, max-pooling gives each
+    window's relevance to its argmax."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    lower, upper = (np.broadcast_to(np.asarray(v, dtype=np.float64), x.shape) for v in (lower, upper))
+    ins, a, argmax = [], x, {}
+    for i, op in enumerate(ops):
+        ins.append(a)
+        if op[0] == "dense":
+            a = op[1] @ a + op[2]
+        elif op[0] == "relu":
+            a = np.maximum(a, 0.0)
+        else:
+            (c, h, w), k = op[1], op[2]
+            out, idx = [], []
+            for ch in range(c):
+                for r in range(0, h - k + 1, k):
+                    for col in range(0, w - k + 1, k):
+                        flat = [(ch * h + rr) * w + cc for rr in range(r, r + k) for cc in range(col, col + k)]
+                        j = int(np.argmax(a[flat]))
+                        out.append(a[flat[j]])
+                        idx.append(flat[j])
+            argmax[i] = idx
+            a = np.array(out)
+    relevance = np.zeros_like(a)
+    relevance[target] = a[target]
+    first = next(i for i, op in enumerate(ops) if op[0] == "dense")
+    for i in reversed(range(len(ops))):
+        op, a_in = ops[i], ins[i]
+        if op[0] == "relu":
+            continue
+        new = np.zeros_like(a_in)
+        if op[0] == "maxpool":
+            for o, j in enumerate(argmax[i]):
+                new[j] += relevance[o]
+        elif i != first:  # z+ rule
+            w = op[1]
+            for k in range(w.shape[0]):
+                zp = sum(a_in[j] * max(w[k, j], 0.0) for j in range(w.shape[1]))
+                den = _stab(zp, eps)
+                for j in range(w.shape[1]):
+                    if den != 0:
+                        new[j] += a_in[j] * max(w[k, j], 0.0) / den * relevance[k]
+        else:  # z^B rule
+            w = op[1]
+            for k in range(w.shape[0]):
+                terms = [
+                    a_in[j] * w[k, j] - lower[j] * max(w[k, j], 0.0) - upper[j] * min(w[k, j], 0.0)
+                    for j in range(w.shape[1])
+                ]
+                den = _stab(sum(terms), eps)
+                for j in range(w.shape[1]):
+                    if den != 0:
+                        new[j] += terms[j] / den * relevance[k]
+        relevance = new
+    return relevance
+
+
+def _np(t):
+    return t.detach().numpy().astype(np.float64)
+
+
+def _mlp_5432(seed):
+    """A 5-4-3-2 ReLU MLP with N(0.5, 1) weights and biases in [-0.1, 0.4), so that on inputs in [0, 1] most hidden
+    units are active (PyTorch's default init often leaves such a narrow net dead: all-zero relevance)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double().eval()
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.5, 1.0)
+                m.bias.uniform_(-0.1, 0.4)
+    ops = []
+    for m in net:
+        ops.append(("dense", _np(m.weight), _np(m.bias)) if isinstance(m, nn.Linear) else ("relu",))
+    return net, ops
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-9, 0.05])
+def test_dtd_matches_explicit_loops_mlp(eps):
+    net, ops = _mlp_5432(11)
+    x = torch.rand(6, 5, dtype=DT)
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    got = dtd(net, x, y, eps=eps)
+    want = np.stack([_dtd_reference(ops, _np(x[i]), int(y[i]), 0.0, 1.0, eps) for i in range(6)])
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-10)
+    assert (np.abs(want).sum(1) > 1e-2).sum() >= 4  # a live net, not an all-zero comparison
+    # per-feature tensor bounds, x strictly between them
+    lower = -0.5 * torch.rand(5, dtype=DT)
+    upper = 1 + torch.rand(5, dtype=DT)
+    xb = lower + (upper - lower) * torch.rand(6, 5, dtype=DT)
+    got = dtd(net, xb, y, lower=lower, upper=upper, eps=eps)
+    want = np.stack([_dtd_reference(ops, _np(xb[i]), int(y[i]), _np(lower), _np(upper), eps) for i in range(6)])
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-10)
+
+
+def _tiny_pool_cnn(seed):
+    torch.manual_seed(seed)
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    cnn = cnn.double().eval()
+    gap = np.zeros((4, 36))
+    for c in range(4):
+        gap[c, 9 * c : 9 * c + 9] = 1 / 9  # global average pooling as a (positive) dense layer: the z+ rule applies
+    ops = [
+        ("dense", *(_np(t) for t in _dense(cnn[0], (1, 6, 6)))),
+        ("relu",),
+        ("maxpool", (3, 6, 6), 2),
+        ("dense", *(_np(t) for t in _dense(cnn[3], (3, 3, 3)))),
+        ("relu",),
+        ("dense", gap, np.zeros(4)),
+        ("dense", _np(cnn[7].weight), _np(cnn[7].bias)),
+    ]
+    return cnn, ops
+
+
+def test_dtd_matches_explicit_loops_cnn():
+    """conv → ReLU → max-pool → conv → ReLU → global average pool → linear against the loop oracle, where the convs
+    are explicit dense matrices, max-pooling is winner-take-all and the average pool takes the z+ rule."""
+    cnn, ops = _tiny_pool_cnn(12)
+    x = torch.rand(4, 1, 6, 6, dtype=DT)
+    y = torch.tensor([2, 0, 1, 2])
+    for lower, upper in ((0.0, 1.0), (-0.2 * torch.rand(1, 6, 6, dtype=DT), 1.0 + torch.rand(1, 6, 6, dtype=DT))):
+        got = dtd(cnn, x, y, lower=lower, upper=upper)
+        lo, hi = (_np(b).ravel() if torch.is_tensor(b) else b for b in (lower, upper))
+        want = np.stack([_dtd_reference(ops, _np(x[i]), int(y[i]), lo, hi, 1e-9) for i in range(4)])
+        np.testing.assert_allclose(got.flatten(1).numpy(), want, rtol=0, atol=1e-8)
+        assert np.abs(want).max() > 1e-3  # not a trivially zero comparison
+
+
+def test_dtd_hidden_layers_match_captum_alpha1_beta0(trained):
+    """Independent check of the z+ part: Captum's LayerLRP with Alpha1_Beta0 (= z+ for zero biases) on the hidden
+    layers gives the relevance at conv1's output; the z^B rule at conv1 is then applied by hand with conv_transpose2d
+    (the adjoint of the convolution, i.e. Wᵀ)."""
+    model, x, y = trained
+    net = NoPoolCNN(width=4).double().eval()
+    net.load_state_dict(model.state_dict())
+    for m in (net.c1, net.c2, net.fc):
+        m.bias.data.zero_()
+    y = net(x).argmax(1)  # positive scores
+    for m in (net.c2, net.pool, net.fc):
+        m.rule = Alpha1_Beta0_Rule()
+    net.c1.rule = EpsilonRule(epsilon=1e-12)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = captum_attr.LayerLRP(net, net.c2).attribute(x, target=y, attribute_to_layer_input=True)
+    finally:
+        for m in (net.c1, net.c2, net.pool, net.fc):
+            if hasattr(m, "rule"):  # Captum removes the rules itself after a successful call
+                del m.rule
+    r = (r[0] if isinstance(r, (list, tuple)) else r).detach()  # relevance at c2's input = at conv1's output
+    w = net.c1.weight.detach()
+    z_b = F.conv2d(x, w, padding=1) - F.conv2d(torch.ones_like(x), w.clamp_max(0), padding=1)  # lower 0, upper 1
+    s = torch.where(z_b == 0, 0.0, r / torch.where(z_b == 0, 1.0, z_b))  # a message is 0 where z^B = 0
+    want = x * F.conv_transpose2d(s, w, padding=1) - F.conv_transpose2d(s, w.clamp_max(0), padding=1)
+    torch.testing.assert_close(dtd(net, x, y, eps=0), want, rtol=1e-7, atol=1e-9)
+
+
+def test_dtd_conserves_relevance_without_biases(trained):
+    net, _ = _mlp_5432(13)
+    for m in net:
+        if isinstance(m, nn.Linear):
+            m.bias.data.zero_()
+    x = torch.rand(40, 5, dtype=DT)
+    scores = net(x).detach()
+    y = scores.argmax(1)
+    pos = scores.gather(1, y[:, None])[:, 0] > 0
+    assert pos.sum() >= 20
+    x, y, score = x[pos], y[pos], scores.gather(1, y[:, None])[:, 0][pos]
+    torch.testing.assert_close(dtd(net, x, y, eps=0).sum(1), score, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(dtd(net, x, y).sum(1), score, rtol=1e-5, atol=1e-12)  # eps = 1e-9 absorbs a little
+    # and on a CNN (zero biases; the trained model's weights)
+    model, xc, _ = trained
+    cnn = NoPoolCNN(width=4).double().eval()
+    cnn.load_state_dict(model.state_dict())
+    for m in (cnn.c1, cnn.c2, cnn.fc):
+        m.bias.data.zero_()
+    yc = cnn(xc).argmax(1)
+    sc = cnn(xc).gather(1, yc[:, None])[:, 0].detach()
+    assert (sc > 0).all()
+    torch.testing.assert_close(dtd(cnn, xc, yc, eps=0).flatten(1).sum(1), sc, rtol=1e-10, atol=1e-12)
+
+
+def test_dtd_non_negative_for_positive_scores():
+    """Theory: with a positive target score, non-negative hidden inputs (post-ReLU) and lower < x < upper, every z+
+    and z^B message is non-negative (ratios z / z+ >= 0 on active units, z^B >= 0 in the box) — biases or not."""
+    torch.manual_seed(14)
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double().eval()
+    cnn, _ = _tiny_pool_cnn(15)
+    torch.manual_seed(16)
+    for model, x in ((net, torch.rand(64, 5, dtype=DT)), (cnn, torch.rand(32, 1, 6, 6, dtype=DT))):
+        scores = model(x).detach()
+        for y in range(scores.shape[1]):
+            attr = dtd(model, x, y).flatten(1)
+            sign = torch.sign(scores[:, y])[:, None]
+            assert (attr * sign >= 0).all()  # negative scores give non-positive relevance
+            assert (attr.abs().sum(1) > 0).float().mean() > 0.9  # (all-zero only where a whole layer is inactive)
+
+
+def test_dtd_prefix_normalisation_equals_fused_first_layer():
+    """A model that normalises inside ((x - m) / s per channel, some s < 0) before conv1 gives the same DTD
+    relevance as the equivalent model with the normalisation folded into conv1 (z^B is invariant under that)."""
+    torch.manual_seed(17)
+    mean = torch.tensor([0.4, 0.5, 0.6], dtype=DT).view(3, 1, 1)
+    std = torch.tensor([0.5, -0.25, 2.0], dtype=DT).view(3, 1, 1)
+    conv = nn.Conv2d(3, 4, 3).double()  # no padding: padding zeros would not commute with the normalisation
+    rest = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3)).double()
+
+    class Normalised(nn.Module):
+        def forward(self, x):
+            return rest(conv((x - mean) / std))
+
+    fused = nn.Conv2d(3, 4, 3).double()
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight / std.view(1, 3, 1, 1))
+        fused.bias.copy_(conv.bias - (conv.weight * (mean / std).view(1, 3, 1, 1)).sum((1, 2, 3)))
+    x = torch.rand(3, 3, 10, 10, dtype=DT)
+    torch.testing.assert_close(Normalised()(x), rest(fused(x)))
+    for lower, upper in ((0.0, 1.0), (-0.1, torch.tensor([1.0, 1.2, 1.5], dtype=DT).view(3, 1, 1))):
+        got = dtd(Normalised(), x, 1, lower=lower, upper=upper)
+        want = dtd(nn.Sequential(fused, rest), x, 1, lower=lower, upper=upper)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert want.abs().max() > 1e-3
+
+
+def test_dtd_create_graph_gradcheck_mlp():
+    net, _ = _mlp_5432(18)
+    x = (0.2 + 0.6 * torch.rand(3, 5, dtype=DT)).requires_grad_(True)
+    y = torch.tensor([0, 1, 1])
+    assert (dtd(net, x, y).abs().sum(1) > 1e-2).all()  # a live net
+    assert torch.autograd.gradcheck(lambda v: dtd(net, v, y, create_graph=True), (x,), eps=1e-6, atol=1e-6)
+    lower, upper = torch.full((5,), -0.3, dtype=DT), torch.full((5,), 1.4, dtype=DT)
+    assert torch.autograd.gradcheck(
+        lambda v: dtd(net, v, y, lower=lower, upper=upper, create_graph=True, eps=0.01), (x,), eps=1e-6, atol=1e-6
+    )
+
+
+def test_dtd_second_order_on_relu_cnn_with_max_pool_is_finite_nonzero_and_exact():
+    """On the ReLU net itself (SmallCNN: max-pooling, global average pool) the input-gradient of a loss on the DTD
+    saliency map is finite and non-zero, and matches central finite differences along random directions."""
+    torch.manual_seed(19)
+    model = SmallCNN(3, 4, width=3).double().eval()
+    x = (0.05 + 0.9 * torch.rand(2, 3, 8, 8, dtype=DT)).requires_grad_(True)
+    y = model(x).argmax(1).detach()
+    weights = torch.rand(2, 8, 8, dtype=DT)
+
+    def loss(v):
+        return (saliency_map(dtd(model, v, y, create_graph=True)) * weights).sum()
+
+    (g,) = torch.autograd.grad(loss(x), x)
+    assert torch.isfinite(g).all() and (g.flatten(1).abs().sum(1) > 0).all()
+    assert (g != 0).float().mean() > 0.5
+    h = 1e-6
+    for _ in range(3):
+        d = torch.randn_like(x)
+        with torch.no_grad():
+            fd = (loss(x + h * d) - loss(x - h * d)) / (2 * h)
+        torch.testing.assert_close((g * d).sum(), fd, rtol=1e-5, atol=1e-9)
+
+
+def test_dtd_batch_equals_per_sample():
+    cnn, _ = _tiny_pool_cnn(20)
+    x = torch.rand(5, 1, 6, 6, dtype=DT)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    lower = -0.1 * torch.rand(5, 1, 1, 1, dtype=DT)  # per-sample bounds
+    upper = 1 + 0.1 * torch.rand(5, 1, 1, 1, dtype=DT)
+    batch = dtd(cnn, x, y, lower=lower, upper=upper)
+    single = torch.cat([dtd(cnn, x[i : i + 1], y[i : i + 1], lower=lower[i], upper=upper[i]) for i in range(5)])
+    torch.testing.assert_close(batch, single, rtol=1e-12, atol=1e-14)
+
+
+def test_dtd_errors_name_the_argument(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match="lower"):
+        dtd(model, x, y, lower=1.0, upper=1.0)
+    with pytest.raises(ValueError, match="lower"):
+        dtd(model, x, y, lower=torch.zeros(3, 8, 8, dtype=DT))
+    with pytest.raises(TypeError, match="upper"):
+        dtd(model, x, y, upper=None)
+    with pytest.raises(ValueError, match="upper"):
+        dtd(model, x, y, upper=float("nan"))
+    with pytest.raises(ValueError, match="x has values outside"):  # x outside [lower, upper] is rejected
+        dtd(model, x + 0.5, y)
+    with pytest.raises(ValueError, match="x has values outside"):
+        dtd(model, x, y, lower=0.1)
+    dtd(model, x + 0.5, y, upper=1.5)  # fine with matching bounds
+    with pytest.raises(ValueError, match="eps"):
+        dtd(model, x, y, eps=-1e-3)
+    with pytest.raises(ValueError, match="target"):
+        dtd(model, x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="target"):
+        dtd(model, x, 10)
+    with pytest.raises(TypeError, match="target"):
+        dtd(model, x, 1.5)
+    with pytest.raises(ValueError, match="x"):
+        dtd(model, x[0, 0, 0], 0)
+    with pytest.raises(ValueError, match="model"):  # no linear / convolution layer
+        dtd(nn.Flatten(), x, 0)
+    bn_net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3))
+    with pytest.raises(ValueError, match="model"):  # eval-mode batch norm: no DTD rule, rejected
+        dtd(bn_net.double().eval(), x, 0)
