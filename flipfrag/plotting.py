@@ -23,6 +23,7 @@ import datetime as _dt
 import fcntl
 import json
 import os
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,8 +221,10 @@ def save_figure(fig, item_id: str, *, footer: bool = True) -> dict[str, Any]:
     run = current_run()
     folder = run.figures_dir / paper
     if footer:
-        fig.text(0.0, -0.01, _footer(item_id), fontsize=7, color="0.4", ha="left", va="top",
-                 transform=fig.transFigure)  # fmt: skip
+        # wrapped to the figure's width (~19 characters of 7-pt text per inch), so that a long substitution note
+        # does not widen the saved (tight) figure beyond its panels
+        text = textwrap.fill(_footer(item_id), width=max(40, int(19 * fig.get_figwidth())))
+        fig.text(0.0, -0.01, text, fontsize=7, color="0.4", ha="left", va="top", transform=fig.transFigure)
     files = []
     for ext in ("png", "pdf"):
         path = folder / f"{name}.{ext}"

@@ -398,6 +398,15 @@ def test_grid_claims_reproduce_when_fed_the_papers_own_numbers():
     assert claim2["verdict"] == "not reproduced"
 
 
+def test_claim9_dtd_on_the_papers_own_numbers():
+    p = fr.paper_grid().assign(label_kept=1.0, conf0=0.9, conf_adv=0.9, n_images=512)
+    (c9,) = [c for c in fr.grid_claims(p, deviation="none") if c["claim_id"].endswith("claim9_dtd")]
+    # the paper's F3 at eps 8: DTD random ∩ 0.755 vs SG 0.21 / DL 0.22 / IG 0.26; top-k ∩ 0.175 vs IG 0.18
+    assert c9["ours"].startswith("DTD: random ∩ 0.76 (vs SG 0.21 / DL 0.22 / IG 0.26), ρ 0.86")
+    assert "is the most robust to random noise and is not the most robust to the top-k attack" in c9["ours"]
+    assert not [c for c in fr.grid_claims(p[p.method != "dtd"], deviation="") if "claim9" in c["claim_id"]]
+
+
 def test_shape_stats_on_the_paper_and_dimension_claim():
     st = fr.shape_stats(fr.paper_grid())
     assert st["ig_most_robust"] and st["max_gap"] == pytest.approx(0.045) and 0.9 < st["frac_by_eps2"] <= 1
