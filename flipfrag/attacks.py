@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from .metrics import ReferenceMaps, _center, default_k, mass_in_region
 from .saliency import (
     _attribute_with_logits,
+    _box,
     _check_model,
     _integrated_gradients,
     canonical_method,
@@ -395,19 +396,8 @@ class InterpretationAttack:
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf")
         x = x.detach()
-        lo = torch.as_tensor(self.lower, dtype=x.dtype, device=x.device)
-        hi = torch.as_tensor(self.upper, dtype=x.dtype, device=x.device)
-        try:
-            lo_b, hi_b = torch.broadcast_to(lo, x.shape), torch.broadcast_to(hi, x.shape)
-        except RuntimeError as err:
-            raise ValueError(f"lower/upper do not broadcast to x of shape {tuple(x.shape)}") from err
-        if not (lo_b < hi_b).all():
-            raise ValueError("lower must be < upper everywhere")
-        if (x < lo_b).any() or (x > hi_b).any():
-            raise ValueError(
-                f"x has values outside [lower, upper] = [{self.lower}, {self.upper}] (images must be in the model's "
-                "pixel range, e.g. [0, 1], with any normalisation inside the model)"
-            )
+        why = "images must be in the model's pixel range (lower, upper; e.g. [0, 1]), normalisation inside the model"
+        lo_b, hi_b = _box(x, self.lower, self.upper, why)
         self._lo, self._hi = lo_b, hi_b
         if y is None:
             return x, None

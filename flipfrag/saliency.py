@@ -45,6 +45,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -856,10 +857,26 @@ class _DTDMode(_RuleMode):
         return _with_factor(z, t, c)
 
 
-def _bound_tensor(value: Any, x: torch.Tensor, name: str) -> torch.Tensor:
-    if value is None:
-        raise TypeError(f"{name} must be a number or a tensor broadcastable to x, got None")
-    return _baseline_tensor(value, x, name)
+def _box(x: torch.Tensor, lower: Any, upper: Any, why: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lower`` / ``upper`` (numbers or tensors broadcastable to x) as tensors of x's shape, checked: finite,
+    ``lower < upper`` everywhere and ``lower <= x <= upper``. ``why`` ends the out-of-range message."""
+    bounds = []
+    for value, name in ((lower, "lower"), (upper, "upper")):
+        if value is None:
+            raise TypeError(f"{name} must be a number or a tensor broadcastable to x, got None")
+        if isinstance(value, (list, tuple, np.ndarray)):
+            value = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        bound = _baseline_tensor(value, x, name)
+        if not torch.isfinite(bound).all():
+            raise ValueError(f"{name} contains NaN or inf")
+        bounds.append(bound)
+    lo, hi = bounds
+    if not (lo < hi).all():
+        raise ValueError("lower must be < upper everywhere")
+    if (x < lo).any() or (x > hi).any():
+        span = f"[{float(x.min()):.4g}, {float(x.max()):.4g}]"
+        raise ValueError(f"x has values outside [lower, upper] (x in {span}); {why}")
+    return lo, hi
 
 
 def _dtd(
@@ -878,15 +895,7 @@ def _dtd(
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     n = x.shape[0]
     t = _target_tensor(target, n, x.device)
-    lo = _bound_tensor(lower, x, "lower")
-    hi = _bound_tensor(upper, x, "upper")
-    if not (lo < hi).all():
-        raise ValueError("lower must be < upper everywhere (lower, upper: the input range of DTD's box rule)")
-    if (x < lo).any() or (x > hi).any():
-        raise ValueError(
-            f"x has values outside [lower, upper] (x in [{float(x.min()):.4g}, {float(x.max()):.4g}]); DTD's box rule "
-            "needs lower <= x <= upper: pass the model's input range as lower / upper"
-        )
+    lo, hi = _box(x, lower, upper, "DTD's box rule needs lower <= x <= upper: pass the model's input range")
     eps = float(eps)
     with torch.enable_grad():
         xin = _input_for_grad(x) if create_graph else x.detach()

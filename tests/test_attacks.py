@@ -273,6 +273,12 @@ def test_argument_errors(setup):
         TopKAttack(model, k=K)(x[0], y[:1])
     with pytest.raises(ValueError, match="outside"):
         TopKAttack(model, k=K)(x * 2 + 0.1, y)
+    with pytest.raises(ValueError, match="lower must be < upper"):
+        TopKAttack(model, k=K, lower=1.0, upper=1.0)(x, y)
+    with pytest.raises(ValueError, match="lower of shape"):
+        TopKAttack(model, k=K, lower=torch.zeros(3))(x, y)
+    with pytest.raises(ValueError, match="upper contains NaN"):
+        TopKAttack(model, k=K, upper=float("nan"))(x, y)
     with pytest.raises(ValueError, match="y must"):
         TopKAttack(model, k=K)(x, y[:3])
     with pytest.raises(ValueError, match="mask"):
