@@ -454,6 +454,15 @@ def test_imagenet_paper_path_with_a_stand_in_model_and_folder(tmp_path):
         assert torch.equal(st.model(st.x).argmax(1), st.y)
     kw = st.method_kwargs(7)
     assert kw["integrated_gradients"]["steps"] == 7 and kw["deeplift"]["baseline"] is st.baseline
+    # DTD through the normalising wrapper (box bounds mapped to the first conv's input space) and SqueezeNet's fire
+    # modules (concatenation), with ReLU scores >= 0: relevance has the score's sign
+    from flipfrag.saliency import dtd
+
+    attr = dtd(st.model, st.x[:1], st.y[:1])
+    with torch.no_grad():
+        score = st.model(st.x[:1])[0, st.y[0]]
+    assert attr.shape == st.x[:1].shape and torch.isfinite(attr).all()
+    assert score > 0 and (attr >= -1e-6 * attr.abs().max()).all() and attr.sum() > 0
 
 
 def test_cifar_paper_path_with_stand_in_data():
