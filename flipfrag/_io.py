@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: Sequence[str | os.PathLike]) -> str:
+    """sha256 of the files' contents read one after another (a fingerprint of several source files)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).read_bytes())
     return h.hexdigest()
 
 

@@ -35,7 +35,6 @@ Conventions
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -53,7 +52,7 @@ from tqdm.auto import tqdm
 
 from . import flip as _flip
 from . import smooth as _smooth
-from ._io import cache_dir, verify_checksummed, write_checksummed
+from ._io import cache_dir, sha256_files, verify_checksummed, write_checksummed
 from .flip import FlipResult, closest_flip_point
 from .models import config_key, tensor_hash
 
@@ -136,7 +135,7 @@ _FORMAT = 1
 def _solver_fingerprint() -> str:
     """sha256 of the solver's source (``flip.py`` and the smoothing it uses, ``smooth.py``): cached flip points are
     invalidated whenever either changes."""
-    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in (_flip.__file__, _smooth.__file__))).hexdigest()[:16]
+    return sha256_files([_flip.__file__, _smooth.__file__])[:16]
 
 
 def _jsonable(value: Any) -> Any:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import atomic_write, cache_dir
+from ._io import atomic_write, cache_dir, sha256_files
 
 __all__ = [
     "METHODS",
@@ -573,10 +573,7 @@ def _code_version() -> str:
     code (a fixed bug in an attack, a changed saliency rule) are never reused."""
     from . import attacks, metrics, saliency, smooth
 
-    h = hashlib.sha256()
-    for path in (attacks.__file__, metrics.__file__, saliency.__file__, smooth.__file__, __file__):
-        h.update(Path(path).read_bytes())
-    return h.hexdigest()[:16]
+    return sha256_files([attacks.__file__, metrics.__file__, saliency.__file__, smooth.__file__, __file__])[:16]
 
 
 def _records_digest(records: list[dict[str, Any]]) -> str:

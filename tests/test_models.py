@@ -103,6 +103,17 @@ def test_key_changes_with_data_config_and_seed(tmp_path):
     assert len(keys) == 4
 
 
+def test_sha256_files_is_the_digest_of_the_concatenated_contents(tmp_path):
+    import hashlib
+
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_bytes(b"x = 1\n")
+    b.write_bytes(b"y = 2\n")
+    assert _io.sha256_files([a, b]) == hashlib.sha256(b"x = 1\ny = 2\n").hexdigest()
+    assert _io.sha256_files([b, a]) != _io.sha256_files([a, b])
+    assert _io.sha256_files([a]) == _io.sha256_file(a)
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
     m = MLP(6, [8], 2)
 
