@@ -654,11 +654,18 @@ def deeplift(
 # ---------------------------------------------------------------------------------------------- LRP-epsilon
 
 
+def _stabilised_ratio(z: torch.Tensor, d: torch.Tensor, eps: float) -> torch.Tensor:
+    """z / (d + eps sign(d)) with sign(0) := +1, and 0 where that denominator is exactly 0 (only possible for
+    eps = 0); written with differentiable ops and a safe denominator, so that second derivatives are finite."""
+    d = d + eps * torch.where(d >= 0, torch.ones_like(d), -torch.ones_like(d))
+    zero = d == 0
+    return torch.where(zero, torch.zeros_like(z), z / torch.where(zero, torch.ones_like(d), d))
+
+
 def _epsilon_factor(eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
     def factor(z: torch.Tensor) -> torch.Tensor:
-        """z / (z + eps * sign(z)), with sign(0) := +1 (Captum's and zennit's convention)."""
-        sign = torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
-        return z / (z + eps * sign)
+        """z / (z + eps * sign(z)), with sign(0) := +1 (Captum's and zennit's convention); eps > 0."""
+        return _stabilised_ratio(z, z, eps)
 
     return factor
 
@@ -752,14 +759,6 @@ def _layer_call(func: Callable, args: tuple, kwargs: dict, inp: torch.Tensor, we
         else:
             kwargs[name] = value
     return func(*args, **kwargs)
-
-
-def _stabilised_ratio(z: torch.Tensor, d: torch.Tensor, eps: float) -> torch.Tensor:
-    """z / (d + eps sign(d)) with sign(0) := +1, and 0 where that denominator is exactly 0 (only possible for
-    eps = 0); written with differentiable ops and a safe denominator, so that second derivatives are finite."""
-    d = d + eps * torch.where(d >= 0, torch.ones_like(d), -torch.ones_like(d))
-    zero = d == 0
-    return torch.where(zero, torch.zeros_like(z), z / torch.where(zero, torch.ones_like(d), d))
 
 
 class _FirstLayerReached(Exception):
