@@ -203,7 +203,7 @@ def test_grid_shape_and_columns(grid, digits_model):
     df, _ = grid
     _, x, y = digits_model
     assert len(df) == 2 * 3 * 3 * len(x)
-    assert list(df.columns) == fr._CELL_COLUMNS
+    assert list(df.columns) == fr.CELL_COLUMNS
     assert set(df.method) == {"gradient", "deeplift"} and set(df.attack) == set(fr.ATTACKS)
     assert sorted(set(df.eps255)) == [0.0, 4.0, 8.0]
     assert df.groupby(["method", "attack", "eps255"]).size().eq(len(x)).all()
@@ -238,7 +238,7 @@ def test_grid_cache_round_trip_is_exact_and_skips_work(grid, digits_model, monke
     n_files = len(list(folder.glob("cell-*.json")))
     # eps = 0 is shared by the three attacks: 2 methods x (1 + 3 attacks x 2 eps)
     assert n_files == 2 * (1 + 3 * 2)
-    monkeypatch.setattr(fr, "_run_cell", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
+    monkeypatch.setattr(fr.grid, "_run_cell", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
     again = fr.run_attack_grid(model, x, y, cache=folder, **GRID_KW)
     pd.testing.assert_frame_equal(again, df)
 
@@ -275,7 +275,7 @@ def test_grid_cache_is_not_reused_by_other_code(grid, digits_model, monkeypatch,
     kw = {**GRID_KW, "methods": ["gradient"], "epsilons": [8 / 255], "attacks": ["topk"]}
     fr.run_attack_grid(model, x, y, cache=tmp_path, **kw)
     assert len(list(tmp_path.glob("cell-*.json"))) == 1
-    monkeypatch.setattr(fr, "_code_version", lambda: "another-version")
+    monkeypatch.setattr(fr.grid, "_code_version", lambda: "another-version")
     fr.run_attack_grid(model, x, y, cache=tmp_path, **kw)
     assert len(list(tmp_path.glob("cell-*.json"))) == 2
 
@@ -356,7 +356,7 @@ def test_summarize_grid_matches_a_manual_average(grid):
 def test_summarize_grid_counts_failures_as_no_change():
     rows = []
     for i, (ok, topk) in enumerate([(True, 0.2), (False, 1.0), (False, 1.0)]):
-        rows.append({c: 0 for c in fr._CELL_COLUMNS} | {
+        rows.append({c: 0 for c in fr.CELL_COLUMNS} | {
             "method": "gradient", "attack": "topk", "eps": 8 / 255, "eps255": 8.0, "image": i, "map_h": 10,
             "map_w": 10, "k": 5, "topk": topk, "spearman": 1.0 if not ok else 0.5, "center": 0.0,
             "success": ok, "label_kept": True})  # fmt: skip
