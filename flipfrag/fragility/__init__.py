@@ -43,11 +43,13 @@ from .geometry import geometry_comparison, toy_rotation
 from .grid import (
     CELL_COLUMNS,
     GridCacheError,
+    GridSpec,
     best_by_metric,
     dimension_table,
     grid_cache_key,
     grid_deviation,
     grid_for,
+    grid_spec,
     grid_table,
     load_grid_cell,
     run_attack_grid,
@@ -72,20 +74,26 @@ from .paper import (
 )
 from .plots import plot_attack_grid
 from .settings import (
+    CIFAR10_MEAN,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ROLES,
     ImageSetting,
     Normalized,
+    cifar10_setting,
     cifar_paper_setting,
     downsample,
     image_setting,
     imagenet_paper_setting,
+    mnist_setting,
     prepare_setting,
     select_correct,
     substitution_text,
 )
 
 __all__ = [
+    "GridSpec",
+    "grid_spec",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CELL_COLUMNS",
@@ -110,7 +118,11 @@ __all__ = [
     "prepare_setting",
     "image_setting",
     "imagenet_paper_setting",
+    "CIFAR10_MEAN",
+    "ROLES",
+    "cifar10_setting",
     "cifar_paper_setting",
+    "mnist_setting",
     "best_by_metric",
     "GridCacheError",
     "grid_cache_key",

@@ -16,9 +16,23 @@ from .paper import role_k
 
 # --------------------------------------------------------------------------------------------- settings
 
+#: The roles an :class:`ImageSetting` plays and the paper setting each stands for (its k fraction: :func:`role_k`).
+ROLES = {
+    "imagenet": "imagenet",  # F3: SqueezeNet on ImageNet (offline: the CIFAR-10 CNN on natural photos)
+    "cifar": "cifar",  # the paper's CIFAR-10 grid (offline: the same CNN on the CIFAR-10 test photos)
+    "mnist28": "imagenet",  # the input-dimension comparison: the larger input ...
+    "mnist14": "cifar",  # ... and the smaller one
+}
+
+#: Per-channel mean of the CIFAR-10 training images (the widely published constants; the training set itself is not
+#: available offline). The IG / DeepLIFT reference of the offline CIFAR-10 settings.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+
 _SUBSTITUTIONS = {
-    "image": ("MNIST-5k at 28x28 + a small ReLU CNN for ImageNet + SqueezeNet 1.0 (ImageNet role); the same digits "
-              "pooled to 14x14 + a second CNN for CIFAR-10 + the authors' CNN (CIFAR-10 role)"),
+    "image": ("the real pretrained CIFAR-10 CNN (cifar-10-model 7.4.0, Keras, ported) on real 32x32 photos for "
+              "SqueezeNet 1.0 on 512 ImageNet images (F3, F1, F4, F6); the same CNN on 20 CIFAR-10 test photos for "
+              "the authors' own CIFAR-10 CNN; small CNNs on MNIST-5k at 28x28 and 14x14 for the input-dimension "
+              "comparison"),
     "influence": ("MNIST 3 vs 8 (800 train / 200 test) + frozen CNN features (trained on the other 8 digits) for "
                   "roses vs sunflowers (1,000 / 200) + Inception v3 features"),
     "toy": None,
@@ -29,8 +43,9 @@ def substitution_text(kind: str, prof: dict[str, Any]) -> str | None:
     """What a notebook substitutes for the paper's data and models in this profile (for ``plotting.start_run``).
 
     ``kind``: "image" (the attack notebooks), "influence", or "toy" (the 2-D geometry toy, the paper's own kind of
-    figure: None). In the ``paper`` profile the only substitution left is ImageNet's when ``$IMAGENET_DIR`` is unset
-    (the 20 shipped validation photos instead of 512 images) and the CIFAR-10 CNN's architecture.
+    figure: None). In the ``paper`` profile the only substitutions left are ImageNet's when ``$IMAGENET_DIR`` is
+    unset (the 20 shipped validation photos instead of 512 images) and the CIFAR-10 CNN (the pretrained one of the
+    cifar-10-model wheel for the authors' own, unpublished CNN).
     """
     import os
 
@@ -39,7 +54,7 @@ def substitution_text(kind: str, prof: dict[str, Any]) -> str | None:
     if prof.get("offline", True):
         return _SUBSTITUTIONS[kind]
     if kind == "image":
-        text = "a 3-block SmallCNN for the authors' (unknown) CIFAR-10 CNN"
+        text = "the pretrained cifar-10-model 7.4.0 CNN for the authors' (unpublished) CIFAR-10 CNN"
         if not os.environ.get("IMAGENET_DIR"):
             text = "the 20 shipped ImageNet validation photos for 512 (IMAGENET_DIR unset); " + text
         return text
@@ -87,12 +102,13 @@ def downsample(X: torch.Tensor, factor: int) -> torch.Tensor:
 
 @torch.no_grad()
 def select_correct(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, n: int | None, *, seed: int = 0, batch_size: int = 256
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, n: int | None, *, seed: int = 0, batch_size: int = 256,
+    return_index: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, float] | tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
     """``n`` correctly classified images, drawn in a seeded random order (the paper attacks only those).
 
     Returns ``(x, y, accuracy)``, accuracy over all of ``X``. Fewer than ``n`` correct images: all of them, with a
-    warning. ``n=None``: all correct images.
+    warning. ``n=None``: all correct images. ``return_index=True`` also returns the indices of the chosen images.
     """
     if X.shape[0] != y.shape[0] or X.shape[0] == 0:
         raise ValueError(f"X and y must have the same non-zero length, got {X.shape[0]} and {y.shape[0]}")
@@ -111,7 +127,8 @@ def select_correct(
         idx = idx[:n]
     if len(idx) == 0:
         raise ValueError("model classifies none of the images correctly: nothing to attack")
-    return X[idx].clone(), y[idx].clone(), float(correct.float().mean())
+    out = (X[idx].clone(), y[idx].clone(), float(correct.float().mean()))
+    return (*out, idx) if return_index else out
 
 
 @dataclass
@@ -120,7 +137,8 @@ class ImageSetting:
 
     Attributes
     ----------
-    role : {"imagenet", "cifar"}
+    role : {"imagenet", "cifar", "mnist28", "mnist14"}
+        Which paper setting this stands for (:data:`ROLES`; sets ``k``'s fraction of the map).
     model : nn.Module
         ReLU classifier taking (N, C, H, W) images in [0, 1] (any normalisation inside), eval mode.
     x : Tensor (n, C, H, W)
@@ -135,6 +153,10 @@ class ImageSetting:
         The model's accuracy on the test images it was drawn from.
     description, substitution : str
         What model and data these are; the substitution is None when they are the paper's own.
+    model_name : str
+        Short name of the network for tables (``cifar10-cnn``, ``squeezenet1.0``, ``mnist-cnn``, ``mnist14-cnn``).
+    image_names : list of str
+        Where each image comes from (file names of the shipped photos), when known.
     """
 
     role: str
@@ -148,6 +170,8 @@ class ImageSetting:
     description: str
     substitution: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    model_name: str = ""
+    image_names: list[str] = field(default_factory=list)
 
     @property
     def side(self) -> int:
@@ -179,30 +203,75 @@ def prepare_setting(
     substitution: str | None,
     seed: int = 0,
     meta: dict[str, Any] | None = None,
+    model_name: str = "",
+    image_names: Sequence[str] | None = None,
 ) -> ImageSetting:
     """The part shared by every path: pick ``n`` correctly classified images, set ``k`` for the role."""
-    if role not in ("imagenet", "cifar"):
-        raise ValueError(f"role must be 'imagenet' or 'cifar', got {role!r}")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
     if X_test.dim() != 4 or float(X_test.min()) < 0 or float(X_test.max()) > 1:
         raise ValueError("X_test must be images (N, C, H, W) in [0, 1]")
-    x, y, acc = select_correct(model.eval(), X_test, y_test, n, seed=seed)
+    if image_names is not None and len(image_names) != len(X_test):
+        raise ValueError(f"image_names must name the {len(X_test)} images, got {len(image_names)}")
+    x, y, acc, idx = select_correct(model.eval(), X_test, y_test, n, seed=seed, return_index=True)
+    names = [list(image_names)[i] for i in idx.tolist()] if image_names is not None else []
     return ImageSetting(role=role, model=model, x=x, y=y, baseline=baseline.detach().to(x.dtype),
-                        k=role_k(role, x.shape[-2] * x.shape[-1]), class_names=list(class_names),
+                        k=role_k(ROLES[role], x.shape[-2] * x.shape[-1]), class_names=list(class_names),
                         test_accuracy=acc, description=description, substitution=substitution,
-                        meta=dict(meta or {}))  # fmt: skip
+                        meta=dict(meta or {}), model_name=model_name, image_names=names)  # fmt: skip
 
 
-def _offline_setting(role: str, prof: dict[str, Any], n: int, seed: int, progress: bool) -> ImageSetting:
+def cifar10_setting(role: str, prof: dict[str, Any], *, n: int | None, seed: int = 0) -> ImageSetting:
+    """The real pretrained CIFAR-10 CNN (:func:`flipfrag.models.cifar10_cnn`, BatchNorm folded: the same function)
+    on shipped real photos, offline.
+
+    ``role="cifar"`` (the paper's CIFAR-10 grid): the 20 CIFAR-10 test photos with their true labels, correctly
+    classified ones only (all 20 are). ``role="imagenet"`` (F3's stand-in): the 46 other real photos (CIFAR-100,
+    the ImageNet samples at 32x32, scikit-image and scikit-learn photos), which have no CIFAR-10 label: the model's
+    own prediction is their label. Reference image of IG / DeepLIFT: the per-channel CIFAR-10 training mean
+    (:data:`CIFAR10_MEAN`; the paper's per-pixel mean image needs the training set, not available offline).
+    """
     from .. import datasets, models
 
-    data = datasets.load_mnist(prof["mnist_n"], offline=True, seed=seed)
+    if role not in ("imagenet", "cifar"):
+        raise ValueError(f"role must be 'imagenet' or 'cifar' for the CIFAR-10 CNN, got {role!r}")
+    model = models.cifar10_cnn(pretrained=True, folded=True)
+    if role == "cifar":
+        photos = datasets.load_natural_images(["cifar10"])
+        labels = photos.label
+        what = "the 20 CIFAR-10 test photos shipped in data/samples (true labels)"
+    else:
+        photos = datasets.load_natural_images([k for k in datasets.NATURAL_SOURCES if k != "cifar10"])
+        with torch.no_grad():
+            labels = model(photos.X).argmax(1)
+        what = (f"{len(photos)} real 32x32 photos without a CIFAR-10 label (CIFAR-100, ImageNet samples resized, "
+                "scikit-image, scikit-learn), labelled by the model's own prediction")  # fmt: skip
+    baseline = torch.tensor(CIFAR10_MEAN).reshape(3, 1, 1)
+    desc = (f"pretrained CIFAR-10 CNN (cifar-10-model 7.4.0, 6 conv + 3 dense, BatchNorm folded) on {what}")
     if role == "imagenet":
+        sub = "the pretrained CIFAR-10 CNN on real 32x32 photos for SqueezeNet 1.0 on 227x227 ImageNet images"
+    else:
+        sub = "the pretrained cifar-10-model CNN for the authors' own CIFAR-10 CNN"
+    return prepare_setting(role, model, photos.X, labels, n=n, baseline=baseline,
+                           class_names=datasets.CIFAR10_CLASSES, description=desc, substitution=sub, seed=seed,
+                           model_name="cifar10-cnn",
+                           image_names=photos.name, meta={"source": what})  # fmt: skip
+
+
+def mnist_setting(side: int, prof: dict[str, Any], *, n: int | None, seed: int = 0,
+                  progress: bool = False) -> ImageSetting:  # fmt: skip
+    """A small ReLU CNN (:class:`flipfrag.models.SmallCNN`) trained here on the shipped MNIST-5k at ``side`` x ``side``
+    (28, or average-pooled to 14): the two inputs of the input-dimension comparison (role ``mnist28`` / ``mnist14``).
+    Reference: the per-channel mean (28) or the per-pixel mean image (14) of the training digits."""
+    from .. import datasets, models
+
+    if side not in (28, 14):
+        raise ValueError(f"side must be 28 or 14, got {side!r}")
+    data = datasets.load_mnist(prof["mnist_n"], offline=prof.get("offline", True), seed=seed)
+    if side == 28:
         model, _, meta = models.trained_model("mnist-cnn", prof, seed=seed, data=data, progress=progress)
-        X_test = data.X_test
-        baseline = data.X_train.mean().reshape(1, 1, 1)  # per-channel mean (1 channel), as for ImageNet
-        desc = (f"SmallCNN (ReLU) trained on MNIST-5k at 28x28 ({len(data.X_train)} train images, "
-                f"{meta['epochs']} epochs)")  # fmt: skip
-        sub = "MNIST-5k 28x28 + SmallCNN for ImageNet + SqueezeNet 1.0 (227x227)"
+        X_test, baseline, epochs, name = data.X_test, data.X_train.mean().reshape(1, 1, 1), meta["epochs"], "mnist-cnn"
+        X_train = data.X_train
     else:
         X_train, X_test = downsample(data.X_train, 2), downsample(data.X_test, 2)
         epochs = int(prof["cnn_epochs"])
@@ -210,12 +279,12 @@ def _offline_setting(role: str, prof: dict[str, Any], n: int, seed: int, progres
             lambda: models.SmallCNN(1, 10, width=16), X_train, data.y_train, name="mnist14-cnn", seed=seed,
             progress=progress, epochs=epochs, lr=2e-3, batch_size=64,
         )  # fmt: skip
-        baseline = X_train.mean(0)  # per-pixel mean image, as for CIFAR-10
-        desc = (f"SmallCNN (ReLU) trained on MNIST-5k average-pooled to 14x14 ({len(X_train)} train images, "
-                f"{epochs} epochs)")  # fmt: skip
-        sub = "MNIST-5k pooled to 14x14 + SmallCNN for CIFAR-10 (32x32) + the authors' CNN"
-    return prepare_setting(role, model, X_test, data.y_test, n=n, baseline=baseline, class_names=data.class_names,
-                           description=desc, substitution=sub, seed=seed, meta={"source": data.source})  # fmt: skip
+        baseline, name = X_train.mean(0), "mnist14-cnn"
+    desc = (f"SmallCNN (ReLU) trained on MNIST-5k at {side}x{side} ({len(X_train)} train images, {epochs} epochs)")
+    sub = f"MNIST-5k at {side}x{side} + a small CNN trained here (input-dimension comparison)"
+    return prepare_setting(f"mnist{side}", model, X_test, data.y_test, n=n, baseline=baseline,
+                           class_names=data.class_names, description=desc, substitution=sub, seed=seed,
+                           meta={"source": data.source}, model_name=name)  # fmt: skip
 
 
 def _device(device: str) -> torch.device:
@@ -247,33 +316,31 @@ def imagenet_paper_setting(
         "imagenet", wrapped, data.X_test.to(device), data.y_test.to(device), n=n, baseline=baseline,
         class_names=data.class_names,
         description=f"torchvision SqueezeNet 1.0 (ImageNet weights) at 227x227; {data.source}",
-        substitution=data.substitute, seed=seed, meta={"source": data.source},
+        substitution=data.substitute, seed=seed, meta={"source": data.source}, model_name="squeezenet1.0",
     )  # fmt: skip
 
 
-def cifar_paper_setting(prof: dict[str, Any], *, seed: int = 0, data=None, progress: bool = False,
-                        width: int = 32, device: str = "auto") -> ImageSetting:  # fmt: skip
-    """CIFAR-10 role of the ``paper`` profile: a SmallCNN (3 ReLU conv blocks, GAP head; the authors' own CNN is
-    unknown, 73 % test accuracy) trained on downloaded CIFAR-10 (``data`` overrides it, e.g. a stand-in in tests),
-    ``prof["cnn_epochs"]`` epochs (on the CPU, cached), per-pixel mean-image baseline; attacked on ``device``
-    ("auto" = CUDA when available)."""
+def cifar_paper_setting(prof: dict[str, Any], *, seed: int = 0, data=None, model: nn.Module | None = None,
+                        device: str = "auto") -> ImageSetting:  # fmt: skip
+    """CIFAR-10 role of the ``paper`` profile: the pretrained CIFAR-10 CNN (:func:`flipfrag.models.cifar10_cnn`; the
+    authors' own CNN, 73 % test accuracy, is unpublished) on ``prof["grid_n_images"]`` correctly classified images of
+    the downloaded CIFAR-10 test set (``data`` / ``model`` override them, e.g. stand-ins in tests), with the per-pixel
+    mean training image as the IG / DeepLIFT reference (as the paper); attacked on ``device`` ("auto" = CUDA when
+    available)."""
     from .. import datasets, models
 
     data = datasets.load_cifar10(offline=False, seed=seed) if data is None else data
     if len(data.X_train) == 0:
-        raise ValueError("data: the CIFAR-10 role needs training images (offline CIFAR-10 has only 20 test images)")
-    epochs = int(prof["cnn_epochs"])
-    model, _ = models.train_cached(
-        lambda: models.SmallCNN(3, 10, width=width), data.X_train, data.y_train, name="cifar-cnn", seed=seed,
-        progress=progress, epochs=epochs, lr=1e-3, batch_size=128,
-    )  # fmt: skip
+        raise ValueError("data: the CIFAR-10 role needs training images for its mean image (offline CIFAR-10 has "
+                         "only 20 test images)")  # fmt: skip
+    net = models.cifar10_cnn(pretrained=True, folded=True) if model is None else model
     device = _device(device)
     return prepare_setting(
-        "cifar", model.to(device), data.X_test.to(device), data.y_test.to(device), n=int(prof["grid_n_images"]),
-        baseline=data.X_train.mean(0).to(device),
-        class_names=data.class_names, description=f"SmallCNN (width {width}) trained on {data.source}, {epochs} epochs",
-        substitution="a 3-block SmallCNN for the authors' (unknown) CIFAR-10 CNN", seed=seed,
-        meta={"source": data.source},
+        "cifar", net.to(device), data.X_test.to(device), data.y_test.to(device), n=int(prof["grid_n_images"]),
+        baseline=data.X_train.mean(0).to(device), class_names=data.class_names,
+        description=f"pretrained CIFAR-10 CNN (cifar-10-model 7.4.0, BatchNorm folded) on {data.source}",
+        substitution="the pretrained cifar-10-model CNN for the authors' own CIFAR-10 CNN", seed=seed,
+        meta={"source": data.source}, model_name="cifar10-cnn",
     )  # fmt: skip
 
 
@@ -281,15 +348,18 @@ def image_setting(role: str, prof: dict[str, Any], *, seed: int = 0, n: int | No
                   progress: bool = False) -> ImageSetting:  # fmt: skip
     """The model and images of a role for a profile dict (``prof["offline"]`` selects the path).
 
-    ``n`` defaults to ``prof["grid_n_images"]``. Offline: MNIST-5k stand-ins (see the module docstring); otherwise
-    :func:`imagenet_paper_setting` / :func:`cifar_paper_setting` (downloads).
+    ``role``: "imagenet" (F3), "cifar" (the paper's CIFAR-10 grid), "mnist28" / "mnist14" (the input-dimension
+    comparison: :func:`mnist_setting`). ``n`` defaults to ``prof["grid_n_images"]``. Offline, "imagenet" and "cifar"
+    are the pretrained CIFAR-10 CNN on shipped photos (:func:`cifar10_setting`); otherwise
+    :func:`imagenet_paper_setting` (SqueezeNet, download) / :func:`cifar_paper_setting` (CIFAR-10 download).
     """
-    if role not in ("imagenet", "cifar"):
-        raise ValueError(f"role must be 'imagenet' or 'cifar', got {role!r}")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
     n = int(prof["grid_n_images"]) if n is None else n
+    if role.startswith("mnist"):
+        return mnist_setting(int(role[5:]), prof, n=n, seed=seed, progress=progress)
     if prof.get("offline", True):
-        return _offline_setting(role, prof, n, seed, progress)
+        return cifar10_setting(role, prof, n=n, seed=seed)
     if role == "imagenet":
         return imagenet_paper_setting(n, seed=seed)
-    return cifar_paper_setting({**prof, "grid_n_images": n}, seed=seed, progress=progress)
-
+    return cifar_paper_setting({**prof, "grid_n_images": n}, seed=seed)
