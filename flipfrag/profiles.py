@@ -71,7 +71,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         # fragility grids (F3 and its CIFAR-10 analogue): methods x attacks x epsilons, so sized separately
         "grid_n_images": 2,
         "grid_iters": 3,
+        "grid_ig_iters": 2,
         "grid_ig_steps": 4,
+        # the input-dimension comparison (MNIST CNNs at 28x28 and 14x14) and the convergence tables
+        "dim_n_images": 2,
+        "dim_iters": 3,
+        "convergence_iters": 4,
+        "convergence_n_images": 2,
     },
     "quick": {
         **_COMMON,
@@ -95,16 +101,23 @@ PROFILES: dict[str, dict[str, Any]] = {
         "adversarial_ks": [5, 10, 20, 50, 100, 200, 784],
         "homotopy_n_points": 100,
         "attack_n_images": 32,
-        "attack_iters": 60,
-        "ig_steps": 32,
+        "attack_iters": 40,  # single attacks of the example figures (F1, F4) and the Hessian panels
+        "ig_steps": 16,
         "k_top": 100,
         "influence_n_train": 1000,
         "influence_n_test": 60,
         "hessian_n_images": 8,
         "lanczos_k": 8,
-        "grid_n_images": 16,
+        # the CIFAR-10 CNN grids: sizes chosen from the convergence tables of 03_imagenet_grid (∩ vs iterations,
+        # IG vs M) within the 12-minute budget of the fragility notebooks; IG costs ~M times more per iteration
+        "grid_n_images": 12,
         "grid_iters": 40,
-        "grid_ig_steps": 16,
+        "grid_ig_iters": 20,
+        "grid_ig_steps": 8,
+        "dim_n_images": 12,
+        "dim_iters": 30,
+        "convergence_iters": 100,
+        "convergence_n_images": 4,
     },
     "paper": {
         **_COMMON,
@@ -137,7 +150,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lanczos_k": 20,
         "grid_n_images": 512,  # Ghorbani et al.: 512 correctly classified ImageNet images, 300 iterations, M = 100
         "grid_iters": 300,
+        "grid_ig_iters": 300,
         "grid_ig_steps": 100,
+        "dim_n_images": 512,
+        "dim_iters": 300,
+        "convergence_iters": 300,
+        "convergence_n_images": 16,
     },
 }
 

@@ -51,6 +51,8 @@ from .grid import (
     grid_for,
     grid_spec,
     grid_table,
+    ig_steps_convergence,
+    iteration_convergence,
     load_grid_cell,
     run_attack_grid,
     save_grid_cell,
@@ -94,6 +96,8 @@ from .settings import (
 __all__ = [
     "GridSpec",
     "grid_spec",
+    "ig_steps_convergence",
+    "iteration_convergence",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CELL_COLUMNS",

@@ -501,3 +501,63 @@ def dimension_table(small: pd.DataFrame, large: pd.DataFrame) -> pd.DataFrame:
     b = large[keys + cols].rename(columns={c: f"{c}_large" for c in cols})
     return a.merge(b, on=keys, how="left")
 
+
+
+def iteration_convergence(setting: ImageSetting, prof: dict[str, Any], *, methods: Sequence[str] = METHODS,
+                          iters: int = 100, checkpoints: Sequence[int] = (5, 10, 20, 40, 100), n: int = 4,
+                          eps: float = 8 / 255, seed: int = 0) -> pd.DataFrame:  # fmt: skip
+    """How the top-k attack's result converges with the number of iterations P (to choose P within a budget).
+
+    Runs the top-k attack at ``eps`` for ``iters`` iterations on the first ``n`` images of ``setting`` for each
+    method (the grid's settings otherwise: :func:`grid_spec`) and reads, from its per-iterate history, the mean top-k
+    intersection and Spearman ρ of the best label-preserving iterate *so far* after each checkpoint P (the value a
+    run of P iterations returns). Returns one row per (method, P) with ``topk``, ``spearman`` and
+    ``seconds_per_image_iter``.
+    """
+    from ..attacks import TopKAttack
+
+    iters = _positive_int(iters, "iters")
+    checkpoints = sorted({int(c) for c in checkpoints if 1 <= int(c) <= iters} | {iters})
+    spec = grid_spec(setting, prof, seed=seed, methods=methods)
+    x, y = setting.x[:n], setting.y[:n]
+    rows = []
+    for method in spec.methods:
+        atk = TopKAttack(setting.model, method, eps=float(eps), step=spec.step, iters=iters, k=spec.k, beta=spec.beta,
+                         method_kwargs=spec.method_kwargs.get(method, {}), floor_center=spec.floor_center,
+                         progress=False)  # fmt: skip
+        start = time.perf_counter()
+        out = atk(x, y)
+        seconds = (time.perf_counter() - start) / (len(x) * iters)
+        kept = out.history["label_kept"].bool()
+        crit = torch.where(kept, out.history["topk"].double(), torch.full_like(out.history["topk"].double(), math.inf))
+        for p in checkpoints:
+            # the own-criterion iterate among rows 0..p (row 0 = the original image, always label-preserving)
+            best = crit[: p + 1].argmin(0)
+            cols = torch.arange(len(x))
+            rows.append({"method": method, "iterations": p,
+                         "topk": float(out.history["topk"][best, cols].mean()),
+                         "spearman": float(out.history["spearman"][best, cols].mean()),
+                         "seconds_per_image_iter": seconds})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def ig_steps_convergence(setting: ImageSetting, steps: Sequence[int] = (4, 8, 16, 32, 100), *, reference: int = 200,
+                         n: int | None = None) -> pd.DataFrame:  # fmt: skip
+    """How close integrated gradients with M Riemann steps is to M = ``reference`` on the setting's images (its
+    reference image as baseline): mean top-k intersection (``setting.k``) and Spearman ρ between the two maps, and
+    the mean completeness gap |sum(IG) - (S(x) - S(baseline))| / |S(x) - S(baseline)|."""
+    from ..metrics import spearman, topk_intersection
+    from ..saliency import completeness_gap, integrated_gradients, saliency_map
+
+    x, y = (setting.x, setting.y) if n is None else (setting.x[:n], setting.y[:n])
+    ref = saliency_map(integrated_gradients(setting.model, x, y, baseline=setting.baseline, steps=int(reference)))
+    rows = []
+    for m in steps:
+        attr = integrated_gradients(setting.model, x, y, baseline=setting.baseline, steps=int(m))
+        mp = saliency_map(attr)
+        gap = completeness_gap(setting.model, x, y, attr, baseline=setting.baseline)
+        diff = attr.detach().flatten(1).sum(1) - gap  # S(x) - S(baseline)
+        rows.append({"steps": int(m), "topk_vs_ref": float(topk_intersection(ref, mp, setting.k).mean()),
+                     "spearman_vs_ref": float(spearman(ref, mp).mean()),
+                     "completeness_gap": float((gap.abs() / diff.abs().clamp_min(1e-12)).mean())})  # fmt: skip
+    return pd.DataFrame(rows)
