@@ -654,16 +654,21 @@ def run_tasks(
     return [results[t.key] for t in tasks]
 
 
-def _scatter_large(client, tasks: list[Task]) -> dict[int, Any]:
-    """Send each distinct module / tensor argument to the cluster once (not once per task)."""
+def _identity(obj: Any) -> Any:
+    return obj
+
+
+def _share_arguments(client, tasks: list[Task]) -> dict[int, Any]:
+    """Send each distinct module / tensor argument to the cluster once (not once per task), as the result of a
+    small task rather than with ``scatter``: if the worker holding it dies, the scheduler recomputes it."""
     seen: dict[int, Any] = {}
     for t in tasks:
         for v in (*t.args, *t.kwargs.values()):
             if isinstance(v, (nn.Module, torch.Tensor)) and id(v) not in seen:
                 seen[id(v)] = v
-    ids = list(seen)
-    futures = client.scatter([seen[i] for i in ids], hash=False) if ids else []
-    return dict(zip(ids, futures))
+    stamp = time.time_ns()
+    return {i: client.submit(_identity, v, key=f"flipfrag-arg-{j}-{stamp}", pure=False)
+            for j, (i, v) in enumerate(seen.items())}  # fmt: skip
 
 
 def _run_on_cluster(client, todo: list[Task], store: TaskCache | None, results: dict[str, TaskResult], bar, *,
@@ -674,7 +679,7 @@ def _run_on_cluster(client, todo: list[Task], store: TaskCache | None, results: 
         tqdm.write(f"flipfrag.engine: {len(todo)} task(s) on {client.scheduler.address}; "
                    f"dashboard: {client.dashboard_link}")  # fmt: skip
     fingerprint = _source_fingerprint()
-    scattered = _scatter_large(client, todo)
+    scattered = _share_arguments(client, todo)
 
     def sub(v):
         return scattered.get(id(v), v)
@@ -689,10 +694,10 @@ def _run_on_cluster(client, todo: list[Task], store: TaskCache | None, results: 
         for fut in as_completed(futures):
             t = futures[fut]
             if fut.status != "finished":
-                err = fut.exception()
-                name = type(err).__name__
+                err = fut.exception() if fut.status == "error" else None
+                name = type(err).__name__ if err is not None else f"status {fut.status!r}"
                 hint = " (its worker died: out of memory? lower the shard size)" if name == "KilledWorker" else ""
-                raise TaskError(f"task {t.label} failed on the cluster{hint}: {name}: {err}") from err
+                raise TaskError(f"task {t.label} failed on the cluster{hint}: {name}: {err or ''}") from err
             res = fut.result()
             if store is not None:
                 store.save(res)
