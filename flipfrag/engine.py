@@ -119,6 +119,7 @@ __all__ = [
     "TaskResult",
     "TaskCache",
     "parse_scheduler",
+    "check_scheduler",
     "get_client",
     "close_clusters",
     "task_key",
@@ -363,6 +364,16 @@ def _probe(address: str, timeout: float) -> None:
             f"cannot reach the Dask scheduler at {address} ({err}); start it first (see the flipfrag.engine "
             f"docstring and the README), fix the address, or unset {SCHEDULER_ENV} to run in process"
         ) from None
+
+
+def check_scheduler(scheduler: str | None = None) -> str:
+    """:func:`parse_scheduler`, and for a ``tcp://`` address a connection attempt (at most
+    ``FLIPFRAG_SCHEDULER_TIMEOUT`` seconds): a :class:`SchedulerError` naming the address now rather than hours into
+    a run. Imports nothing from Dask."""
+    setting = parse_scheduler(scheduler)
+    if setting.startswith("tcp://"):
+        _probe(setting, _timeout())
+    return setting
 
 
 def get_client(scheduler: str | Any | None = None):
