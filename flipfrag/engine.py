@@ -48,8 +48,7 @@ Cluster recipes (run these in a shell on the cluster; then point flipfrag at the
 *One machine with several GPUs, with dask-cuda* (``pip install dask-cuda``; one worker per GPU, each worker sees
 only its own GPU through ``CUDA_VISIBLE_DEVICES``, so tasks use ``cuda``)::
 
-    # python -c "from dask_cuda import LocalCUDACluster; ..." or, equivalently, the two CLI commands:
-    dask scheduler --port 8786 &
+    dask scheduler --port 8786 &                # or in Python: LocalCUDACluster(scheduler_port=8786)
     dask cuda worker tcp://127.0.0.1:8786 &     # starts one worker per visible GPU
     make figures PROFILE=paper SCHEDULER=tcp://127.0.0.1:8786
 

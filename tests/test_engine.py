@@ -116,11 +116,13 @@ def _no_partial_entries(folder: Path, keys):
 @pytest.fixture(scope="module")
 def cluster():
     """A LocalCluster of 2 worker processes (FLIPFRAG_SCHEDULER=local:2), reused by the tests of this module. A
-    task may lose its worker once and be retried; a second death fails it (allowed-failures = 1)."""
+    task may lose its worker once and be retried; a second death fails it (allowed-failures = 1). One task per
+    worker at a time (worker-saturation 1), so no innocent task waits in the queue of a worker that is killed."""
     pytest.importorskip("distributed")
     import dask
 
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+    config = {"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}
+    with dask.config.set(config):
         client = engine.get_client("local:2")
     client.wait_for_workers(2, timeout=60)
     yield "local:2"
