@@ -231,6 +231,9 @@ def _canonical(obj: Any) -> Any:
         return [_canonical(v) for v in obj]
     if isinstance(obj, range):
         return {"range": [obj.start, obj.stop, obj.step]}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. a grid specification
+        return {"dataclass": f"{type(obj).__module__}.{type(obj).__qualname__}",
+                "fields": [[f.name, _canonical(getattr(obj, f.name))] for f in dataclasses.fields(obj)]}  # fmt: skip
     if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj):
         return {"callable": f"{obj.__module__}.{obj.__qualname__}"}
     raise TypeError(f"task_key: cannot fingerprint a {type(obj).__name__}; pass tensors, modules, numbers, "
@@ -241,7 +244,8 @@ def task_key(*parts: Any, length: int = 24) -> str:
     """A hex key (``length`` digits of a sha256) for everything a result depends on.
 
     Tensors and arrays are hashed by dtype, shape and bytes, modules by class, ``config`` and every state-dict
-    entry, floats exactly (``repr``), dicts independently of their order, functions by qualified name. An
+    entry, floats exactly (``repr``), dicts independently of their order, dataclass instances (a settings object)
+    by class and fields, functions by qualified name. An
     unsupported object is a ``TypeError`` (never a silent ``str()``). Put a literal tag first (``"grid-cell"``)
     so that different kinds of task never share a key.
     """

@@ -2,6 +2,8 @@
 LocalCluster of 2 worker processes (attack cells and a sharded flip-point solve), a worker killed mid-run, and a
 scheduler that cannot be reached."""
 
+import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -215,6 +217,13 @@ def test_task_key_changes_with_content_not_with_identity():
     assert len(base) == 24 and int(base, 16) >= 0
     with pytest.raises(TypeError, match="cannot fingerprint a object"):
         task_key(object())
+    # a settings dataclass is keyed by its class and field values
+    from flipfrag.flip import FlipResult
+
+    res = closest_flip_point(m.double(), x.double()[:1], max_iter=5)
+    assert task_key(res) == task_key(copy.deepcopy(res))
+    assert task_key(res) != task_key(dataclasses.replace(res, tol=res.tol * 2))
+    assert isinstance(res, FlipResult)
 
 
 def test_task_validates_its_fields():
