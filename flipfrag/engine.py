@@ -555,7 +555,8 @@ def _source_fingerprint() -> str:
     global _FINGERPRINT
     if _FINGERPRINT is None:
         package = Path(__file__).resolve().parent
-        _FINGERPRINT = sha256_files(sorted(package.glob("*.py")))[:16]
+        files = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)  # subpackages too
+        _FINGERPRINT = sha256_files(files)[:16]
     return _FINGERPRINT
 
 
