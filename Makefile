@@ -11,6 +11,7 @@ NOTEBOOKS ?=
 FIGURES   ?= figures
 NOTEBOOK_ROOT ?= notebooks
 PYTEST_ARGS ?=
+SCHEDULER ?=
 
 # two cores on the reference machine: keep BLAS/OpenMP and torch at 2 threads; no GUI backend
 export OMP_NUM_THREADS ?= 2
@@ -28,6 +29,7 @@ help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 	@echo
 	@echo "variables: PROFILE=smoke|quick|paper (default quick)  SEED=0  NOTEBOOKS='flip_points fragility/01...'"
+	@echo "           SCHEDULER=serial|local:N|tcp://host:port (where heavy work runs; default \$$FLIPFRAG_SCHEDULER or serial)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +40,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create/update .venv (torch 2.14.1 + torchvision 0.29.1 pinned) and the python3 kernel
 
 figures: $(STAMP) ## run every notebook with papermill (PROFILE=quick by default) -> figures/, MANIFEST, REPRODUCTION.md
-	$(PY) -m flipfrag.runner --profile $(PROFILE) --seed $(SEED) --figures-dir $(FIGURES) --root $(NOTEBOOK_ROOT) $(if $(NOTEBOOKS),--select $(NOTEBOOKS))
+	$(PY) -m flipfrag.runner --profile $(PROFILE) --seed $(SEED) --figures-dir $(FIGURES) --root $(NOTEBOOK_ROOT) $(if $(NOTEBOOKS),--select $(NOTEBOOKS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check flipfrag tests benchmarks

@@ -1,7 +1,8 @@
 """flipfrag — closest flip points and the fragility of interpretations, reproduced in PyTorch.
 
 Modules (one concept each): ``profiles``, ``datasets``, ``models``, ``smooth``, ``flip``, ``flipstats``,
-``saliency``, ``attacks``, ``metrics``, ``influence``, ``hessian``, ``plotting``.
+``saliency``, ``attacks``, ``metrics``, ``influence``, ``hessian``, ``plotting``; ``engine`` runs the heavy work
+(in process or on a Dask cluster, ``FLIPFRAG_SCHEDULER``) with resumable, checksummed caches.
 """
 
 import os as _os

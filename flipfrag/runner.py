@@ -1,17 +1,27 @@
 """Run the notebooks with papermill: ``python -m flipfrag.runner --profile quick [--select flip_points ...]``.
 
 Each notebook under ``notebooks/`` is executed with kernel ``python3`` and the parameters ``profile``, ``seed`` and
-``figures_dir``; the executed copy goes to ``build/notebooks/<same path>``. A failing notebook stops the run with its
-name, the failing cell's number and the error, and a non-zero exit code. After a successful run,
-``<figures_dir>/REPRODUCTION.md`` is regenerated.
+``figures_dir``; the executed copy goes to ``build/notebooks/<same path>``.
+
+``--scheduler`` (``make figures SCHEDULER=...``; default ``$FLIPFRAG_SCHEDULER``) says where the heavy work runs
+(:mod:`flipfrag.engine`: ``serial``, ``local:N``, ``tcp://host:port``). It is checked before the first notebook (a
+``tcp://`` scheduler that does not answer stops the run at once), then given to every kernel as the environment
+variable ``FLIPFRAG_SCHEDULER`` — which :func:`flipfrag.engine.run_tasks` reads, so a notebook needs no change — and,
+to notebooks whose parameters cell declares ``scheduler``, also as that papermill parameter (so the executed copy
+shows it). Notebooks that do not declare it get no unknown parameter injected.
+
+A failing notebook stops the run with its name, the failing cell's number and the error, and a non-zero exit code.
+After a successful run, ``<figures_dir>/REPRODUCTION.md`` is regenerated.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +63,23 @@ def _failure_message(path: Path, output: Path, err: Exception) -> str:
     return f"notebook {path} failed in {where}: {ename}: {evalue}\n  (executed copy with the traceback: {output})"
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """Set ``name`` for the kernels started inside (they inherit this process's environment), then restore it."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def run_notebook(
     path: str | Path,
     *,
@@ -63,9 +90,15 @@ def run_notebook(
     root: str | Path = REPO_ROOT / "notebooks",
     kernel: str = "python3",
     progress: bool = False,
+    scheduler: str | None = None,
 ) -> NotebookRun:
-    """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the cell and the error."""
+    """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the cell and the error.
+
+    ``scheduler`` (None: leave ``$FLIPFRAG_SCHEDULER`` as it is) is set as the kernel's ``FLIPFRAG_SCHEDULER`` and
+    passed as the parameter ``scheduler`` if the notebook's parameters cell declares it."""
     import papermill as pm
+
+    from .engine import SCHEDULER_ENV, parse_scheduler
 
     path, root = Path(path).resolve(), Path(root).resolve()
     rel = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
@@ -73,12 +106,17 @@ def run_notebook(
     output.parent.mkdir(parents=True, exist_ok=True)
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
     params = {"profile": profile, "seed": int(seed), "figures_dir": str(Path(figures_dir).resolve())}
+    if scheduler is not None:
+        scheduler = parse_scheduler(scheduler)
+        if "scheduler" in pm.inspect_notebook(str(path)):
+            params["scheduler"] = scheduler
     start = time.perf_counter()
     try:
-        pm.execute_notebook(
-            str(path), str(output), parameters=params, kernel_name=kernel, progress_bar=progress,
-            cwd=str(path.parent), log_output=False,
-        )  # fmt: skip
+        with _environment(SCHEDULER_ENV, scheduler):
+            pm.execute_notebook(
+                str(path), str(output), parameters=params, kernel_name=kernel, progress_bar=progress,
+                cwd=str(path.parent), log_output=False,
+            )  # fmt: skip
     except pm.PapermillExecutionError as err:
         raise NotebookFailed(_failure_message(path, output, err)) from None
     return NotebookRun(path, output, time.perf_counter() - start)
@@ -92,9 +130,17 @@ def run_all(
     figures_dir: str | Path = REPO_ROOT / "figures",
     output_dir: str | Path = REPO_ROOT / "build" / "notebooks",
     root: str | Path = REPO_ROOT / "notebooks",
+    scheduler: str | None = None,
 ) -> list[NotebookRun]:
-    """Run the selected notebooks in order, stop at the first failure, then write REPRODUCTION.md."""
+    """Run the selected notebooks in order, stop at the first failure, then write REPRODUCTION.md.
+
+    ``scheduler`` is checked first (:func:`flipfrag.engine.check_scheduler`), then passed to every notebook."""
+    from .engine import check_scheduler
     from .report import write_reproduction
+
+    if scheduler is not None:
+        scheduler = check_scheduler(scheduler)
+        print(f"scheduler: {scheduler}", flush=True)
 
     runs = []
     notebooks = find_notebooks(root, select)
@@ -102,7 +148,8 @@ def run_all(
     for i, nb in enumerate(notebooks, 1):
         name = nb.relative_to(base) if nb.is_relative_to(base) else nb
         print(f"[{i}/{len(notebooks)}] {name} (profile={profile}, seed={seed}) ...", flush=True)
-        run = run_notebook(nb, profile=profile, seed=seed, figures_dir=figures_dir, output_dir=output_dir, root=root)
+        run = run_notebook(nb, profile=profile, seed=seed, figures_dir=figures_dir, output_dir=output_dir, root=root,
+                           scheduler=scheduler)  # fmt: skip
         print(f"      done in {run.seconds:.1f} s -> {run.output}", flush=True)
         runs.append(run)
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
@@ -118,12 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures-dir", default=str(REPO_ROOT / "figures"))
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "build" / "notebooks"))
     parser.add_argument("--root", default=str(REPO_ROOT / "notebooks"))
+    parser.add_argument(
+        "--scheduler",
+        default=os.environ.get("FLIPFRAG_SCHEDULER") or None,
+        help="where heavy work runs: serial, local:N or tcp://host:port (default $FLIPFRAG_SCHEDULER)",
+    )
     args = parser.parse_args(argv)
+    from .engine import SchedulerError
+
     start = time.perf_counter()
     try:
         runs = run_all(profile=args.profile, seed=args.seed, select=args.select or None, figures_dir=args.figures_dir,
-                       output_dir=args.output_dir, root=args.root)  # fmt: skip
-    except (NotebookFailed, ValueError) as err:
+                       output_dir=args.output_dir, root=args.root, scheduler=args.scheduler)  # fmt: skip
+    except (NotebookFailed, ValueError, SchedulerError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1
     print(f"{len(runs)} notebook(s) in {time.perf_counter() - start:.1f} s")

@@ -28,3 +28,37 @@ def test_bench_attacks_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ceiling on the ratio" in out and "| tiny16 | gradient (no history) |" in out
     assert not list(tmp_path.iterdir())  # --smoke prints, it does not overwrite the recorded results
+
+
+def test_bench_paper_cost_smoke_projection_follows_its_formula(tmp_path, capsys):
+    """The paper-cost projection is the stated formula applied to the measured per-cell costs; IG's FLOPs at M = 100
+    are the linear extrapolation of two counts; nothing is written with --smoke."""
+    bench = _load("bench_paper_cost")
+    res = bench.main(["--smoke", "--out", str(tmp_path), "--gpu-tflops", "4"])
+    proj, prof = res["projection"], bench.get_profile("paper")
+    assert (proj["images"], proj["iterations"], proj["n_eps"]) == (512, 300, 4)
+    assert len(res["cells"]) == 8 and {c["method"] for c in res["cells"]} == set(bench.METHODS)
+    for row, cell in zip(res["cells"], proj["cells"]):
+        assert row["iter_flops"] > 0 and row["iter_s"] >= 0 and row["setup_s"] >= 0
+        per_image = row["setup_s"] + 4 * (2 * (300 * row["iter_s"] + row["setup_s"]) + row["setup_s"])
+        assert math.isclose(cell["cpu_hours"], 512 * per_image / 3600, rel_tol=1e-12)
+        assert math.isclose(cell["gpu_hours"], cell["flops"] / 4e12 / 3600, rel_tol=1e-12)
+        assert cell["cpu_hours_authors"] >= cell["cpu_hours"]
+    by = {(r["role"], r["method"]): r for r in res["cells"]}
+    for role in ("cifar", "imagenet"):  # IG with M = 100 interpolants costs far more FLOPs than one gradient
+        assert by[role, "integrated_gradients"]["iter_flops"] > 30 * by[role, "gradient"]["iter_flops"]
+    assert math.isclose(proj["flip"]["cpu_hours"], 60_000 * res["flip"]["point_s"] / 3600, rel_tol=1e-12)
+    assert math.isclose(proj["total_cpu_hours"], proj["grid_cpu_hours"] + proj["flip"]["cpu_hours"])
+    assert prof["grid_n_images"] == 512 and "GPU-hours (estimate)" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_flop_count_matches_a_closed_form():
+    """The benchmark's FLOP counter: a (n, d) @ (d, m) matmul is 2ndm FLOPs, its backward twice that."""
+    bench = _load("bench_paper_cost")
+    import torch
+
+    a, b = torch.randn(5, 7, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    with bench.FlopCount() as fc:
+        (a @ b).sum().backward()
+    assert fc.total == 3 * 2 * 5 * 7 * 3

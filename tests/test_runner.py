@@ -67,3 +67,50 @@ def test_make_figures_fails_on_a_failing_notebook(nb_root, tmp_path, repo):
     assert proc.returncode != 0
     assert "02_fail.ipynb" in proc.stderr and "deliberate failure 42" in proc.stderr
     assert (tmp_path / "figs" / "ok-smoke-0").exists()  # the notebook before it ran
+
+
+def _scheduler_notebook(path: Path, declares: bool) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    source = 'profile = "quick"\nseed = 0\nfigures_dir = "."' + ("\nscheduler = None" if declares else "")
+    params = nbformat.v4.new_code_cell(source)
+    params.metadata["tags"] = ["parameters"]
+    env = 'os.environ.get("FLIPFRAG_SCHEDULER")'
+    body = ("import os\nfrom pathlib import Path\n"
+            "param = scheduler if 'scheduler' in globals() else 'undeclared'\n"
+            f"Path(figures_dir, f'{path.stem}|{{param}}|{{{env}}}').touch()")  # fmt: skip
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.notebooks
+def test_scheduler_reaches_kernels_as_env_and_declaring_notebooks_as_parameter(tmp_path, monkeypatch):
+    """`make figures SCHEDULER=local:3`: every kernel sees FLIPFRAG_SCHEDULER (normalised); only a notebook whose
+    parameters cell declares `scheduler` gets the papermill parameter; the runner's own environment is restored."""
+    monkeypatch.delenv("FLIPFRAG_SCHEDULER", raising=False)
+    root = tmp_path / "notebooks"
+    _scheduler_notebook(root / "a_declares.ipynb", True)
+    _scheduler_notebook(root / "b_plain.ipynb", False)
+    figs = tmp_path / "figs"
+    code = runner.main(["--profile", "smoke", "--root", str(root), "--figures-dir", str(figs), "--output-dir",
+                        str(tmp_path / "out"), "--scheduler", "local:03"])  # fmt: skip
+    assert code == 0
+    marks = sorted(p.name for p in figs.iterdir() if "|" in p.name)
+    assert marks == ["a_declares|local:3|local:3", "b_plain|undeclared|local:3"]
+    assert "FLIPFRAG_SCHEDULER" not in os.environ
+    for name, injected in [("a_declares", True), ("b_plain", False)]:
+        nb = nbformat.read(tmp_path / "out" / f"{name}.ipynb", as_version=4)
+        (cell,) = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert ('scheduler = "local:3"' in cell.source) is injected, cell.source
+
+
+def test_bad_or_unreachable_scheduler_stops_before_the_first_notebook(nb_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FLIPFRAG_SCHEDULER_TIMEOUT", "2")
+    figs = tmp_path / "figs"
+    for sched, message in [("locl:2", "is not a scheduler"), ("tcp://127.0.0.1:1", "tcp://127.0.0.1:1")]:
+        code = runner.main(["--profile", "smoke", "--root", str(nb_root), "--figures-dir", str(figs),
+                            "--output-dir", str(tmp_path / "out"), "--scheduler", sched])  # fmt: skip
+        assert code == 1 and message in capsys.readouterr().err
+    assert not (figs / "ok-smoke-0").exists()  # no notebook ran
