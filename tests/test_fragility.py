@@ -683,3 +683,24 @@ def test_grid_spec_is_one_validated_object_with_per_method_iterations(digits_mod
         fr.GridSpec(k=5, beta=0)
     with pytest.raises(ValueError, match="k must be"):
         fr.run_attack_grid(model, x, y, fr.GridSpec(k=10_000))
+
+
+@pytest.mark.slow
+def test_grid_is_identical_serially_and_on_a_local_dask_cluster(digits_model, tmp_path):
+    """The grid's cells as flipfrag.engine tasks: a LocalCluster of 2 worker processes gives the serial numbers, and
+    its cells land in the same checksummed cache (a rerun computes nothing)."""
+    from flipfrag import engine
+
+    model, x, y = digits_model
+    spec = fr.GridSpec(k=5, methods=["gradient", "deeplift"], attacks=["topk", "random"], epsilons=[0, 8 / 255],
+                       iters=3)  # fmt: skip
+    serial = fr.run_attack_grid(model, x, y, spec, cache=False, scheduler="serial")
+    try:
+        dist = fr.run_attack_grid(model, x, y, spec, cache=tmp_path, scheduler="local:2")
+    finally:
+        engine.close_clusters()
+    cols = [c for c in fr.CELL_COLUMNS if c != "cell_seconds"]
+    pd.testing.assert_frame_equal(serial[cols], dist[cols])
+    assert len(list(tmp_path.glob("cell-*.json"))) == 6  # 2 methods x (topk, random) at 8/255 + one shared eps = 0
+    again = fr.run_attack_grid(model, x, y, spec, cache=tmp_path, scheduler="tcp://127.0.0.1:1")  # never contacted
+    pd.testing.assert_frame_equal(dist, again)

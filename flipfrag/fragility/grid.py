@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +14,9 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._io import atomic_write, cache_dir, sha256_files
+from ..engine import EngineCacheError, Task, TaskCache, TaskResult, run_tasks
 from .paper import _LOWER_IS_MORE_CHANGE, ATTACKS, GRID_METHODS, METHODS, METRICS, paper_grid
 from .settings import ROLES, ImageSetting
 
@@ -134,6 +133,30 @@ def load_grid_cell(path: str | Path, key: str) -> pd.DataFrame:
     if payload.get("columns") != CELL_COLUMNS or any(set(r) != set(CELL_COLUMNS) for r in records):
         raise GridCacheError(f"grid cache {path}: columns differ from {CELL_COLUMNS}")
     return pd.DataFrame(records, columns=CELL_COLUMNS)
+
+
+class GridCellCache(TaskCache):
+    """The grid's cell cache as a :class:`flipfrag.engine.TaskCache`: ``<folder>/cell-<key>.json`` written by
+    :func:`save_grid_cell`, verified by :func:`load_grid_cell` (JSON, no pickles; exact float round trip)."""
+
+    def __init__(self, folder: str | Path):
+        super().__init__(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"cell-{key}.json"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def save(self, result: Any) -> Path:
+        return save_grid_cell(self.path(result.key), result.key, result.value)
+
+    def load(self, key: str) -> Any:
+        try:
+            df = load_grid_cell(self.path(key), key)
+        except GridCacheError as err:
+            raise EngineCacheError(str(err)) from err
+        return TaskResult(key=key, value=df, device="cpu", dtype="", seconds=0.0, worker="", cached=True)
 
 
 def _check_list(name: str, values: Sequence[str], allowed: Sequence[str]) -> list[str]:
@@ -297,6 +320,8 @@ def run_attack_grid(
     *,
     cache: bool | str | Path = True,
     progress: bool = False,
+    scheduler: str | None = None,
+    device: str = "cpu",
     **spec_kwargs: Any,
 ) -> pd.DataFrame:
     """Ghorbani et al.'s attack grid (F3): every method x attack x epsilon of ``spec`` on the images ``x``.
@@ -317,6 +342,11 @@ def run_attack_grid(
         modules; a corrupt or foreign cell is recomputed with a warning.
     progress : bool
         tqdm over cells.
+    scheduler : str or None
+        Where the cells run (:mod:`flipfrag.engine`): None reads ``$FLIPFRAG_SCHEDULER`` (unset = in this process),
+        ``"local:N"`` a Dask LocalCluster of N workers, ``"tcp://host:port"`` an existing cluster.
+    device : "cpu", "cuda" or "auto"
+        Where each cell computes (default CPU, so that cached numbers do not depend on the machine's GPU).
 
     Returns
     -------
@@ -342,30 +372,27 @@ def run_attack_grid(
     if spec.k > x.shape[-2] * x.shape[-1]:
         raise ValueError(f"k must be an integer in [1, {x.shape[-2] * x.shape[-1]}], got {spec.k!r}")
     if cache is True:
-        folder: Path | None = cache_dir("fragility")
+        store: GridCellCache | None = GridCellCache(cache_dir("fragility"))
     elif cache is False or cache is None:
-        folder = None
+        store = None
     else:
-        folder = Path(cache)
+        store = GridCellCache(cache)
     x, y = x.detach(), y.detach()
     code = _code_version()
+    cells = spec.cells()
+    tasks = [
+        Task(grid_cache_key(model, x, y, {**spec.cell_settings(method, attack, eps), "code": code}), _run_cell,
+             (model, x, y, spec, method, attack, eps), name=f"{method}/{attack}/eps255={eps * 255:g}")
+        for method, attack, eps in cells
+    ]  # fmt: skip
+    # serial in this process unless FLIPFRAG_SCHEDULER (or scheduler=) names a Dask cluster (flipfrag.engine);
+    # every finished cell is written at once, so an interrupted grid resumes from the cells it has
+    results = run_tasks(tasks, store if store is not None else False, scheduler=scheduler, device=device,
+                        progress=progress, desc="attack grid")  # fmt: skip
     frames = []
-    for method, attack, eps in tqdm(spec.cells(), desc="attack grid", disable=not progress, leave=False):
-        df = path = None
-        if folder is not None:
-            key = grid_cache_key(model, x, y, {**spec.cell_settings(method, attack, eps), "code": code})
-            path = folder / f"cell-{key}.json"
-            if path.exists():
-                try:
-                    df = load_grid_cell(path, key)
-                except GridCacheError as err:
-                    warnings.warn(f"{err}; recomputing", stacklevel=2)
-        if df is None:
-            df = _run_cell(model, x, y, spec, method, attack, eps)
-            if path is not None:
-                save_grid_cell(path, key, df)
-        df = df.copy()
-        df["attack"] = attack
+    for (_, attack, _), res in zip(cells, results):
+        df = res.value.copy()
+        df["attack"] = attack  # eps = 0 cells are shared by the attacks
         frames.append(df)
     return pd.concat(frames, ignore_index=True)[CELL_COLUMNS]
 
