@@ -1,7 +1,9 @@
 """Run the notebooks with papermill: ``python -m flipfrag.runner --profile quick [--select flip_points ...]``.
 
 Each notebook under ``notebooks/`` is executed with kernel ``python3`` and the parameters ``profile``, ``seed`` and
-``figures_dir``; the executed copy goes to ``build/notebooks/<same path>``. A failing notebook stops the run with its
+``figures_dir``; the executed copy goes to ``build/notebooks/<same path>``. The kernel gets ``FLIPFRAG_THREADS``
+(``--threads``, else the caller's ``$FLIPFRAG_THREADS``, else 2), which each notebook's ``plotting.start_run`` applies
+with :func:`flipfrag.set_threads`. A failing notebook stops the run with its
 name, the failing cell's number and the error, and a non-zero exit code. After a successful run,
 ``<figures_dir>/REPRODUCTION.md`` is regenerated.
 """
@@ -9,15 +11,19 @@ name, the failing cell's number and the error, and a non-zero exit code. After a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["NotebookFailed", "find_notebooks", "run_notebook", "run_all", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Torch threads of a notebook's kernel when neither ``threads=`` nor ``$FLIPFRAG_THREADS`` says otherwise.
+DEFAULT_THREADS = 2
 
 
 class NotebookFailed(RuntimeError):
@@ -63,9 +69,15 @@ def run_notebook(
     root: str | Path = REPO_ROOT / "notebooks",
     kernel: str = "python3",
     progress: bool = False,
+    threads: int | None = None,
 ) -> NotebookRun:
-    """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the cell and the error."""
+    """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the cell and the error.
+
+    ``threads``: torch threads in the kernel (passed as ``$FLIPFRAG_THREADS``); default: the caller's
+    ``$FLIPFRAG_THREADS``, else :data:`DEFAULT_THREADS`."""
     import papermill as pm
+
+    from . import THREADS_ENV
 
     path, root = Path(path).resolve(), Path(root).resolve()
     rel = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
@@ -74,14 +86,34 @@ def run_notebook(
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
     params = {"profile": profile, "seed": int(seed), "figures_dir": str(Path(figures_dir).resolve())}
     start = time.perf_counter()
+    n = threads if threads is not None else os.environ.get(THREADS_ENV) or DEFAULT_THREADS
+    if isinstance(n, str):
+        n = int(n) if n.strip().isdigit() else -1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive integer (or ${THREADS_ENV}), got {threads!r}")
     try:
-        pm.execute_notebook(
-            str(path), str(output), parameters=params, kernel_name=kernel, progress_bar=progress,
-            cwd=str(path.parent), log_output=False,
-        )  # fmt: skip
+        with _env(THREADS_ENV, str(n)):
+            pm.execute_notebook(
+                str(path), str(output), parameters=params, kernel_name=kernel, progress_bar=progress,
+                cwd=str(path.parent), log_output=False,
+            )  # fmt: skip
     except pm.PapermillExecutionError as err:
         raise NotebookFailed(_failure_message(path, output, err)) from None
     return NotebookRun(path, output, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable (inherited by the kernel papermill starts) and restore it afterwards."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def run_all(
@@ -92,6 +124,7 @@ def run_all(
     figures_dir: str | Path = REPO_ROOT / "figures",
     output_dir: str | Path = REPO_ROOT / "build" / "notebooks",
     root: str | Path = REPO_ROOT / "notebooks",
+    threads: int | None = None,
 ) -> list[NotebookRun]:
     """Run the selected notebooks in order, stop at the first failure, then write REPRODUCTION.md."""
     from .report import write_reproduction
@@ -102,7 +135,8 @@ def run_all(
     for i, nb in enumerate(notebooks, 1):
         name = nb.relative_to(base) if nb.is_relative_to(base) else nb
         print(f"[{i}/{len(notebooks)}] {name} (profile={profile}, seed={seed}) ...", flush=True)
-        run = run_notebook(nb, profile=profile, seed=seed, figures_dir=figures_dir, output_dir=output_dir, root=root)
+        run = run_notebook(nb, profile=profile, seed=seed, figures_dir=figures_dir, output_dir=output_dir, root=root,
+                           threads=threads)  # fmt: skip
         print(f"      done in {run.seconds:.1f} s -> {run.output}", flush=True)
         runs.append(run)
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
@@ -118,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures-dir", default=str(REPO_ROOT / "figures"))
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "build" / "notebooks"))
     parser.add_argument("--root", default=str(REPO_ROOT / "notebooks"))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per notebook (default $FLIPFRAG_THREADS or 2)"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         runs = run_all(profile=args.profile, seed=args.seed, select=args.select or None, figures_dir=args.figures_dir,
-                       output_dir=args.output_dir, root=args.root)  # fmt: skip
+                       output_dir=args.output_dir, root=args.root, threads=args.threads)  # fmt: skip
     except (NotebookFailed, ValueError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1
