@@ -53,6 +53,9 @@ __all__ = [
     "render_reproduction",
     "write_reproduction",
     "verdict_between",
+    "render_claims_table",
+    "render_runtimes",
+    "update_readme",
 ]
 
 KINDS = ("numeric", "qualitative", "measured")
@@ -312,6 +315,30 @@ def _verdict_cell(c: Mapping[str, Any]) -> str:
     return f"{v} (not derived)" if c.get("kind", "legacy") == "legacy" else v
 
 
+def render_claims_table(claims: Mapping[str, Any], paper: str) -> list[str]:
+    """The short per-claim table of one paper (claim, paper, ours, verdict) — REPRODUCTION.md and README.md."""
+    lines = ["| claim | paper | ours | verdict |", "|---|---|---|---|"]
+    for cid, c in sorted(claims.items()):
+        if cid.split("/")[0] != paper:
+            continue
+        paper_cell = c["paper"] + (f" ({c['source']})" if c.get("source") else "")
+        ours_cell = c["ours"] + (f"; {c['note']}" if c.get("note") else "")
+        if c.get("conditions"):
+            ours_cell += " — test: " + "; ".join(f"{'✓' if ok else '✗'} {k}" for k, ok in c["conditions"].items())
+        cells = (c["claim"], paper_cell, ours_cell, _verdict_cell(c))
+        lines.append("| " + " | ".join(_md_escape(v) for v in cells) + " |")
+    return lines
+
+
+def _verdict_counts(claims: Mapping[str, Any], paper: str) -> str:
+    counts: dict[str, int] = {}
+    for cid, c in claims.items():
+        if cid.split("/")[0] == paper:
+            counts[_verdict_cell(c)] = counts.get(_verdict_cell(c), 0) + 1
+    order = [*VERDICTS, *(f"{v} (not derived)" for v in (*LEGACY_VERDICTS, *VERDICTS))]
+    return ", ".join(f"{counts[v]} {v}" for v in sorted(counts, key=lambda v: order.index(v) if v in order else 99))
+
+
 def render_reproduction(folder: str | Path | None = None) -> str:
     """The text of REPRODUCTION.md for a figures folder."""
     folder = figures_dir(folder)
@@ -335,17 +362,14 @@ def render_reproduction(folder: str | Path | None = None) -> str:
     for paper in papers:
         notes = _PAPER_NOTES.get(paper)
         title = f"## {paper}" + (f" ([paper notes]({docs}/{notes}))" if notes else "")
-        lines += [title, "", "| claim | paper | ours | verdict |", "|---|---|---|---|"]
-        for cid, c in sorted(claims.items()):
-            if cid.split("/")[0] != paper:
-                continue
-            paper_cell = c["paper"] + (f" ({c['source']})" if c.get("source") else "")
-            ours_cell = c["ours"] + (f"; {c['note']}" if c.get("note") else "")
-            if c.get("conditions"):
-                ours_cell += " — test: " + "; ".join(f"{'✓' if ok else '✗'} {k}" for k, ok in c["conditions"].items())
-            cells = (c["claim"], paper_cell, ours_cell, _verdict_cell(c))
-            lines.append("| " + " | ".join(_md_escape(v) for v in cells) + " |")
-        lines.append("")
+        lines += [
+            title,
+            "",
+            f"Verdicts: {_verdict_counts(claims, paper)}.",
+            "",
+            *render_claims_table(claims, paper),
+            "",
+        ]
     lines += _render_deviations(claims, store["substitutions"])
     lines += _render_rules(docs)
     if manifest["notebooks"]:
@@ -413,6 +437,63 @@ def _render_rules(docs: str) -> list[str]:
     ]
 
 
+def render_runtimes(folder: str | Path | None = None) -> str:
+    """One sentence with the measured runtimes of ``MANIFEST.json`` (total and per notebook folder)."""
+    nbs = read_manifest(folder)["notebooks"]
+    if not nbs:
+        return "No notebook runtimes recorded in `figures/MANIFEST.json`."
+    groups: dict[str, float] = {}
+    for nb, info in nbs.items():
+        group = nb.split("/")[0] if "/" in nb else "other"
+        groups[group] = groups.get(group, 0.0) + info["runtime_s"]
+    profiles = sorted({info["profile"] for info in nbs.values()})
+    total = sum(groups.values())
+    parts = ", ".join(f"{g} {t:.0f} s" for g, t in sorted(groups.items()))
+    return (f"Measured (`figures/MANIFEST.json`, profile {'/'.join(profiles)}): {len(nbs)} notebooks in {total:.0f} s "
+            f"of notebook time ({parts}).")  # fmt: skip
+
+
+README_BLOCKS = ("claims", "runtimes")
+
+
+def _readme_block(name: str, folder: str | Path | None) -> str:
+    if name == "runtimes":
+        return render_runtimes(folder)
+    store = read_claims(folder)
+    claims = store["claims"]
+    lines = ["Generated from `figures/claims.json` by `python -m flipfrag.report --readme` (also run by",
+             "`make figures`); verdicts follow the [written rules](docs/papers/README.md#verdict-rules), details and",
+             "deviations in [`figures/REPRODUCTION.md`](figures/REPRODUCTION.md).", ""]  # fmt: skip
+    for paper in sorted({cid.split("/")[0] for cid in claims}):
+        lines += [f"**{paper}** — {_verdict_counts(claims, paper)}.", "", *render_claims_table(claims, paper), ""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def readme_blocks(readme: str | Path) -> dict[str, str]:
+    """The generated blocks of a README (between ``<!-- name:begin -->`` and ``<!-- name:end -->``)."""
+    text = Path(readme).read_text()
+    out = {}
+    for name in README_BLOCKS:
+        m = re.search(rf"<!-- {name}:begin -->\n(.*?)\n?<!-- {name}:end -->", text, re.S)
+        if not m:
+            raise ValueError(f"{readme}: no generated block <!-- {name}:begin --> ... <!-- {name}:end -->")
+        out[name] = m.group(1).rstrip("\n")
+    return out
+
+
+def update_readme(readme: str | Path | None = None, folder: str | Path | None = None) -> Path:
+    """Rewrite README.md's generated blocks (headline claims, runtimes) from ``claims.json`` and ``MANIFEST.json``."""
+    readme = Path(readme) if readme is not None else Path(__file__).resolve().parent.parent / "README.md"
+    text = readme.read_text()
+    readme_blocks(readme)  # every block present
+    for name in README_BLOCKS:
+        body = _readme_block(name, folder)
+        begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
+        head, rest = text.split(begin, 1)
+        text = head + begin + body + "\n" + end + rest.split(end, 1)[1]
+    return atomic_write(readme, lambda tmp: tmp.write_text(text))
+
+
 def write_reproduction(folder: str | Path | None = None) -> Path:
     folder = figures_dir(folder)
     text = render_reproduction(folder)
@@ -422,9 +503,12 @@ def write_reproduction(folder: str | Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write REPRODUCTION.md from claims.json and MANIFEST.json")
     parser.add_argument("--figures-dir", default=None)
+    parser.add_argument("--readme", action="store_true", help="also rewrite README.md's generated blocks")
     args = parser.parse_args(argv)
     path = write_reproduction(args.figures_dir)
     print(f"wrote {path} ({_dt.datetime.now():%H:%M:%S})")
+    if args.readme:
+        print(f"wrote {update_readme(folder=args.figures_dir)}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Each notebook under ``notebooks/`` is executed with kernel ``python3`` and the p
 (``--threads``, else the caller's ``$FLIPFRAG_THREADS``, else 2), which each notebook's ``plotting.start_run`` applies
 with :func:`flipfrag.set_threads`. A failing notebook stops the run with its
 name, the failing cell's number and the error, and a non-zero exit code. After a successful run,
-``<figures_dir>/REPRODUCTION.md`` is regenerated.
+``<figures_dir>/REPRODUCTION.md`` is regenerated, and for the repository's own ``figures/`` also the generated
+blocks of ``README.md`` (headline claims, runtimes).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def run_all(
     threads: int | None = None,
 ) -> list[NotebookRun]:
     """Run the selected notebooks in order, stop at the first failure, then write REPRODUCTION.md."""
-    from .report import write_reproduction
+    from .report import update_readme, write_reproduction
 
     runs = []
     notebooks = find_notebooks(root, select)
@@ -141,6 +142,8 @@ def run_all(
         runs.append(run)
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
     print(f"wrote {write_reproduction(figures_dir)}")
+    if Path(figures_dir).resolve() == (REPO_ROOT / "figures").resolve():  # the committed figures: README follows
+        print(f"wrote {update_readme(folder=figures_dir)} (headline claims and runtimes)")
     return runs
 
 

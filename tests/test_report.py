@@ -232,3 +232,36 @@ def test_every_committed_verdict_follows_from_its_numbers():
         if re.search(r"does not hold|not reproduced", text, re.I):
             assert row["verdict"] in ("does not hold", "not reproduced"), cid
     assert not problems, "\n".join(problems)
+
+
+# ------------------------------------------------------------------------------------------ README
+
+
+def test_readme_headline_results_and_runtimes_are_the_committed_ones():
+    """README's generated blocks equal what figures/claims.json and figures/MANIFEST.json give (no stale numbers)."""
+    blocks = report.readme_blocks(REPO / "README.md")
+    figures = REPO / "figures"
+    assert blocks["claims"] == report._readme_block("claims", figures), "run `python -m flipfrag.report --readme`"
+    assert blocks["runtimes"] == report._readme_block("runtimes", figures), "run `python -m flipfrag.report --readme`"
+    manifest = json.loads((figures / "MANIFEST.json").read_text())
+    total = sum(nb["runtime_s"] for nb in manifest["notebooks"].values())
+    assert f"in {total:.0f} s" in blocks["runtimes"]
+    for cid, c in _committed_rows().items():  # every claim, with its verdict, is in the README
+        assert report._md_escape(c["claim"]) in blocks["claims"], cid
+
+
+def test_update_readme_rewrites_only_the_generated_blocks(run, tmp_path):
+    report.record_claim("fragility/c1", claim="top-k overlap", kind="numeric", paper_value=0.2, ours=0.9,
+                        tolerance=0.05, reference=1.0)  # fmt: skip
+    plotting.finish_run()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- runtimes:begin -->\nold 352 s\n<!-- runtimes:end -->\nmiddle\n"
+                      "<!-- claims:begin -->\nold claims\n<!-- claims:end -->\nend\n")  # fmt: skip
+    report.update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n")
+    assert "352" not in text and "old claims" not in text
+    assert "| top-k overlap | 0.2 | 0.9 | partly |" in text and "1 notebooks in" in text
+    readme.write_text("no blocks")
+    with pytest.raises(ValueError, match="claims:begin"):
+        report.update_readme(readme, tmp_path)
