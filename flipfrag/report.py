@@ -56,6 +56,8 @@ __all__ = [
     "render_claims_table",
     "render_runtimes",
     "update_readme",
+    "NOTEBOOK_OUTPUTS",
+    "check_claim_row",
 ]
 
 KINDS = ("numeric", "qualitative", "measured")
@@ -72,6 +74,127 @@ NOT_AVAILABLE = "not available offline"
 _NEGATIVE = re.compile(r"\bdoes not hold\b|\bnot reproduced\b", re.IGNORECASE)
 _NEGATIVE_VERDICTS = ("not reproduced", "does not hold")
 PAPERS_DOC = "docs/papers"
+
+
+# ----------------------------------------------------------------------------------- what each notebook produces
+
+#: The figure/table ids (MANIFEST entries) and claim ids each notebook must produce — in every profile. The notebook
+#: smoke test (tests/notebooks/test_smoke.py) checks each run against this list in both directions (nothing missing,
+#: nothing undeclared), so a notebook and its entry here cannot drift apart; tests/test_report.py checks the committed
+#: figures/ against it.
+NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "00_data_overview": {
+        "items": (
+            "beyond/fig_data_samples",
+            "beyond/table_data",
+        ),
+        "claims": (),
+    },
+    "flip_points/01_models": {
+        "items": ("flip_points/table_models",),
+        "claims": (
+            "flip_points/claim1_certified",
+            "flip_points/claim7_accuracy",
+        ),
+    },
+    "flip_points/02_confidence": {
+        "items": (
+            "flip_points/fig_confidence",
+            "flip_points/table_confidence",
+        ),
+        "claims": ("flip_points/claim2_confidence",),
+    },
+    "flip_points/03_features": {
+        "items": ("flip_points/fig_features",),
+        "claims": ("flip_points/claim_features",),
+    },
+    "flip_points/04_bias": {
+        "items": ("flip_points/table_bias",),
+        "claims": ("flip_points/claim_bias",),
+    },
+    "flip_points/05_adversarial": {
+        "items": ("flip_points/fig_adversarial",),
+        "claims": ("flip_points/claim6_adversarial",),
+    },
+    "flip_points/06_influential_training": {
+        "items": ("flip_points/fig_influential_training",),
+        "claims": ("flip_points/claim5_influential_training",),
+    },
+    "flip_points/07_pca_rrqr": {
+        "items": (
+            "flip_points/fig_pca",
+            "flip_points/table_rrqr",
+        ),
+        "claims": (
+            "flip_points/claim3_pca",
+            "flip_points/claim4_rrqr",
+        ),
+    },
+    "flip_points/08_model_agnostic": {
+        "items": ("flip_points/fig_model_agnostic",),
+        "claims": ("flip_points/claim_model_agnostic",),
+    },
+    "flip_points/09_homotopy": {
+        "items": ("flip_points/fig_homotopy",),
+        "claims": ("flip_points/claim_homotopy",),
+    },
+    "fragility/01_examples": {
+        "items": ("fragility/fig_examples",),
+        "claims": (),
+    },
+    "fragility/02_geometry_toy": {
+        "items": ("fragility/fig_geometry_toy",),
+        "claims": (),
+    },
+    "fragility/03_imagenet_grid": {
+        "items": (
+            "beyond/table_surrogate_fidelity",
+            "fragility/fig_imagenet_grid",
+            "fragility/table_imagenet_grid",
+        ),
+        "claims": (
+            "fragility/claim1_random_topk_eps8",
+            "fragility/claim1b_random_spearman_eps8",
+            "fragility/claim2_topk_eps8",
+            "fragility/claim2b_topk_eps1",
+            "fragility/claim3_center_shift_eps8",
+            "fragility/claim3b_topk_center_shift_eps8",
+            "fragility/claim3c_center_vs_random",
+            "fragility/claim4_strongest_spearman_eps8",
+            "fragility/claim5_shape",
+            "fragility/claim6_label_kept",
+            "fragility/claim9_dtd",
+        ),
+    },
+    "fragility/04_cifar_grid": {
+        "items": (
+            "fragility/fig_cifar_grid",
+            "fragility/table_cifar_grid",
+        ),
+        "claims": ("fragility/claim7_cifar_less_fragile",),
+    },
+    "fragility/05_targeted": {
+        "items": ("fragility/fig_targeted",),
+        "claims": ("fragility/claim10_targeted",),
+    },
+    "fragility/06_influence": {
+        "items": (
+            "fragility/fig_influence_curves",
+            "fragility/fig_influence_examples",
+            "fragility/table_influence",
+        ),
+        "claims": (
+            "fragility/claim8_influence_top5_eps8",
+            "fragility/claim8b_influence_spearman_eps8",
+            "fragility/claim8c_influence_random_eps10",
+            "fragility/claim8d_influence_accuracy",
+        ),
+    },
+    "fragility/07_hessian": {
+        "items": ("fragility/fig_hessian",),
+        "claims": ("fragility/geometry_hessian",),
+    },
+}
 
 
 def _fmt(value: Any) -> str:
@@ -280,6 +403,38 @@ def _agree(claim_id: str, given: str | None, derived: str) -> str:
     if given is not None and given != derived:
         raise ValueError(f"claim {claim_id!r}: verdict {given!r} given, but the rule gives {derived!r}")
     return derived
+
+
+#: Fields every claims row has; numeric rows also ``numbers``, qualitative rows ``conditions``.
+ROW_FIELDS = ("id", "claim", "paper", "source", "ours", "kind", "verdict", "note", "deviation", "profile", "notebook")
+
+
+def check_claim_row(row: Mapping[str, Any]) -> list[str]:
+    """Problems of one stored claims row (empty list = well formed): fields, kind, and a verdict that follows from
+    the stored numbers by the written rule (legacy rows: an old verdict, never softer than their text)."""
+    cid = row.get("id", "?")
+    problems = [f"{cid}: missing field {f!r}" for f in ROW_FIELDS if f not in row]
+    if problems:
+        return problems
+    if not all(isinstance(row[f], str) for f in ROW_FIELDS):
+        problems.append(f"{cid}: every field of {ROW_FIELDS} must be a string")
+    kind = row["kind"]
+    if kind == "legacy":
+        if row["verdict"] not in (*LEGACY_VERDICTS, *_NEGATIVE_VERDICTS):
+            problems.append(f"{cid}: legacy verdict {row['verdict']!r}")
+    elif kind in KINDS:
+        try:
+            derived = derive_verdict(row)
+        except (KeyError, TypeError, ValueError) as err:
+            return [*problems, f"{cid}: cannot re-derive the verdict ({type(err).__name__}: {err})"]
+        if derived != row["verdict"]:
+            problems.append(f"{cid}: stored verdict {row['verdict']!r}, the rule gives {derived!r}")
+    else:
+        problems.append(f"{cid}: kind {kind!r} not in {KINDS}")
+    text = f"{row['claim']} {row['ours']} {row['note']}"
+    if _NEGATIVE.search(text) and row["verdict"] not in _NEGATIVE_VERDICTS:
+        problems.append(f"{cid}: text says {_NEGATIVE.search(text).group(0)!r}, verdict {row['verdict']!r}")
+    return problems
 
 
 def read_claims(folder: str | Path | None = None) -> dict[str, Any]:

@@ -265,3 +265,26 @@ def test_update_readme_rewrites_only_the_generated_blocks(run, tmp_path):
     readme.write_text("no blocks")
     with pytest.raises(ValueError, match="claims:begin"):
         report.update_readme(readme, tmp_path)
+
+
+def test_committed_figures_match_the_declared_notebook_outputs():
+    """figures/MANIFEST.json and claims.json hold exactly what NOTEBOOK_OUTPUTS declares, notebook by notebook."""
+    manifest = json.loads((REPO / "figures" / "MANIFEST.json").read_text())
+    items, claims = {}, {}
+    for item_id, e in manifest["entries"].items():
+        items.setdefault(e["notebook"], set()).add(item_id)
+    for cid, c in _committed_rows().items():
+        claims.setdefault(c["notebook"], set()).add(cid)
+    for nb, declared in report.NOTEBOOK_OUTPUTS.items():
+        assert items.get(nb, set()) == set(declared["items"]), nb
+        assert claims.get(nb, set()) == set(declared["claims"]), nb
+    assert set(items) | set(claims) <= set(report.NOTEBOOK_OUTPUTS)
+
+
+def test_check_claim_row_finds_problems(run, tmp_path):
+    row = report.record_claim("x/a", claim="c", kind="numeric", paper_value=0.2, ours=0.6, tolerance=0.05, reference=1)
+    assert report.check_claim_row(row) == []
+    assert any("rule gives" in p for p in report.check_claim_row({**row, "verdict": "reproduced"}))
+    assert any("missing field" in p for p in report.check_claim_row({k: v for k, v in row.items() if k != "kind"}))
+    bad = {**row, "numbers": {**row["numbers"], "tolerance": -1}}
+    assert any("cannot re-derive" in p for p in report.check_claim_row(bad))
