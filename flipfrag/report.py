@@ -192,6 +192,10 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
             "fragility/claim8d_influence_accuracy",
         ),
     },
+    "quickstart": {
+        "items": ("beyond/fig_quickstart",),
+        "claims": (),
+    },
     "fragility/07_hessian": {
         "items": ("fragility/fig_hessian",),
         "claims": ("fragility/geometry_hessian",),
