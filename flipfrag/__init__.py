@@ -3,13 +3,43 @@
 Modules (one concept each): ``profiles``, ``datasets``, ``models``, ``smooth``, ``flip``, ``flipstats``,
 ``saliency``, ``attacks``, ``metrics``, ``influence``, ``hessian``, ``plotting``; ``engine`` runs the heavy work
 (in process or on a Dask cluster, ``FLIPFRAG_SCHEDULER``) with resumable, checksummed caches.
+
+``import flipfrag`` changes no global state. :func:`set_threads` sets torch's thread count when asked: the runner
+(``python -m flipfrag.runner``, ``make figures``) and ``make test`` pass ``FLIPFRAG_THREADS`` and every notebook's
+:func:`flipfrag.plotting.start_run` applies it.
 """
 
 import os as _os
 
-import torch as _torch
-
 __version__ = "0.1.0"
 
-# The reference machine has 2 cores; more threads than cores slows small models down. FLIPFRAG_THREADS overrides.
-_torch.set_num_threads(int(_os.environ.get("FLIPFRAG_THREADS", "2")))
+__all__ = ["set_threads", "THREADS_ENV"]
+
+#: Environment variable read by :func:`set_threads` when no count is given.
+THREADS_ENV = "FLIPFRAG_THREADS"
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op thread count for this process and return the count in effect.
+
+    ``n``: the count (>= 1). ``None``: ``$FLIPFRAG_THREADS`` if set, otherwise torch's setting is left alone. On a
+    small machine shared by several jobs, more threads than free cores slow small models down (the reference machine
+    has 2 cores; ``make`` uses 2).
+    """
+    import torch
+
+    if n is None:
+        raw = _os.environ.get(THREADS_ENV, "").strip()
+        if not raw:
+            return torch.get_num_threads()
+        try:
+            n = int(raw)
+        except ValueError:
+            raise ValueError(f"${THREADS_ENV} must be a positive integer, got {raw!r}") from None
+        name = f"${THREADS_ENV}"
+    else:
+        name = "n"
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    torch.set_num_threads(n)
+    return n

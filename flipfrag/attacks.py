@@ -14,7 +14,7 @@ The iterative attacks share one loop (:meth:`InterpretationAttack._run`, the pap
                              evaluate x^p on the *original* model: label kept? criterion?
     return, per image, the best label-preserving iterate by the attack's own criterion (or x itself).
 
-Design choices (see the spec, ``papers/fragility.md`` §2 and §8):
+Design choices (see the paper notes, ``docs/papers/fragility.md`` §2 and §8):
 
 * **Surrogate.** ReLU nets have zero second derivatives almost everywhere, so for ``gradient``, ``ig`` and ``lrp``
   the step direction is computed on :func:`flipfrag.smooth.softplus_surrogate` (same weights, β = 1 as in the authors'

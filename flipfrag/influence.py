@@ -1,6 +1,7 @@
 """Influence functions for a logistic layer on frozen features, and Ghorbani et al.'s attack on them.
 
-The model (paper-2 §5): a frozen feature extractor ``phi`` (Inception v3 pool features in the paper, 2048-d) and on
+The model (``docs/papers/fragility.md`` §5):
+a frozen feature extractor ``phi`` (Inception v3 pool features in the paper, 2048-d) and on
 top a single logistic unit with parameters ``theta = (w, b)``, ``w`` in R^d, stored flat as ``theta[:d] = w``,
 ``theta[d] = b`` (the authors' ``W_flat``). For a feature vector ``f`` the logit is ``z = w . f + b`` and
 ``p = sigmoid(z)`` is the probability of class 1. Two per-example losses are offered:

@@ -126,10 +126,13 @@ def start_run(
     parameters: dict[str, Any] | None = None,
     substitutions: str | None = None,
 ) -> Run:
-    """Start recording for a notebook (call right after the parameters cell). Applies the figure style."""
+    """Start recording for a notebook (call right after the parameters cell). Applies the figure style and the
+    thread count of ``$FLIPFRAG_THREADS`` if set (:func:`flipfrag.set_threads`; the runner and ``make`` set it)."""
+    from . import set_threads
     from .profiles import get_profile
 
     get_profile(profile)  # validates the name
+    set_threads()
     global _RUN
     set_style()
     _RUN = Run(

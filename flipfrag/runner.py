@@ -1,7 +1,9 @@
 """Run the notebooks with papermill: ``python -m flipfrag.runner --profile quick [--select flip_points ...]``.
 
 Each notebook under ``notebooks/`` is executed with kernel ``python3`` and the parameters ``profile``, ``seed`` and
-``figures_dir``; the executed copy goes to ``build/notebooks/<same path>``.
+``figures_dir``; the executed copy goes to ``build/notebooks/<same path>``. The kernel gets ``FLIPFRAG_THREADS``
+(``--threads``, else the caller's ``$FLIPFRAG_THREADS``, else 2), which each notebook's ``plotting.start_run`` applies
+with :func:`flipfrag.set_threads`.
 
 ``--scheduler`` (``make figures SCHEDULER=...``; default ``$FLIPFRAG_SCHEDULER``) says where the heavy work runs
 (:mod:`flipfrag.engine`: ``serial``, ``local:N``, ``tcp://host:port``). It is checked before the first notebook (a
@@ -11,7 +13,8 @@ to notebooks whose parameters cell declares ``scheduler``, also as that papermil
 shows it). Notebooks that do not declare it get no unknown parameter injected.
 
 A failing notebook stops the run with its name, the failing cell's number and the error, and a non-zero exit code.
-After a successful run, ``<figures_dir>/REPRODUCTION.md`` is regenerated.
+After a successful run, ``<figures_dir>/REPRODUCTION.md`` is regenerated, and for the repository's own ``figures/``
+also the generated blocks of ``README.md`` (headline claims, runtimes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pathlib import Path
 __all__ = ["NotebookFailed", "find_notebooks", "run_notebook", "run_all", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Torch threads of a notebook's kernel when neither ``threads=`` nor ``$FLIPFRAG_THREADS`` says otherwise.
+DEFAULT_THREADS = 2
 
 
 class NotebookFailed(RuntimeError):
@@ -91,13 +96,17 @@ def run_notebook(
     kernel: str = "python3",
     progress: bool = False,
     scheduler: str | None = None,
+    threads: int | None = None,
 ) -> NotebookRun:
     """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the cell and the error.
 
     ``scheduler`` (None: leave ``$FLIPFRAG_SCHEDULER`` as it is) is set as the kernel's ``FLIPFRAG_SCHEDULER`` and
-    passed as the parameter ``scheduler`` if the notebook's parameters cell declares it."""
+    passed as the parameter ``scheduler`` if the notebook's parameters cell declares it. ``threads``: torch threads
+    in the kernel (passed as ``$FLIPFRAG_THREADS``); default: the caller's ``$FLIPFRAG_THREADS``, else
+    :data:`DEFAULT_THREADS`."""
     import papermill as pm
 
+    from . import THREADS_ENV
     from .engine import SCHEDULER_ENV, parse_scheduler
 
     path, root = Path(path).resolve(), Path(root).resolve()
@@ -111,8 +120,13 @@ def run_notebook(
         if "scheduler" in pm.inspect_notebook(str(path)):
             params["scheduler"] = scheduler
     start = time.perf_counter()
+    n = threads if threads is not None else os.environ.get(THREADS_ENV) or DEFAULT_THREADS
+    if isinstance(n, str):
+        n = int(n) if n.strip().isdigit() else -1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive integer (or ${THREADS_ENV}), got {threads!r}")
     try:
-        with _environment(SCHEDULER_ENV, scheduler):
+        with _environment(SCHEDULER_ENV, scheduler), _environment(THREADS_ENV, str(n)):
             pm.execute_notebook(
                 str(path), str(output), parameters=params, kernel_name=kernel, progress_bar=progress,
                 cwd=str(path.parent), log_output=False,
@@ -131,12 +145,13 @@ def run_all(
     output_dir: str | Path = REPO_ROOT / "build" / "notebooks",
     root: str | Path = REPO_ROOT / "notebooks",
     scheduler: str | None = None,
+    threads: int | None = None,
 ) -> list[NotebookRun]:
     """Run the selected notebooks in order, stop at the first failure, then write REPRODUCTION.md.
 
     ``scheduler`` is checked first (:func:`flipfrag.engine.check_scheduler`), then passed to every notebook."""
     from .engine import check_scheduler
-    from .report import write_reproduction
+    from .report import update_readme, write_reproduction
 
     if scheduler is not None:
         scheduler = check_scheduler(scheduler)
@@ -149,11 +164,13 @@ def run_all(
         name = nb.relative_to(base) if nb.is_relative_to(base) else nb
         print(f"[{i}/{len(notebooks)}] {name} (profile={profile}, seed={seed}) ...", flush=True)
         run = run_notebook(nb, profile=profile, seed=seed, figures_dir=figures_dir, output_dir=output_dir, root=root,
-                           scheduler=scheduler)  # fmt: skip
+                           scheduler=scheduler, threads=threads)  # fmt: skip
         print(f"      done in {run.seconds:.1f} s -> {run.output}", flush=True)
         runs.append(run)
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
     print(f"wrote {write_reproduction(figures_dir)}")
+    if Path(figures_dir).resolve() == (REPO_ROOT / "figures").resolve():  # the committed figures: README follows
+        print(f"wrote {update_readme(folder=figures_dir)} (headline claims and runtimes)")
     return runs
 
 
@@ -170,13 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("FLIPFRAG_SCHEDULER") or None,
         help="where heavy work runs: serial, local:N or tcp://host:port (default $FLIPFRAG_SCHEDULER)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per notebook (default $FLIPFRAG_THREADS or 2)"
+    )
     args = parser.parse_args(argv)
     from .engine import SchedulerError
 
     start = time.perf_counter()
     try:
         runs = run_all(profile=args.profile, seed=args.seed, select=args.select or None, figures_dir=args.figures_dir,
-                       output_dir=args.output_dir, root=args.root, scheduler=args.scheduler)  # fmt: skip
+                       output_dir=args.output_dir, root=args.root, scheduler=args.scheduler,
+                       threads=args.threads)  # fmt: skip
     except (NotebookFailed, ValueError, SchedulerError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1

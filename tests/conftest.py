@@ -9,6 +9,11 @@ os.environ.setdefault("FLIPFRAG_CACHE", str(Path(__file__).resolve().parent.pare
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import flipfrag  # noqa: E402
+
+# `import flipfrag` sets nothing; the test process uses $FLIPFRAG_THREADS (make: 2), else 2
+flipfrag.set_threads(int(os.environ.get(flipfrag.THREADS_ENV) or 2))
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -301,3 +301,85 @@ def test_floor_center_reports_floored_shift(setup):
     out = MassCenterAttack(model, k=K, iters=3, step=1 / 255, floor_center=True, progress=False)(x, y)
     torch.testing.assert_close(out.metrics["center"], center_of_mass_shift(out.saliency, out.saliency_adv, floor=True))
     assert torch.equal(out.metrics["center"], out.criterion)
+
+
+# ------------------------------------------------------------------------ first step by hand, random-walk baseline
+
+
+def _smooth_net():
+    """A small tanh CNN in float64 (no ReLU, so the attack differentiates the model itself)."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)).double()
+    with torch.no_grad():
+        net[3].bias[0] += 20.0  # class 0 wins by a wide margin: small steps keep the label (the map is unaffected)
+    return net.eval()
+
+
+def _topk_objective_by_hand(net, x, y, idx):
+    """D(x) = −(mass of the normalised simple-gradient map on the pixels idx), written out without flipfrag."""
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(net(x).gather(1, y[:, None]).sum(), x)
+    m = g.abs().sum(1).flatten(1)
+    m = m / m.sum(1, keepdim=True)
+    return -m.gather(1, idx).sum(1)
+
+
+@pytest.mark.parametrize(("step", "eps"), [(0.01, 0.05), (0.1, 0.03)])
+def test_first_topk_step_is_the_hand_computed_sign_step(step, eps):
+    """x¹ = clip(x + step · sign(∇D(x)), [x − eps, x + eps] ∩ [0, 1]) with ∇D by central finite differences of a
+    hand-written top-k objective (the second case has step > eps, so the ε-ball clips every pixel)."""
+    net = _smooth_net()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 6, 6, generator=gen, dtype=torch.float64)
+    x[:, :, 0, :3] = 0.0  # pixels on the box: the step must be clipped to [0, 1] where it points outward
+    x[:, :, 5, 3:] = 1.0
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    k = 5
+    x_ = x.clone().requires_grad_(True)
+    (g0,) = torch.autograd.grad(net(x_).gather(1, y[:, None]).sum(), x_)
+    idx = g0.abs().sum(1).flatten(1).topk(k, dim=1).indices
+    h = 1e-6
+    grad = torch.zeros_like(x).flatten(1)
+    for j in range(36):
+        e = torch.zeros_like(x).flatten(1)
+        e[:, j] = h
+        e = e.view_as(x)
+        diff = _topk_objective_by_hand(net, x + e, y, idx) - _topk_objective_by_hand(net, x - e, y, idx)
+        grad[:, j] = diff / (2 * h)
+    grad = grad.view_as(x)
+    expected = torch.clamp(torch.minimum(torch.maximum(x + step * grad.sign(), x - eps), x + eps), 0, 1)
+    assert (expected != x + step * grad.sign()).any()  # the clipping is exercised
+
+    out = TopKAttack(net, "gradient", eps=eps, step=step, iters=1, k=k, criterion="spearman", progress=False)(x, y)
+    assert (out.best_iter == 1).all() and out.label_kept.all()  # x_adv is the first iterate
+    clear = grad.abs() > 1e-6  # finite differences decide the sign reliably
+    assert clear.float().mean() > 0.8
+    torch.testing.assert_close(out.x_adv[clear], expected[clear], rtol=0, atol=1e-12)
+    # the remaining pixels still moved by a full sign step (or were clipped)
+    moved = (out.x_adv - x).abs()
+    ok = torch.isclose(moved, torch.full_like(moved, min(step, eps))) | (out.x_adv == 0) | (out.x_adv == 1)
+    assert ok.all()
+
+
+@pytest.mark.parametrize("method", ["gradient", "deeplift"])
+def test_attacks_beat_the_random_walk_with_the_same_selection(setup, method):
+    """The authors' random baseline is a random-sign *walk* through the same loop with the same best-of-P
+    selection; the attacks must beat it on their own metric (best of 3 walk seeds, same eps, step, iters), with the
+    per-metric selection of the fragility grid (fragility.best_by_metric) applied to both."""
+    from flipfrag.fragility import best_by_metric
+
+    model, x, y = setup
+    kw = {"eps": EPS, "k": K, "progress": False, "iters": 30, "step": 1 / 255}
+    topk = best_by_metric(TopKAttack(model, method, **kw)(x, y).history)["topk"].mean()
+    center = best_by_metric(MassCenterAttack(model, method, **kw)(x, y).history)["center"].mean()
+    walk_topk, walk_center = [], []
+    for seed in range(3):
+        wt = RandomSignAttack(model, method, walk=True, seed=seed, criterion="topk", **kw)(x, y)
+        wc = RandomSignAttack(model, method, walk=True, seed=seed, criterion="center", **kw)(x, y)
+        assert wt.history["criterion"].shape[0] == kw["iters"] + 1  # a walk of the same length
+        walk_topk.append(best_by_metric(wt.history)["topk"].mean())
+        walk_center.append(best_by_metric(wc.history)["center"].mean())
+        assert walk_topk[-1] < 1  # the walk itself changes the maps (selection makes it mildly adversarial)
+    assert topk < min(walk_topk) - 0.02
+    assert center > 1.3 * max(walk_center)

@@ -114,3 +114,68 @@ def test_bad_or_unreachable_scheduler_stops_before_the_first_notebook(nb_root, t
                             "--output-dir", str(tmp_path / "out"), "--scheduler", sched])  # fmt: skip
         assert code == 1 and message in capsys.readouterr().err
     assert not (figs / "ok-smoke-0").exists()  # no notebook ran
+
+
+# ------------------------------------------------------------------------------------------ threads
+
+
+def test_import_flipfrag_changes_no_thread_count():
+    """`import flipfrag` (and its modules) leaves the caller's torch thread count alone, even with the env set."""
+    code = ("import torch; torch.set_num_threads(3); import flipfrag, flipfrag.attacks, flipfrag.flip; "
+            "print(torch.get_num_threads())")  # fmt: skip
+    env = {**os.environ, "FLIPFRAG_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "3"
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_set_threads(monkeypatch, restore_threads):
+    import torch
+
+    import flipfrag
+
+    assert flipfrag.set_threads(1) == 1 and torch.get_num_threads() == 1
+    monkeypatch.setenv("FLIPFRAG_THREADS", "2")
+    assert flipfrag.set_threads() == 2 and torch.get_num_threads() == 2
+    monkeypatch.delenv("FLIPFRAG_THREADS")
+    torch.set_num_threads(1)
+    assert flipfrag.set_threads() == 1  # no count, no env: torch's setting untouched
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="n must"):
+            flipfrag.set_threads(bad)
+    monkeypatch.setenv("FLIPFRAG_THREADS", "two")
+    with pytest.raises(ValueError, match="FLIPFRAG_THREADS"):
+        flipfrag.set_threads()
+
+
+def test_start_run_applies_the_env_thread_count(monkeypatch, tmp_path, restore_threads):
+    import torch
+
+    from flipfrag import plotting
+
+    torch.set_num_threads(2)
+    monkeypatch.setenv("FLIPFRAG_THREADS", "1")
+    plotting.start_run("t", profile="smoke", seed=0, figures_dir=tmp_path)
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.notebooks
+def test_runner_passes_the_thread_count_to_the_kernel(tmp_path, monkeypatch):
+    body = ("import torch\nfrom pathlib import Path\nfrom flipfrag import plotting\n"
+            "plotting.start_run('t', profile=profile, seed=seed, figures_dir=figures_dir)\n"
+            "Path(figures_dir, 'threads').write_text(str(torch.get_num_threads()))")  # fmt: skip
+    nb = _notebook(tmp_path / "nb" / "t.ipynb", body)
+    monkeypatch.setenv("FLIPFRAG_THREADS", "2")
+    runner.run_notebook(nb, profile="smoke", figures_dir=tmp_path / "f", output_dir=tmp_path / "o", threads=1)
+    assert (tmp_path / "f" / "threads").read_text() == "1"
+    assert os.environ["FLIPFRAG_THREADS"] == "2"  # restored for the caller
+    with pytest.raises(ValueError, match="threads"):
+        runner.run_notebook(nb, profile="smoke", figures_dir=tmp_path / "f", output_dir=tmp_path / "o", threads=0)
