@@ -151,6 +151,7 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
         "items": (
             "beyond/table_surrogate_fidelity",
             "fragility/fig_imagenet_grid",
+            "fragility/table_convergence",
             "fragility/table_imagenet_grid",
         ),
         "claims": (
@@ -173,7 +174,7 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
             "fragility/fig_cifar_grid",
             "fragility/table_cifar_grid",
         ),
-        "claims": ("fragility/claim7_cifar_less_fragile",),
+        "claims": ("fragility/claim7_cifar_less_fragile", "fragility/claim7b_dimension_mnist"),
     },
     "fragility/05_targeted": {
         "items": ("fragility/fig_targeted",),

@@ -27,7 +27,7 @@ paper's 0-255 scale as ``eps255``. Center shifts are in pixels of the saliency m
 map's side so that maps of different sizes can be compared.
 """
 
-from .claims import attacks_beat_random, combine_verdicts, dimension_claim, grid_claims, shape_stats
+from .claims import attacks_beat_random, dimension_claim, grid_claims, shape_stats
 from .examples import attack_examples, target_box
 from .exemplars import (
     CNNFeatures,
@@ -135,7 +135,6 @@ __all__ = [
     "run_attack_grid",
     "summarize_grid",
     "grid_table",
-    "combine_verdicts",
     "shape_stats",
     "grid_claims",
     "dimension_claim",

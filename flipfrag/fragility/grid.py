@@ -451,7 +451,7 @@ def grid_deviation(setting: ImageSetting, prof: dict[str, Any]) -> str:
 def summarize_grid(df: pd.DataFrame, *, selection: str = "own") -> pd.DataFrame:
     """Mean metrics per (method, attack, eps255) over images.
 
-    ``selection="own"``: metrics at the iterate each attack selects on its own criterion (the spec's recommended
+    ``selection="own"``: metrics at the iterate each attack selects on its own criterion (the notes' recommended
     reading); ``"per_metric"``: each metric at its own best iterate (the authors' ``measure`` argument). Failed
     attacks are averaged in as "no change" (the authors' code) and counted in ``n_failed``. Adds ``center_rel``
     (center shift / map side), ``label_kept`` (fraction), ``conf0`` / ``conf_adv`` (mean softmax probability of the

@@ -15,13 +15,7 @@ ROOT = REPO_ROOT / "notebooks"
 
 #: Notebooks that still type their verdicts in (old record_claim API; owned by the fragility rewrite). Empty this
 #: set as they switch to kind=...: the test fails if a listed notebook has no old-API row, or an unlisted one has.
-STILL_ON_OLD_API = {
-    "fragility/03_imagenet_grid",
-    "fragility/04_cifar_grid",
-    "fragility/05_targeted",
-    "fragility/06_influence",
-    "fragility/07_hessian",
-}
+STILL_ON_OLD_API: set[str] = set()
 
 
 def _name(path):
