@@ -49,8 +49,8 @@ def geometry_comparison(
     beta: float = 1.0,
     seed: int = 0,
 ) -> tuple[pd.DataFrame, torch.Tensor]:
-    """Notes §6 (ii) (``docs/papers/fragility.md``): top-k attack on the simple gradient vs random sign noise of the same L-inf size, seen through
-    the input Hessian of the softplus(``beta``) surrogate's class score.
+    """Notes §6 (ii) (``docs/papers/fragility.md``): top-k attack on the simple gradient vs random sign noise of the
+    same L-inf size, seen through the input Hessian of the softplus(``beta``) surrogate's class score.
 
     Returns ``(df, x_adv)``; ``df`` has one row per (kind, image) with ``cos_grad`` = cos(δ, ∇S),
     ``hess_gain`` = ‖Hδ‖/‖δ‖, ``first_order`` = ∇Sᵀδ, ``score_change`` (actual), ``relative_saliency_change`` =

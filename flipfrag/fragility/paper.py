@@ -42,7 +42,8 @@ PAPER_EPS255 = (1, 2, 4, 8)
 PAPER_SIDE = 227
 
 #: Ghorbani et al., F3 (README ``SaliencyMethodsComparison.png``; the DTD column is the appendix's), values at
-#: eps = 1, 2, 4, 8 read off the figure by eye (``docs/papers/fragility.md`` §4: ±0.02 on [0, 1] axes, ±2 px on the center-shift axis).
+#: eps = 1, 2, 4, 8 read off the figure by eye (``docs/papers/fragility.md`` §4: ±0.02 on [0, 1] axes, ±2 px on the
+#: center-shift axis).
 #: 512 ImageNet validation images, SqueezeNet 1.0, k = 1000 of 227x227 pixels. Keys: (method, attack) -> metric.
 PAPER_F3: dict[tuple[str, str], dict[str, tuple[float, float, float, float]]] = {
     ("gradient", "topk"): {"topk": (0.06, 0.005, 0.005, 0.005), "spearman": (0.54, 0.38, 0.30, 0.285),
