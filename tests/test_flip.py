@@ -741,4 +741,4 @@ def test_inputs_not_mutated_and_deterministic():
     assert r1.status == r2.status
     assert r1.converged.any()
     assert torch.equal(r1.x_flip[r1.converged][:, 2], x[r1.converged][:, 2])  # masked feature fixed
-    _recompute_certificate(model, x, r1, lower=lower, upper=upper, mask=mask, scale=scale)  # bounds + mask + homotopy path
+    _recompute_certificate(model, x, r1, lower=lower, upper=upper, mask=mask, scale=scale)  # bounds, mask, homotopy
