@@ -16,7 +16,8 @@ t != s with every other class below, inside the data's box (images: [0, 1]).
 
 Models: a 784-100-100-10 tanh MLP trained 15 epochs on the 4,000 training digits of the shipped MNIST-5k, the same
 MLP untrained (random), an Adult MLP (104 features, one-hot blocks relaxed to [0, 1]), and — when
-``flipfrag.models.cifar10_cnn`` is available — the pretrained CIFAR-10 CNN on the shipped CIFAR-10 photos.
+``flipfrag.models.cifar10_cnn`` is available and not ``--quick`` — the pretrained CIFAR-10 CNN on 2 of the shipped
+CIFAR-10 photos (no SLSQP there: hours per point at n = 3072).
 All models float32 (as users run them); flipfrag solves in float64 and certifies in float32.
 
 Reported per model: ms per point for every method (same batch, after a warm-up), certified share (flipfrag) or
@@ -25,8 +26,8 @@ against the peer's distance and against the crossing on the segment to the peer'
 
 Usage::
 
-    python benchmarks/bench_flip.py            # ~15 minutes on 2 shared cores
-    python benchmarks/bench_flip.py --quick    # ~3 minutes: fewer points, SLSQP estimated from one solve
+    python benchmarks/bench_flip.py            # ~15 minutes on shared cores (1 torch thread)
+    python benchmarks/bench_flip.py --quick    # ~3 minutes: fewer points, no CNN, SLSQP estimated from one solve
 
 Writes ``benchmarks/results/flip.{json,md}`` (``flip_quick.*`` with ``--quick``).
 """
@@ -49,8 +50,8 @@ from flipfrag._io import atomic_write, atomic_write_json
 from flipfrag.flip import closest_flip_point
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FULL = {"points": 64, "cifar_points": 20, "slsqp": "measured", "repeats": 3}
-QUICK = {"points": 16, "cifar_points": 4, "slsqp": "estimated", "repeats": 1}
+FULL = {"points": 64, "cifar_points": 2, "slsqp": "measured", "repeats": 3}
+QUICK = {"points": 16, "cifar_points": 0, "slsqp": "estimated", "repeats": 1}
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -177,20 +178,21 @@ def timed(fn, repeats: int):
     return statistics.median(times), out
 
 
-def run_model(spec, cfg: dict, n_points: int) -> dict:
+def run_model(spec, cfg: dict, n_points: int, repeats: int | None = None, slsqp: bool = True) -> dict:
     net, X, lo, hi, label = spec
+    repeats = cfg["repeats"] if repeats is None else repeats
     x = X[:n_points].float()
     with torch.no_grad():
         y = net(x).argmax(1)
     C = int(net(x[:1]).shape[1])
     N = len(x)
-    # warm-up of every method on 2 points (first-call costs of autograd / BLAS are not the method's)
-    closest_flip_point(net, x[:2], lower=lo, upper=hi)
-    attack("FAB", net, x[:2], y[:2], C)
-    attack("DeepFool", net, x[:2], y[:2], C)
-    t_ours, res = timed(lambda: closest_flip_point(net, x, lower=lo, upper=hi), cfg["repeats"])
-    t_fab, x_fab = timed(lambda: attack("FAB", net, x, y, C), cfg["repeats"])
-    t_df, x_df = timed(lambda: attack("DeepFool", net, x, y, C), cfg["repeats"])
+    # warm-up of every method (first-call costs of autograd / BLAS are not the method's); a cheap 1-point solve
+    closest_flip_point(net, x[:1], lower=lo, upper=hi, max_iter=3, upper_bounds=False, screen=1)
+    attack("FAB", net, x[:1], y[:1], C)
+    attack("DeepFool", net, x[:1], y[:1], C)
+    t_ours, res = timed(lambda: closest_flip_point(net, x, lower=lo, upper=hi), repeats)
+    t_fab, x_fab = timed(lambda: attack("FAB", net, x, y, C), repeats)
+    t_df, x_df = timed(lambda: attack("DeepFool", net, x, y, C), repeats)
     out = {"model": label, "points": N, "classes": C, "features": int(x[0].numel()),
            "ours_ms": 1000 * t_ours / N, "certified": res.success_rate,
            "ours_status_failed": [s for s in res.status if s != "converged"][:5]}
@@ -205,6 +207,11 @@ def run_model(spec, cfg: dict, n_points: int) -> dict:
                      "ratio_to_distance": ratios(ours, dist), "ratio_to_crossing": ratios(ours, cross)}
     out["speedup_vs_FAB"] = out["FAB"]["ms"] / out["ours_ms"]
     out["speedup_vs_DeepFool"] = out["DeepFool"]["ms"] / out["ours_ms"]
+    if not slsqp:
+        out["SLSQP"] = {"ms": math.nan, "basis": "not run (hours per point at this size)", "pairs": [],
+                        "ratio_point0": None, "ratio_pairs": {}}
+        out["speedup_vs_SLSQP"] = math.nan
+        return out
     # SLSQP on one point (float64 copy of the model)
     net64 = __import__("copy").deepcopy(net).double()
     s = int(y[0])
@@ -281,21 +288,24 @@ NOTES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer points, SLSQP estimated from one solve")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the cores are shared)")
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     result = {"mode": "quick" if args.quick else "full", "repeats": cfg["repeats"],
               "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
               "models": [], "notes": NOTES}
     specs = [(mnist_mlp(True), cfg["points"]), (mnist_mlp(False), cfg["points"]), (adult_mlp(), cfg["points"])]
-    cnn = cifar_cnn()
+    cnn = cifar_cnn() if cfg["cifar_points"] else None
     if cnn is not None:
         specs.append((cnn, cfg["cifar_points"]))
     else:
-        result["notes"].append("flipfrag.models.cifar10_cnn is not available in this checkout: no CNN row.")
+        result["notes"].append("No CIFAR-10 CNN row (--quick, or flipfrag.models.cifar10_cnn not available).")
     for spec, n_points in specs:
-        r = run_model(spec, cfg, n_points)
+        is_cnn = spec is cnn
+        r = run_model(spec, cfg, n_points, repeats=1 if is_cnn else None, slsqp=not is_cnn)
         result["models"].append(r)
         print(f"{r['model']}: flipfrag {r['ours_ms']:.1f} ms ({100 * r['certified']:.0f} % certified), FAB "
               f"{r['FAB']['ms']:.1f}, DeepFool {r['DeepFool']['ms']:.1f}, SLSQP {r['SLSQP']['ms']:.0f} ms/point",

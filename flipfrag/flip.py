@@ -11,8 +11,26 @@ closest flip point (Yousefzadeh & O'Leary 2019) solves::
 
 ``margin = 0`` is the definition; the authors' MATLAB code used ``margin = 0.2 / C``.
 
-Algorithm (one implementation, all points advanced together)
-------------------------------------------------------------
+The steps (``closest_flip_point`` -> ``_solve`` -> ``_choose``; all points advanced together)
+---------------------------------------------------------------------------------------------
+1. **screen** (``_screen``): with ``target=None``, only the ``screen`` (default 3) classes of smallest linearised
+   distance ``|z_s - z_t| / ||D^-1 grad(z_s - z_t)||`` are solved for — one Jacobian of all classes at ``x_hat``.
+2. **start** (``_solve_candidates``): one SQP solve per (point, screened target) from ``x_hat``; plus random
+   ``restarts`` and the ``homotopy`` path when asked.
+3. **bound** (``_start_from_crossings``): on the segment from ``x_hat`` to any label-changing point — a
+   DeepFool-style point (``_deepfool``), the caller's ``candidates`` (e.g. FAB's output), the solver's own last
+   iterates (two rounds) — the first point where the predicted class leaves the source is a flip point (scan and
+   bisection, ``_segment_crossing``). Its distance is an upper bound on the closest flip point's (``upper_bound``);
+   the closest such point of each point starts one more SQP solve (a feasible start, from which the merit line
+   search only descends).
+4. **iterate** (``_sqp``): the SQP method below.
+5. **certify** (``_certify``): every candidate, with the original model (section Certification).
+6. **choose** (``_choose``): per point the closest certified candidate. It is reported converged only if its distance
+   is at most 1.01 x the point's upper bound; otherwise the point is reported failed (the crossing itself is not
+   a certified closest point and is never returned in its place).
+
+The SQP iteration
+-----------------
 A batched SQP (sequential quadratic programming) method with a scalar-secant Hessian model, globalised by an l1
 merit line search:
 
@@ -45,16 +63,20 @@ After solving, every point is re-evaluated with the *original* model in its own 
 * ``margin = min_k (z_t - z_k)`` over the other classes must be ``>= margin_param - tol * max(1, |z_s|, |z_t|)``
   (the same tolerance: at a point where three scores meet, ``margin = 0`` holds only up to rounding);
 * ``bound_violation = max(lower - x, x - upper, 0)`` (and masked features moved) must be exactly 0;
-* ``kkt`` — the first-order optimality measure — must be ``<= kkt_tol``. It is the norm of the projected gradient of
-  the Lagrangian ``D^2 (x - x_hat) + A^T lam`` (multipliers fitted by least squares on the free coordinates, with
-  ``lam_k >= 0`` for the active inequalities; at a bound only the component pushing out of the box counts), measured
-  in the scaled norm and divided by ``||D (x - x_hat)||``. For a single active constraint and no active bounds it is
-  ``tan`` of the angle between ``x - x_hat`` and the constraint normal. For nonsmooth models a feasible point that
-  fails it is re-measured against a bundle of gradients of ``g`` sampled within ``1e-3 * distance`` (Goldstein
-  epsilon-stationarity: any same-sign combination of them may balance ``D^2 (x - x_hat)``).
+* ``kkt`` — the first-order optimality measure — must be ``<= kkt_tol + eps * ||D x|| / ||D (x - x_hat)||``. It is
+  the norm of the projected gradient of the Lagrangian ``D^2 (x - x_hat) + A^T lam`` (multipliers fitted by least
+  squares on the free coordinates, with ``lam_k >= 0`` for the active inequalities; at a bound only the component
+  pushing out of the box counts), measured in the scaled norm and divided by ``||D (x - x_hat)||``. ``eps`` is the
+  machine epsilon of the coarser of x's and the model's dtype: the change of ``D^2 (x - x_hat)`` that rounding
+  ``x_flip`` to that dtype alone causes (it matters only for float32 points very close to ``x_hat``). For a single
+  active constraint and no active bounds ``kkt`` is ``tan`` of the angle between ``x - x_hat`` and the constraint
+  normal. For nonsmooth models a feasible point that fails it is re-measured against a bundle of gradients of ``g``
+  sampled within ``1e-3 * distance`` (Goldstein epsilon-stationarity: any same-sign combination of them may balance
+  ``D^2 (x - x_hat)``).
 
-``converged`` is True only when all four hold. A point that fails is never returned as a flip point: its ``x_flip``
-and ``distance`` are NaN, the last iterate is kept in ``x_attempt`` and its diagnostics in the other fields.
+``converged`` is True only when all four hold and the distance is within 1 % of ``upper_bound`` (step 6). A point
+that fails is never returned as a flip point: its ``x_flip`` and ``distance`` are NaN, the last iterate is kept in
+``x_attempt`` and its diagnostics in the other fields.
 
 The problem is non-convex: a certified point is a local minimiser candidate (KKT point), not necessarily the global
 one. ``restarts`` (random starts around ``x_hat``) and ``homotopy`` (continuation from a smooth, nearly linear
@@ -1504,10 +1526,14 @@ def closest_flip_point(
     * Failed points keep their diagnostics (``residual``, ``margin``, ``kkt``, ``status``, ``x_attempt``); raising
       ``max_iter``, adding ``restarts`` or ``homotopy=True`` are the remedies to try.
     * ReLU networks with many small linear pieces (e.g. CNNs with max-pooling) often have their closest flip point at
-      a kink where first-order optimality cannot be certified to ``kkt_tol = 1e-4`` even by the gradient bundle:
-      the feasibility part of the certificate still holds for ``x_attempt`` (it is restored exactly), and
-      ``kkt_tol=math.inf`` accepts such points as certified *flip points* (not certified *closest* ones).
+      a kink where first-order optimality cannot be certified to ``kkt_tol = 1e-4`` even by the gradient bundle
+      (the pretrained CIFAR-10 CNN: none of 4 photos certified, KKT 6e-2 to 2e-1): such points are reported failed.
+      The feasibility part of the certificate still holds for ``x_attempt`` (it is restored exactly), and
+      ``kkt_tol=math.inf`` accepts such points as certified *flip points* (not certified *closest* ones);
+      ``upper_bound`` is the distance of an exact boundary point found by a segment crossing.
       ``homotopy=True`` (softplus and log-sum-exp pooling continuation) gives the best such points.
+    * Screening (``screen``) and the segment-crossing bounds are heuristics for the non-convex global problem: the
+      result is certified locally optimal and no farther than 1.01 x every crossing found, not globally closest.
 
     Raises
     ------
