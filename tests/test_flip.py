@@ -707,6 +707,10 @@ def _bad_calls():
         (lambda: closest_flip_point(lin, x, max_iter=0), ValueError, "max_iter"),
         (lambda: closest_flip_point(lin, x, margin=-1.0), ValueError, "margin"),
         (lambda: closest_flip_point(lin, x, homotopy_tau=5.0, homotopy=True), ValueError, "homotopy_tau"),
+        (lambda: closest_flip_point(lin, x, screen=0), ValueError, "screen"),
+        (lambda: closest_flip_point(lin, x, candidates=torch.zeros(2, 4, dtype=F64)), ValueError, "candidates"),
+        (lambda: closest_flip_point(lin, x, candidates=torch.full((2, 3), math.nan, dtype=F64)), ValueError,
+         "candidates"),
         (lambda: closest_flip_point("not a model", x), TypeError, "model"),
         (lambda: closest_flip_point(drop, x), ValueError, "model"),
     ]
