@@ -168,14 +168,17 @@ def ratios(ours: torch.Tensor, peer: torch.Tensor) -> dict:
             "farther_1pct": sum(v > 1.01 for v in r)}
 
 
-def timed(fn, repeats: int):
-    """(median seconds over `repeats` runs, last output)."""
-    times, out = [], None
+def timed(fns: dict, repeats: int) -> dict:
+    """{name: (median seconds over `repeats` runs, last output)}; the methods take turns in every round, so that
+    load from other jobs on the shared machine falls on all of them alike."""
+    times: dict = {k: [] for k in fns}
+    outs: dict = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(times[k]), outs[k]) for k in fns}
 
 
 def run_model(spec, cfg: dict, n_points: int, repeats: int | None = None, slsqp: bool = True) -> dict:
@@ -190,9 +193,10 @@ def run_model(spec, cfg: dict, n_points: int, repeats: int | None = None, slsqp:
     closest_flip_point(net, x[:1], lower=lo, upper=hi, max_iter=3, upper_bounds=False, screen=1)
     attack("FAB", net, x[:1], y[:1], C)
     attack("DeepFool", net, x[:1], y[:1], C)
-    t_ours, res = timed(lambda: closest_flip_point(net, x, lower=lo, upper=hi), repeats)
-    t_fab, x_fab = timed(lambda: attack("FAB", net, x, y, C), repeats)
-    t_df, x_df = timed(lambda: attack("DeepFool", net, x, y, C), repeats)
+    runs = timed({"ours": lambda: closest_flip_point(net, x, lower=lo, upper=hi),
+                  "FAB": lambda: attack("FAB", net, x, y, C),
+                  "DeepFool": lambda: attack("DeepFool", net, x, y, C)}, repeats)
+    (t_ours, res), (t_fab, x_fab), (t_df, x_df) = runs["ours"], runs["FAB"], runs["DeepFool"]
     out = {"model": label, "points": N, "classes": C, "features": int(x[0].numel()),
            "ours_ms": 1000 * t_ours / N, "certified": res.success_rate,
            "ours_status_failed": [s for s in res.status if s != "converged"][:5]}
@@ -247,7 +251,8 @@ def _fmt_ratio(d: dict) -> str:
 def to_markdown(result: dict) -> str:
     lines = ["# flip: flipfrag vs FAB, DeepFool (torchattacks) and SciPy SLSQP", "",
              f"Machine: {result['machine']}; mode: {result['mode']}; times are medians of {result['repeats']} "
-             "run(s) on the same batch after a warm-up; 2 shared cores.", "",
+             "run(s) on the same batch after a warm-up, the methods taking turns; 2 cores shared with other jobs "
+             "(absolute times carry up to 2x noise, ratios come from the same rounds).", "",
              "## Time per point (all targets) and certified share", "",
              "| model | points | flipfrag ms | certified | FAB ms | DeepFool ms | SLSQP ms (basis) | "
              "vs FAB | vs DeepFool | vs SLSQP |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -974,7 +974,7 @@ def _screen_targets(fn: ScoreFn, pr: _Problems, C: int, keep: int, chunk: int) -
     return _linearised_distances(pr, z, J).topk(keep, dim=1, largest=False).indices
 
 
-def _deepfool(fn: ScoreFn, pr: _Problems, C: int, chunk: int, max_iter: int = 20,
+def _deepfool(fn: ScoreFn, pr: _Problems, C: int, chunk: int, max_iter: int = 8,
               overshoot: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
     """A DeepFool-style label-changing point per problem (Moosavi-Dezfooli et al. 2016), in the scaled norm and
     inside the box: from x_hat, repeatedly step onto the linearised boundary of the class that is closest after
