@@ -11,8 +11,26 @@ closest flip point (Yousefzadeh & O'Leary 2019) solves::
 
 ``margin = 0`` is the definition; the authors' MATLAB code used ``margin = 0.2 / C``.
 
-Algorithm (one implementation, all points advanced together)
-------------------------------------------------------------
+The steps (``closest_flip_point`` -> ``_solve`` -> ``_choose``; all points advanced together)
+---------------------------------------------------------------------------------------------
+1. **screen** (``_screen``): with ``target=None``, only the ``screen`` (default 3) classes of smallest linearised
+   distance ``|z_s - z_t| / ||D^-1 grad(z_s - z_t)||`` are solved for — one Jacobian of all classes at ``x_hat``.
+2. **start** (``_solve_candidates``): one SQP solve per (point, screened target) from ``x_hat``; plus random
+   ``restarts`` and the ``homotopy`` path when asked.
+3. **bound** (``_start_from_crossings``): on the segment from ``x_hat`` to any label-changing point — a
+   DeepFool-style point (``_deepfool``), the caller's ``candidates`` (e.g. FAB's output), the solver's own last
+   iterates (two rounds) — the first point where the predicted class leaves the source is a flip point (scan and
+   bisection, ``_segment_crossing``). Its distance is an upper bound on the closest flip point's (``upper_bound``);
+   the closest such point of each point starts one more SQP solve (a feasible start, from which the merit line
+   search only descends).
+4. **iterate** (``_sqp``): the SQP method below.
+5. **certify** (``_certify``): every candidate, with the original model (section Certification).
+6. **choose** (``_choose``): per point the closest certified candidate. It is reported converged only if its distance
+   is at most 1.01 x the point's upper bound; otherwise the point is reported failed (the crossing itself is not
+   a certified closest point and is never returned in its place).
+
+The SQP iteration
+-----------------
 A batched SQP (sequential quadratic programming) method with a scalar-secant Hessian model, globalised by an l1
 merit line search:
 
@@ -45,16 +63,20 @@ After solving, every point is re-evaluated with the *original* model in its own 
 * ``margin = min_k (z_t - z_k)`` over the other classes must be ``>= margin_param - tol * max(1, |z_s|, |z_t|)``
   (the same tolerance: at a point where three scores meet, ``margin = 0`` holds only up to rounding);
 * ``bound_violation = max(lower - x, x - upper, 0)`` (and masked features moved) must be exactly 0;
-* ``kkt`` — the first-order optimality measure — must be ``<= kkt_tol``. It is the norm of the projected gradient of
-  the Lagrangian ``D^2 (x - x_hat) + A^T lam`` (multipliers fitted by least squares on the free coordinates, with
-  ``lam_k >= 0`` for the active inequalities; at a bound only the component pushing out of the box counts), measured
-  in the scaled norm and divided by ``||D (x - x_hat)||``. For a single active constraint and no active bounds it is
-  ``tan`` of the angle between ``x - x_hat`` and the constraint normal. For nonsmooth models a feasible point that
-  fails it is re-measured against a bundle of gradients of ``g`` sampled within ``1e-3 * distance`` (Goldstein
-  epsilon-stationarity: any same-sign combination of them may balance ``D^2 (x - x_hat)``).
+* ``kkt`` — the first-order optimality measure — must be ``<= kkt_tol + eps * ||D x|| / ||D (x - x_hat)||``. It is
+  the norm of the projected gradient of the Lagrangian ``D^2 (x - x_hat) + A^T lam`` (multipliers fitted by least
+  squares on the free coordinates, with ``lam_k >= 0`` for the active inequalities; at a bound only the component
+  pushing out of the box counts), measured in the scaled norm and divided by ``||D (x - x_hat)||``. ``eps`` is the
+  machine epsilon of the coarser of x's and the model's dtype: the change of ``D^2 (x - x_hat)`` that rounding
+  ``x_flip`` to that dtype alone causes (it matters only for float32 points very close to ``x_hat``). For a single
+  active constraint and no active bounds ``kkt`` is ``tan`` of the angle between ``x - x_hat`` and the constraint
+  normal. For nonsmooth models a feasible point that fails it is re-measured against a bundle of gradients of ``g``
+  sampled within ``1e-3 * distance`` (Goldstein epsilon-stationarity: any same-sign combination of them may balance
+  ``D^2 (x - x_hat)``).
 
-``converged`` is True only when all four hold. A point that fails is never returned as a flip point: its ``x_flip``
-and ``distance`` are NaN, the last iterate is kept in ``x_attempt`` and its diagnostics in the other fields.
+``converged`` is True only when all four hold and the distance is within 1 % of ``upper_bound`` (step 6). A point
+that fails is never returned as a flip point: its ``x_flip`` and ``distance`` are NaN, the last iterate is kept in
+``x_attempt`` and its diagnostics in the other fields.
 
 The problem is non-convex: a certified point is a local minimiser candidate (KKT point), not necessarily the global
 one. ``restarts`` (random starts around ``x_hat``) and ``homotopy`` (continuation from a smooth, nearly linear
@@ -95,6 +117,9 @@ _TINY = 1e-30  # a floor for norms before dividing (representable in float32)
 _DUAL_EPS = 1e-14  # quadratic elastic penalty of the QP subproblem (normalised units; 1e-6 in float32)
 _BUNDLE_SAMPLES, _BUNDLE_RADIUS = 8, 1e-3  # nonsmooth KKT: gradients sampled at 1e-3 x distance
 _PROGRESS_WINDOW = 25  # iterations over which an infeasible point must reduce its constraint violation by 10 %
+# start ids of the solves seeded by segment crossings (FlipResult.start); 0, 1, 2.. are direct, homotopy, restarts
+_START_DEEPFOOL, _START_CANDIDATES, _START_ITERATES = 100, 101, 102
+_BOUND_SLACK = 0.01  # a certified point may be at most 1 % farther than the closest boundary crossing found
 
 
 @dataclass
@@ -139,6 +164,10 @@ class FlipResult:
         With ``groups``: True where rounding the relaxed one-hot blocks to valid categories moved the point.
     tol, kkt_tol, margin_param : float
         The tolerances and the margin used.
+    upper_bound : Tensor (N,) or None
+        The distance of the closest boundary point found by segment crossings toward label-changing points (the
+        DeepFool-style steps, ``candidates``, the solver's own iterates): an upper bound on the closest flip
+        point's distance; ``inf`` where none was found. ``converged`` requires ``distance <= 1.01 * upper_bound``.
     """
 
     x_flip: torch.Tensor
@@ -160,6 +189,7 @@ class FlipResult:
     tol: float = 1e-6
     kkt_tol: float = 1e-4
     margin_param: float = 0.0
+    upper_bound: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.distance.shape[0])
@@ -524,7 +554,7 @@ def _certified(chk: dict, margin: float, kkt_tol: float) -> torch.Tensor:
         & (chk["residual"] <= chk["tol_abs"])
         & (chk["margin"] >= margin - chk["tol_abs"])
         & (chk["bound_violation"] == 0)
-        & (chk["kkt"] <= kkt_tol)
+        & (chk["kkt"] <= kkt_tol + chk.get("kkt_floor", 0.0))
     )
 
 
@@ -905,6 +935,120 @@ def _feasible_offset(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, marg
     return off
 
 
+# ------------------------------------------------------------------------------------------------- cheap bounds
+
+
+def _class_jacobian(fn: ScoreFn, x: torch.Tensor, C: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores z (P, C) and the Jacobian of all C scores J (P, C, n) at x (P, n): one backward pass per chunk of
+    points, with every point repeated C times (row c of the copies is differentiated for class c)."""
+    P, n = x.shape
+    zs, Js = [], []
+    eye = None
+    for idx in _chunks(P, max(1, chunk // C)):
+        xr = x[idx].detach().repeat_interleave(C, 0).requires_grad_(True)
+        with torch.enable_grad():
+            z = fn(xr)
+            if eye is None or eye.dtype != z.dtype:
+                eye = torch.eye(C, dtype=z.dtype)
+            (J,) = torch.autograd.grad(z, xr, eye.repeat(len(idx), 1))
+        zs.append(z.detach()[::C])
+        Js.append(J.reshape(len(idx), C, n))
+    return torch.cat(zs), torch.cat(Js)
+
+
+def _linearised_distances(pr: _Problems, z: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+    """|z_s - z_k| / ||D^-1 grad(z_s - z_k)|| on the free coordinates for every class k (P, C); inf at k = s and
+    where the gradient vanishes. The distance to the boundary toward k of the scores linearised at x."""
+    zs = z.gather(1, pr.src[:, None])
+    Js = J.gather(1, pr.src[:, None, None].expand(-1, 1, J.shape[2]))
+    nrm = torch.sqrt((((Js - J) ** 2) * ((~pr.fixed) / pr.w)[:, None, :]).sum(2))
+    d = (zs - z).abs() / nrm.clamp(min=_TINY)
+    d = torch.where(nrm > 0, d, torch.full_like(d, math.inf))
+    return d.scatter(1, pr.src[:, None], math.inf)
+
+
+def _screen_targets(fn: ScoreFn, pr: _Problems, C: int, keep: int, chunk: int) -> torch.Tensor:
+    """The ``keep`` classes with the smallest linearised distance at x_hat (one Jacobian of all classes). (P, keep)"""
+    x0 = torch.minimum(torch.maximum(pr.xh, pr.lo), pr.hi)
+    z, J = _class_jacobian(fn, x0, C, chunk)
+    return _linearised_distances(pr, z, J).topk(keep, dim=1, largest=False).indices
+
+
+def _deepfool(fn: ScoreFn, pr: _Problems, C: int, chunk: int, max_iter: int = 8,
+              overshoot: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DeepFool-style label-changing point per problem (Moosavi-Dezfooli et al. 2016), in the scaled norm and
+    inside the box: from x_hat, repeatedly step onto the linearised boundary of the class that is closest after
+    linearisation, overshooting by ``overshoot``, until the predicted class is no longer the source (points
+    whose lead over the runner-up shrinks by less than 10 % in a step are stopped).
+    Returns (x (P, n), label_changed (P,))."""
+    x = torch.minimum(torch.maximum(pr.xh, pr.lo), pr.hi).clone()
+    changed = torch.zeros(len(pr), dtype=torch.bool)
+    active = torch.ones(len(pr), dtype=torch.bool)
+    prev_lead = torch.full((len(pr),), math.inf, dtype=x.dtype)
+    free = ~pr.fixed
+    for _ in range(max_iter):
+        idx = torch.nonzero(active)[:, 0]
+        if idx.numel() == 0:
+            break
+        sub = pr.take(idx)
+        z, J = _class_jacobian(fn, x[idx], C, chunk)
+        now = z.argmax(1) != sub.src
+        changed[idx[now]] = True
+        # a point whose source lead did not shrink by 10 % is stuck (at the box, or no gradient): stop it
+        lead = z.gather(1, sub.src[:, None])[:, 0] - z.scatter(1, sub.src[:, None], -math.inf).amax(1)
+        stuck = lead > 0.9 * prev_lead[idx]
+        prev_lead[idx] = lead
+        active[idx[stuck | now]] = False
+        keep = ~now & ~stuck
+        if not keep.any():
+            break
+        idx, sub, z, J = idx[keep], sub.take(keep), z[keep], J[keep]
+        k = _linearised_distances(sub, z, J).argmin(1)  # (no gradient toward any class: a zero step)
+        gk = z.gather(1, sub.src[:, None])[:, 0] - z.gather(1, k[:, None])[:, 0]
+        a = (J.gather(1, sub.src[:, None, None].expand(-1, 1, J.shape[2]))
+             - J.gather(1, k[:, None, None].expand(-1, 1, J.shape[2])))[:, 0]
+        a = a * free[idx]
+        nrm2 = (a * a / sub.w).sum(1).clamp(min=_TINY)
+        step = ((1 + overshoot) * gk / nrm2)[:, None] * a / sub.w
+        x[idx] = torch.minimum(torch.maximum(x[idx] - step, sub.lo), sub.hi)
+    return x, changed
+
+
+@torch.no_grad()
+def _segment_crossing(fn: ScoreFn, pr: _Problems, x_end: torch.Tensor, samples: int = 8,
+                      bisections: int = 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first point on the segment from clip(x_hat) to x_end (P, n) where the predicted class stops being the
+    source: ``samples`` evenly spaced points locate the first sample with another class, bisection the crossing.
+
+    Any such point is a flip point between the source and the class that wins just beyond it (both are the top
+    scores there, to rounding), so its distance bounds the closest flip point's from above. Returns (x (P, n) — the
+    side of the crossing where the other class already wins —, its class (P,), found (P,)); points whose segment
+    never leaves the source class, or whose source is not the predicted class at clip(x_hat), have found False.
+    """
+    P, n = x_end.shape
+    x0 = torch.minimum(torch.maximum(pr.xh, pr.lo), pr.hi)
+    x_end = torch.minimum(torch.maximum(x_end, pr.lo), pr.hi)
+    d = x_end - x0
+    ts = torch.linspace(0, 1, samples + 1, dtype=x0.dtype)[1:]
+    first = torch.full((P,), samples, dtype=torch.long)
+    for j in range(samples):  # evaluated sample by sample: the memory of one batch
+        lab = fn(x0 + ts[j] * d).argmax(1)
+        first = torch.where((first == samples) & (lab != pr.src), torch.full_like(first, j), first)
+    found = (first < samples) & (fn(x0).argmax(1) == pr.src)  # (a source that is not predicted at x: no bound)
+    j = first.clamp(max=samples - 1)
+    hi_t = ts[j]
+    lo_t = torch.where(j > 0, ts[(j - 1).clamp(min=0)], torch.zeros_like(hi_t))
+    for _ in range(bisections):
+        mid = 0.5 * (lo_t + hi_t)
+        other = fn(x0 + mid[:, None] * d).argmax(1) != pr.src
+        hi_t = torch.where(other, mid, hi_t)
+        lo_t = torch.where(other, lo_t, mid)
+    xc = torch.minimum(torch.maximum(x0 + hi_t[:, None] * d, pr.lo), pr.hi)
+    cls = fn(xc).argmax(1)
+    found &= cls != pr.src
+    return xc, cls, found
+
+
 # ------------------------------------------------------------------------------------------------- driver
 
 
@@ -1102,6 +1246,11 @@ def _certify(ctx: _Ctx, pr: _Problems, x: torch.Tensor) -> dict:
     xo = x.to(torch.float64)
     chk["bound_violation"] = torch.maximum(pr.lo - xo, xo - pr.hi).clamp(min=0).amax(1).to(torch.float64)
     chk["distance"] = torch.sqrt((pr.w * (xo - pr.xh) ** 2).sum(1))
+    # rounding x_flip to the output (or model) dtype alone moves D^2 (x - x_hat) by up to eps * |D^2 x|: the KKT
+    # measure cannot be certified below that, relative to the distance (matters in float32 at small distances)
+    eps = max(torch.finfo(ctx.out_dtype).eps, torch.finfo(cd).eps)
+    floor = eps * torch.sqrt((pr.w * xo**2).sum(1)) / chk["distance"].clamp(min=torch.finfo(torch.float64).tiny)
+    chk["kkt_floor"] = torch.where(chk["distance"] > 0, floor, torch.zeros_like(floor))
     chk["ok"] = _certified(chk, ctx.margin, ctx.kkt_tol)
     return chk
 
@@ -1111,6 +1260,16 @@ def _to_output(ctx: _Ctx, pr: _Problems, x: torch.Tensor) -> torch.Tensor:
     xo = x.to(ctx.out_dtype)
     lo, hi = pr.lo.to(ctx.out_dtype), pr.hi.to(ctx.out_dtype)
     return torch.minimum(torch.maximum(xo, lo), hi)
+
+
+def _finish_feasibility(ctx: _Ctx, fn: ScoreFn, pr: _Problems, out: dict) -> None:
+    """An SQP stuck among kinks near the boundary (nonsmooth models): finish the feasibility exactly, in place."""
+    failed = out["status"] != _CONVERGED
+    if failed.any():
+        i = torch.nonzero(failed)[:, 0]
+        sub = pr.take(i)
+        xi = out["x"][i]
+        out["x"][i] = _closest_feasible(fn, sub, [xi, _restore_feasibility(fn, sub, xi)], ctx.margin, ctx.tol)
 
 
 def _solve_candidates(ctx: _Ctx, pr: _Problems, *, homotopy: bool, homotopy_steps: int, homotopy_tau: float,
@@ -1124,13 +1283,8 @@ def _solve_candidates(ctx: _Ctx, pr: _Problems, *, homotopy: bool, homotopy_step
     cands = []  # (start id, solver output)
     x0 = torch.minimum(torch.maximum(pr.xh, pr.lo), pr.hi)
     direct = _run_sqp(ctx, fn, pr, x0, ctx.max_iter, "flip points")
-    if ctx.nonsmooth:  # an SQP stuck among kinks near the boundary: finish the feasibility exactly
-        failed = direct["status"] != _CONVERGED
-        if failed.any():
-            i = torch.nonzero(failed)[:, 0]
-            sub = pr.take(i)
-            xi = direct["x"][i]
-            direct["x"][i] = _closest_feasible(fn, sub, [xi, _restore_feasibility(fn, sub, xi)], ctx.margin, ctx.tol)
+    if ctx.nonsmooth:
+        _finish_feasibility(ctx, fn, pr, direct)
     cands.append((0, direct))
     if homotopy:
         cands.append((1, _homotopy(ctx, pr, homotopy_steps, homotopy_tau)))
@@ -1270,6 +1424,9 @@ def closest_flip_point(
     batch_size: int | None = None,
     solve_dtype: torch.dtype = torch.float64,
     nonsmooth: bool | None = None,
+    screen: int | None = 3,
+    candidates: torch.Tensor | None = None,
+    upper_bounds: bool = True,
     progress: bool = False,
 ) -> FlipResult:
     """Closest flip point of every input of a batch, certified per point (see the module docstring).
@@ -1344,6 +1501,18 @@ def closest_flip_point(
         models a feasible point failing it is re-measured with a gradient bundle: gradients of ``z_s - z_t`` at 8
         random points within ``1e-3 * distance`` (scaled norm), stationarity against any same-sign combination of
         them (Goldstein epsilon-stationarity).
+    screen : int or None
+        With ``target=None``: solve only the ``screen`` targets of smallest linearised distance
+        ``|z_s - z_t| / ||D^-1 grad(z_s - z_t)||`` at ``x`` (one Jacobian of all classes), plus the classes that
+        the segment crossings reach. ``None``: every class (``distances`` is then filled for all of them; with
+        screening it is ``inf`` for the targets not solved).
+    candidates : Tensor of x's shape, optional
+        Label-changing points from elsewhere (e.g. FAB's or DeepFool's adversarial points). The first boundary
+        crossing on the segment from ``x`` to each is a flip point, used as a start, and it bounds the distance
+        (``upper_bound``). Entries whose segment never leaves the source class are ignored.
+    upper_bounds : bool
+        Also start from the segment crossings toward a DeepFool-style label-changing point (``target=None``) and
+        toward the solver's own last iterates (default True); see ``upper_bound``.
     progress : bool
         Show tqdm bars.
 
@@ -1357,10 +1526,14 @@ def closest_flip_point(
     * Failed points keep their diagnostics (``residual``, ``margin``, ``kkt``, ``status``, ``x_attempt``); raising
       ``max_iter``, adding ``restarts`` or ``homotopy=True`` are the remedies to try.
     * ReLU networks with many small linear pieces (e.g. CNNs with max-pooling) often have their closest flip point at
-      a kink where first-order optimality cannot be certified to ``kkt_tol = 1e-4`` even by the gradient bundle:
-      the feasibility part of the certificate still holds for ``x_attempt`` (it is restored exactly), and
-      ``kkt_tol=math.inf`` accepts such points as certified *flip points* (not certified *closest* ones).
+      a kink where first-order optimality cannot be certified to ``kkt_tol = 1e-4`` even by the gradient bundle
+      (the pretrained CIFAR-10 CNN: none of 4 photos certified, KKT 6e-2 to 2e-1): such points are reported failed.
+      The feasibility part of the certificate still holds for ``x_attempt`` (it is restored exactly), and
+      ``kkt_tol=math.inf`` accepts such points as certified *flip points* (not certified *closest* ones);
+      ``upper_bound`` is the distance of an exact boundary point found by a segment crossing.
       ``homotopy=True`` (softplus and log-sum-exp pooling continuation) gives the best such points.
+    * Screening (``screen``) and the segment-crossing bounds are heuristics for the non-convex global problem: the
+      result is certified locally optimal and no farther than 1.01 x every crossing found, not globally closest.
 
     Raises
     ------
@@ -1398,6 +1571,8 @@ def closest_flip_point(
         raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
     if solve_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype}")
+    if screen is not None and (not isinstance(screen, int) or isinstance(screen, bool) or screen < 1):
+        raise ValueError(f"screen must be None or an integer >= 1, got {screen!r}")
 
     N, shape = x.shape[0], tuple(x.shape[1:])
     n = math.prod(shape)
@@ -1472,68 +1647,162 @@ def closest_flip_point(
                max_iter, n_ineq, chunk, progress, bool(nonsmooth), int(seed))
     gen = torch.Generator().manual_seed(seed)
 
-    # one single-target problem per (point, target)
-    pid = torch.arange(N)
-    if tgt is None:
-        others = torch.stack([torch.tensor([k for k in range(C) if k != int(s)]) for s in src.unique()])
-        row = {int(s): i for i, s in enumerate(src.unique())}
-        tg = others[torch.tensor([row[int(s)] for s in src])]  # (N, C-1), classes != source
-        pid = pid[:, None].expand(N, C - 1).reshape(-1)
-        ptgt = tg.reshape(-1)
-    else:
-        ptgt = tgt
+    fn = _model_fn(ctx.work, shape)
     sd = solve_dtype
-    pr = _Problems(xh[pid].to(sd), lo[pid].to(sd), hi[pid].to(sd), w[pid].to(sd), src[pid], ptgt)
-    solve_kw = dict(homotopy=homotopy, homotopy_steps=homotopy_steps, homotopy_tau=homotopy_tau,
-                    restarts=restarts, gen=gen)
-    best = _solve_candidates(ctx, pr, **solve_kw)
-    rounding_changed = None
-    if grp:
-        best, rounding_changed = _round_groups(ctx, pr, best, grp)
+    points = _Problems(xh.to(sd), lo.to(sd), hi.to(sd), w.to(sd), src, src if tgt is None else tgt)
+    cand = _check_candidates(candidates, x_in, ctx)
+    pool = _solve(ctx, fn, points, C, z, tgt=tgt, screen=screen, candidates=cand, upper_bounds=upper_bounds,
+                  groups=grp, solve_kw=dict(homotopy=homotopy, homotopy_steps=homotopy_steps,
+                                            homotopy_tau=homotopy_tau, restarts=restarts, gen=gen))
+    return _choose(ctx, pool, z, N, C, given_target=tgt is not None)
 
-    # per point: the closest certified target
-    dist_ok = torch.where(best["ok"], best["distance"], torch.full_like(best["distance"], math.inf))
-    distances = None
-    if tgt is None:
-        K = C - 1
-        dmat = dist_ok.reshape(N, K)
-        distances = torch.full((N, C), math.inf, dtype=torch.float64)
-        distances.scatter_(1, ptgt.reshape(N, K), dmat)
-        # no certified target: report the runner-up's attempt
-        zt = z.to(torch.float64).gather(1, ptgt.reshape(N, K))
-        pick = torch.where(torch.isfinite(dmat).any(1), dmat.argmin(1), zt.argmax(1))
-        sel = torch.arange(N) * K + pick
-        if rounding_changed is not None:
-            rounding_changed = rounding_changed[sel]
+
+# ------------------------------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class _Pool:
+    """Every candidate solve: problem p belongs to point pid[p], flips to tgt[p]; ``best`` holds its certified
+    result (dict of per-problem tensors, see :func:`_solve_candidates`); ``bound`` (N,) is the distance of the
+    closest boundary point found by segment crossings (an upper bound on the closest flip point's distance)."""
+
+    pid: torch.Tensor
+    pr: _Problems
+    best: dict
+    bound: torch.Tensor
+    rounding_changed: torch.Tensor | None = None
+
+    def add(self, pid: torch.Tensor, pr: _Problems, best: dict) -> None:
+        self.pid = torch.cat([self.pid, pid])
+        self.pr = _cat_problems([self.pr, pr])
+        self.best = {k: torch.cat([self.best[k], best[k]]) for k in self.best}
+
+    def closest_certified(self, N: int) -> torch.Tensor:
+        """Per point, the smallest certified distance so far (inf where none). (N,)"""
+        d = torch.where(self.best["ok"], self.best["distance"], torch.full_like(self.best["distance"], math.inf))
+        return torch.full((N,), math.inf, dtype=d.dtype).scatter_reduce(0, self.pid, d, "amin")
+
+
+def _cat_problems(prs: list[_Problems]) -> _Problems:
+    off = [p.offset for p in prs]
+    return _Problems(*(torch.cat([getattr(p, f) for p in prs]) for f in ("xh", "lo", "hi", "w", "src", "tgt")),
+                     None if all(o is None for o in off) else torch.cat(off))
+
+
+def _solve(ctx: _Ctx, fn: ScoreFn, points: _Problems, C: int, z: torch.Tensor, *, tgt, screen, candidates,
+           upper_bounds: bool, groups, solve_kw: dict) -> _Pool:
+    """The algorithm: screen the targets, solve them from x_hat (and restarts / homotopy), start again from the
+    boundary crossings of cheap label-changing points (DeepFool steps, given candidates) and of the solver's own
+    iterates, certify everything. Returns the pool of certified candidates."""
+    N = len(points)
+    pid, ptgt = _screen(ctx, fn, points, C, tgt, screen)
+    pr = points.take(pid)
+    pr.tgt = ptgt
+    pool = _Pool(pid, pr, _solve_candidates(ctx, pr, **solve_kw), torch.full((N,), math.inf, dtype=torch.float64))
+    starts = []
+    if upper_bounds and tgt is None:
+        x_df, changed = _deepfool(fn, points, C, ctx.chunk)
+        starts.append((x_df, changed, _START_DEEPFOOL))
+    if candidates is not None:
+        starts.append((candidates, torch.ones(N, dtype=torch.bool), _START_CANDIDATES))
+    for x_end, usable, start_id in starts:
+        _start_from_crossings(ctx, fn, pool, torch.nonzero(usable)[:, 0], points, x_end[usable], tgt, start_id)
+    if upper_bounds:  # the solver's own last iterates: the segment to each may cross another class first
+        for _ in range(2):
+            if not _start_from_crossings(ctx, fn, pool, pool.pid, points, pool.best["x"].to(ctx.dtype), tgt,
+                                         _START_ITERATES, only_closer=True):
+                break
+    if groups:
+        pool.best, pool.rounding_changed = _round_groups(ctx, pool.pr, pool.best, groups)
+    return pool
+
+
+def _screen(ctx: _Ctx, fn: ScoreFn, points: _Problems, C: int, tgt, screen) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (point, target) problems to solve: the given target; else the ``screen`` classes of smallest linearised
+    distance (all other classes when ``screen`` is None). Returns (point index (P,), target (P,))."""
+    N = len(points)
+    if tgt is not None:
+        return torch.arange(N), tgt
+    if screen is None or screen >= C - 1:
+        tg = torch.arange(C).repeat(N, 1)
+        tg = tg[tg != points.src[:, None]].reshape(N, C - 1)
     else:
-        sel = torch.arange(N)
+        tg = _screen_targets(fn, points, C, screen, ctx.chunk)
+    return torch.arange(N)[:, None].expand_as(tg).reshape(-1), tg.reshape(-1)
+
+
+def _start_from_crossings(ctx: _Ctx, fn: ScoreFn, pool: _Pool, pid: torch.Tensor, points: _Problems,
+                          x_end: torch.Tensor, tgt, start_id: int, only_closer: bool = False) -> bool:
+    """Segment crossings from x_hat toward x_end (one per entry of pid): each is a flip point, so it lowers the
+    point's upper bound; the closest per point becomes a start of a new solve (with ``only_closer``: only where it
+    is more than 1 % closer than the closest certified candidate so far). Returns whether any solve was added."""
+    if pid.numel() == 0:
+        return False
+    sub = points.take(pid)
+    xc, cls, found = _segment_crossing(_model_fn(ctx.work, ctx.shape), sub, x_end)
+    if tgt is not None:
+        found &= cls == tgt[pid]
+    dist = torch.sqrt((sub.w * (xc - sub.xh) ** 2).sum(1)).to(torch.float64)
+    dist = torch.where(found, dist, torch.full_like(dist, math.inf))
+    N = len(points)
+    near = torch.full((N,), math.inf, dtype=torch.float64).scatter_reduce(0, pid, dist, "amin")
+    pool.bound = torch.minimum(pool.bound, near)
+    # the first entry achieving each point's closest crossing
+    first = torch.full((N,), len(pid), dtype=torch.long).scatter_reduce(
+        0, pid, torch.where(found & (dist == near[pid]), torch.arange(len(pid)), len(pid)), "amin")
+    use = first < len(pid)
+    if only_closer:
+        use &= near < (1 - _BOUND_SLACK) * pool.closest_certified(N)
+    if not use.any():
+        return False
+    j = first[use]
+    pr = sub.take(j)
+    pr.tgt = cls[j]
+    pool.add(pid[j], pr, _polish(ctx, fn, pr, xc[j], start_id))
+    return True
+
+
+def _polish(ctx: _Ctx, fn: ScoreFn, pr: _Problems, x0: torch.Tensor, start_id: int) -> dict:
+    """Solve from the given (feasible) starts and certify; a result like :func:`_solve_candidates`'s."""
+    out = _run_sqp(ctx, fn, pr, x0, ctx.max_iter, "from crossings")
+    if ctx.nonsmooth:
+        _finish_feasibility(ctx, fn, pr, out)
+    xo = _to_output(ctx, pr, out["x"])
+    return {"x": xo, **_certify(ctx, pr, xo), "iterations": out["iterations"], "solver": out["status"],
+            "start": torch.full((len(pr),), start_id, dtype=torch.long)}
+
+
+def _choose(ctx: _Ctx, pool: _Pool, z: torch.Tensor, N: int, C: int, given_target: bool) -> FlipResult:
+    """Per point the closest certified candidate (for a point with none: the attempt toward the class scoring
+    highest at x among those tried); it stays certified only if it is within 1 % of the point's upper bound."""
+    best, pid, ptgt = pool.best, pool.pid, pool.pr.tgt
+    P = len(pid)
+    dist_ok = torch.where(best["ok"], best["distance"], torch.full_like(best["distance"], math.inf))
+    has = torch.zeros(N, dtype=torch.long).scatter_reduce(0, pid, best["ok"].long(), "amax").bool()
+    zt = z.to(torch.float64)[pid, ptgt]
+    key = torch.where(has[pid], dist_ok, -zt)  # smaller is better
+    order = torch.argsort(key, stable=True)
+    order = order[torch.argsort(pid[order], stable=True)]
+    firsts = torch.ones(P, dtype=torch.bool)
+    firsts[1:] = pid[order][1:] != pid[order][:-1]
+    sel = order[firsts]  # one problem per point, in point order
+    distances = None
+    if not given_target:
+        distances = torch.full((N * C,), math.inf, dtype=torch.float64)
+        distances = distances.scatter_reduce(0, pid * C + ptgt, dist_ok.to(torch.float64), "amin").reshape(N, C)
     b = {k: v[sel] for k, v in best.items()}
-    ok = b["ok"]
+    bound = pool.bound
+    within = ~(b["distance"] > (1 + _BOUND_SLACK) * bound)
+    ok = b["ok"] & within
+    shape = ctx.shape
     x_att = b["x"].reshape(N, *shape)
-    nan = torch.full_like(x_att, math.nan)
-    x_flip = torch.where(ok.reshape(N, *([1] * len(shape))), x_att, nan)
-    status = []
-    for i in range(N):
-        if ok[i]:
-            status.append("converged")
-            continue
-        why = []
-        if not torch.isfinite(b["z"][i]).all():
-            why.append("non-finite scores")
-        if b["residual"][i] > b["tol_abs"][i]:
-            why.append(f"residual {float(b['residual'][i]):.1e} > {float(b['tol_abs'][i]):.1e}")
-        if b["margin"][i] < margin - b["tol_abs"][i]:
-            why.append(f"margin {float(b['margin'][i]):.1e} < {margin:.1e}")
-        if b["bound_violation"][i] > 0:
-            why.append(f"bound violation {float(b['bound_violation'][i]):.1e}")
-        if not b["kkt"][i] <= kkt_tol:
-            why.append(f"kkt {float(b['kkt'][i]):.1e} > {kkt_tol:.1e}")
-        status.append("; ".join(why) + f" (solver: {_SOLVER_STATUS[int(b['solver'][i])]})")
+    x_flip = torch.where(ok.reshape(N, *([1] * len(shape))), x_att, torch.full_like(x_att, math.nan))
+    status = [_status_text(b, i, ctx, float(bound[i]), bool(within[i])) for i in range(N)]
     return FlipResult(
         x_flip=x_flip,
         x_attempt=x_att,
         distance=torch.where(ok, b["distance"], torch.full_like(b["distance"], math.nan)),
-        source=src.clone(),
+        source=pool.pr.src[sel].clone(),
         target=ptgt[sel].clone(),
         residual=b["residual"].to(torch.float64),
         margin=b["margin"].to(torch.float64),
@@ -1545,11 +1814,44 @@ def closest_flip_point(
         start=torch.where(ok, b["start"], torch.full_like(b["start"], -1)),
         scores=b["z"],
         distances=distances,
-        rounding_changed=rounding_changed,
-        tol=float(tol),
-        kkt_tol=float(kkt_tol),
-        margin_param=float(margin),
+        rounding_changed=None if pool.rounding_changed is None else pool.rounding_changed[sel],
+        tol=ctx.tol,
+        kkt_tol=ctx.kkt_tol,
+        margin_param=ctx.margin,
+        upper_bound=bound.clone(),
     )
+
+
+def _status_text(b: dict, i: int, ctx: _Ctx, bound: float, within: bool) -> str:
+    """"converged", or every test point i failed, with the solver's own status."""
+    if b["ok"][i] and within:
+        return "converged"
+    why = []
+    if not torch.isfinite(b["z"][i]).all():
+        why.append("non-finite scores")
+    if b["residual"][i] > b["tol_abs"][i]:
+        why.append(f"residual {float(b['residual'][i]):.1e} > {float(b['tol_abs'][i]):.1e}")
+    if b["margin"][i] < ctx.margin - b["tol_abs"][i]:
+        why.append(f"margin {float(b['margin'][i]):.1e} < {ctx.margin:.1e}")
+    if b["bound_violation"][i] > 0:
+        why.append(f"bound violation {float(b['bound_violation'][i]):.1e}")
+    if not b["kkt"][i] <= ctx.kkt_tol + b["kkt_floor"][i]:
+        why.append(f"kkt {float(b['kkt'][i]):.1e} > {ctx.kkt_tol + float(b['kkt_floor'][i]):.1e}")
+    if not within:
+        why.append(f"distance {float(b['distance'][i]):.3g} > 1.01 x a boundary point found at {bound:.3g}")
+    return "; ".join(why) + f" (solver: {_SOLVER_STATUS[int(b['solver'][i])]})"
+
+
+def _check_candidates(candidates, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor | None:
+    """Label-changing points given by the caller (e.g. an attack's output) -> flat (N, n) in the solve dtype."""
+    if candidates is None:
+        return None
+    if not isinstance(candidates, torch.Tensor) or candidates.shape != x.shape:
+        got = tuple(candidates.shape) if isinstance(candidates, torch.Tensor) else type(candidates).__name__
+        raise ValueError(f"candidates must be a tensor of x's shape {tuple(x.shape)}, got {got}")
+    if not torch.isfinite(candidates).all():
+        raise ValueError("candidates contain NaN or inf")
+    return candidates.detach().reshape(x.shape[0], -1).to(ctx.dtype)
 
 
 def _round_groups(ctx: _Ctx, pr: _Problems, relaxed: dict, groups: list[torch.Tensor]):

@@ -12,6 +12,7 @@ import torch
 from scipy.optimize import minimize
 from torch import nn
 
+from flipfrag.datasets import load_mnist
 from flipfrag.flip import FlipResult, closest_flip_point, erf_homotopy_sigmas
 from flipfrag.models import MLP, SmallCNN, train
 from flipfrag.smooth import erf_sigmas
@@ -81,22 +82,33 @@ def _slsqp_flip(model: nn.Module, xh: torch.Tensor, s: int, t: int, *, lower=Non
     return best
 
 
-def _recompute_certificate(model, x, res: FlipResult, lower=None, upper=None):
-    """Residual, margin and distance of the converged points, from a plain forward pass (no flipfrag code)."""
+def _recompute_certificate(model, x, res: FlipResult, lower=None, upper=None, mask=None, scale=None, tol=1e-6):
+    """Residual, margin and distance of the converged points, recomputed from x_flip with a plain forward pass (no
+    flipfrag code), and asserted: boundary residual |z_s - z_t| and margin within tol (relative), bounds and mask
+    respected, res.distance equal to the recomputed distance, failed points NaN. Returns (residual, scale, margin,
+    distance) of the converged points."""
     ok = res.converged
+    assert torch.isfinite(res.x_flip[ok]).all() and torch.isfinite(res.distance[ok]).all()
+    assert torch.isnan(res.x_flip[~ok]).all() and torch.isnan(res.distance[~ok]).all()
     xf = res.x_flip[ok]
     with torch.no_grad():
         z = model(xf)
     s, t = res.source[ok], res.target[ok]
+    assert (s != t).all()
     zs, zt = z.gather(1, s[:, None])[:, 0], z.gather(1, t[:, None])[:, 0]
-    scale = torch.maximum(torch.ones_like(zs), torch.maximum(zs.abs(), zt.abs()))
     other = torch.ones_like(z, dtype=torch.bool)
     other[torch.arange(len(s)), s] = False
     other[torch.arange(len(s)), t] = False
     margin = torch.where(other, zt[:, None] - z, torch.full_like(z, math.inf)).amin(1)
-    dist = (xf - x[ok]).flatten(1).norm(dim=1)
+    dist = ((xf - x[ok]) * (1.0 if scale is None else scale)).flatten(1).norm(dim=1)
+    scale = torch.maximum(torch.ones_like(zs), torch.maximum(zs.abs(), zt.abs()))
+    assert ((zs - zt).abs() <= tol * scale).all(), (zs - zt).abs() / scale
+    assert (margin >= -tol * scale).all(), margin
     if lower is not None:
         assert (xf >= lower).all() and (xf <= upper).all()
+    if mask is not None:
+        assert torch.equal(xf[:, ~mask], x[ok][:, ~mask])
+    torch.testing.assert_close(dist.double(), res.distance[ok], rtol=1e-6, atol=1e-12)
     return (zs - zt).abs(), scale, margin, dist
 
 
@@ -224,6 +236,7 @@ def test_trained_smooth_mlp_within_one_percent_of_slsqp(smooth_models, act):
     x = X[:6].double()
     res = closest_flip_point(model, x, restarts=2, seed=0)
     assert res.converged.all(), res.status
+    _recompute_certificate(model, x, res)
     rng = np.random.default_rng(0)
     for i in range(len(x)):
         s, t = int(res.source[i]), int(res.target[i])
@@ -245,6 +258,7 @@ def test_trained_smooth_mlp_with_bounds_vs_slsqp(smooth_models):
         s, t = int(res.source[i]), int(res.target[i])
         starts = [np.clip(x[i].numpy() + rng.normal(size=4), -1.5, 1.5) for _ in range(3)]
         ref = _slsqp_flip(model, x[i], s, t, lower=-1.5, upper=1.5, starts=starts)
+        assert math.isfinite(ref), i  # a reference without a feasible result would make the comparison vacuous
         assert float(res.distance[i]) <= 1.01 * ref
     assert res.success_rate >= 0.8
 
@@ -384,7 +398,132 @@ def test_relu_cnn_feasible_flip_points():
     assert all("kkt" in s or s == "converged" for s in strict.status)  # failures name the optimality test
     i = int(torch.nonzero(res.converged)[0, 0])
     ref = _slsqp_flip(cnn, x[i], int(res.source[i]), int(res.target[i]), lower=0.0, upper=1.0)
+    assert math.isfinite(ref)
     assert float(res.distance[i]) <= 1.1 * ref
+
+
+# ------------------------------------------------------------------------- upper bounds from label-changing points
+
+
+@pytest.fixture(scope="module")
+def mnist_mlp():
+    """A float32 784-32-10 tanh MLP trained for a few seconds on 1,200 real MNIST digits (seeded)."""
+    ds = load_mnist(n=1500, seed=0)
+    torch.manual_seed(0)
+    net = MLP(784, [32], 10, activation="tanh")
+    train(net, ds.X_train, ds.y_train, epochs=4, lr=3e-3, seed=0, progress=False)
+    return net.eval(), ds.X_test
+
+
+def _per_target_deepfool(model, x, lower=0.0, upper=1.0, steps=30, overshoot=0.02):
+    """Label-changing points by linearised steps toward each class separately (a slow, independent DeepFool
+    variant: plain autograd, one class at a time). Returns (C, N, *shape) points; a point whose label never
+    changed is x itself."""
+    with torch.no_grad():
+        z0 = model(x)
+    src = z0.argmax(1)
+    C = z0.shape[1]
+    out = []
+    for t in range(C):
+        xa = x.clone()
+        for _ in range(steps):
+            xr = xa.clone().requires_grad_(True)
+            z = model(xr)
+            moved = z.argmax(1) != src
+            g = z.gather(1, src[:, None])[:, 0] - z[:, t]
+            (a,) = torch.autograd.grad(g.sum(), xr)
+            nrm2 = a.flatten(1).pow(2).sum(1).clamp(min=1e-30)
+            step = ((1 + overshoot) * g / nrm2).reshape(-1, *[1] * (x.dim() - 1)) * a
+            keep = (moved | (src == t)).reshape(-1, *[1] * (x.dim() - 1))
+            xa = torch.where(keep, xa, (xa - step).clamp(lower, upper)).detach()
+        out.append(xa)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def _first_crossing(model, x, x_end, samples=128, bisections=40):
+    """Distance from x to the first point of the segment x -> x_end where the predicted class changes (a fine scan,
+    then bisection); inf where it never does. Every such point is a flip point (both top scores equal)."""
+    src = model(x).argmax(1)
+    out = torch.full((len(x),), math.inf, dtype=F64)
+    ts = torch.linspace(0, 1, samples + 1, dtype=F64)[1:]
+    for i in range(len(x)):
+        d = (x_end[i] - x[i]).double()
+        pts = (x[i].double() + ts.reshape(-1, *[1] * d.dim()) * d).to(x.dtype)
+        hit = torch.nonzero(model(pts).argmax(1) != src[i])
+        if len(hit) == 0:
+            continue
+        j = int(hit[0])
+        lo, hi = (float(ts[j - 1]) if j else 0.0), float(ts[j])
+        for _ in range(bisections):
+            mid = 0.5 * (lo + hi)
+            moved = int(model((x[i].double() + mid * d).to(x.dtype)[None]).argmax(1)) != int(src[i])
+            lo, hi = (lo, mid) if moved else (mid, hi)
+        out[i] = hi * float(d.norm())
+    return out
+
+
+def test_trained_net_never_farther_than_any_deepfool_crossing(mnist_mlp):
+    net, X = mnist_mlp
+    x = X[:32]
+    res = closest_flip_point(net, x, lower=0.0, upper=1.0)
+    assert res.converged.all(), [s for s in res.status if s != "converged"]
+    _recompute_certificate(net, x, res, lower=0.0, upper=1.0)
+    # the bound from every label-changing point of an independent per-target DeepFool (9 per digit)
+    pts = _per_target_deepfool(net, x)
+    bound = torch.stack([_first_crossing(net, x, p) for p in pts]).amin(0)
+    assert torch.isfinite(bound).all()
+    ratio = res.distance / bound
+    assert (ratio <= 1.01).all(), (ratio.max(), torch.nonzero(ratio > 1.01)[:, 0].tolist())
+    # the solver's own bound is a real boundary point's distance: never below the distance it certified / 1.01
+    assert (res.distance <= 1.01 * res.upper_bound).all()
+
+
+def test_trained_net_never_farther_than_fab(mnist_mlp):
+    torchattacks = pytest.importorskip("torchattacks")
+    net, X = mnist_mlp
+    x = X[32:56]
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    x_fab = torchattacks.FAB(net, norm="L2", eps=10, steps=100, n_restarts=1)(x, y)
+    cross = _first_crossing(net, x, x_fab)
+    assert torch.isfinite(cross).sum() >= 20  # FAB changed (nearly) every label
+    res = closest_flip_point(net, x, lower=0.0, upper=1.0)  # not told about FAB's points
+    assert res.converged.all(), [s for s in res.status if s != "converged"]
+    _recompute_certificate(net, x, res, lower=0.0, upper=1.0)
+    ratio = res.distance / cross
+    assert (ratio[torch.isfinite(cross)] <= 1.01).all(), ratio.max()
+    # told about them ("a FAB run where asked"): the bound is built in
+    told = closest_flip_point(net, x, lower=0.0, upper=1.0, candidates=x_fab)
+    assert told.converged.all()
+    _recompute_certificate(net, x, told, lower=0.0, upper=1.0)
+    fin = torch.isfinite(cross)
+    assert (told.distance[fin] <= 1.01 * cross[fin]).all()
+    assert (told.distance <= 1.01 * told.upper_bound).all() and torch.isfinite(told.upper_bound[fin]).all()
+
+
+def test_a_closer_boundary_point_than_the_local_minimum_is_found():
+    # two targets: class 1 behind a far boundary that the linearisation at x points to, class 2 behind a near one
+    # that the local gradient ignores (a narrow bump). The screened, direct solve toward class 1 lands far; the
+    # segment toward a label-changing point crosses the near boundary first, and the solve restarted there wins.
+    class Bump(nn.Module):
+        def forward(self, x):
+            near = 4 * torch.exp(-(((x[:, 0] + 0.6) / 0.15) ** 2) - x[:, 1] ** 2)
+            return torch.stack([torch.ones_like(x[:, 0]), x[:, 0], near - 2], 1)
+
+    model = Bump().double()
+    x = torch.tensor([[0.0, 0.0]], dtype=F64)
+    plain = closest_flip_point(model, x, screen=1, upper_bounds=False)
+    assert plain.converged.all() and int(plain.target[0]) == 1
+    np.testing.assert_allclose(float(plain.distance[0]), 1.0, atol=1e-6)  # the far boundary x0 = 1
+    # a label-changing point behind the near boundary (here: given, as an attack would return it)
+    res = closest_flip_point(model, x, screen=1, candidates=torch.tensor([[-0.7, 0.0]], dtype=F64))
+    assert res.converged.all() and int(res.target[0]) == 2, res.status
+    _recompute_certificate(model, x, res)
+    ref = _slsqp_flip(model, x[0], 0, 2, starts=[np.array([-0.5, 0.0])])
+    assert math.isfinite(ref) and float(res.distance[0]) <= ref * (1 + 1e-6)
+    np.testing.assert_allclose(float(res.distance[0]), 0.6 - 0.15 * math.sqrt(math.log(4 / 3)), atol=1e-6)
+    assert float(res.upper_bound[0]) < 0.6 and int(res.start[0]) == 101
 
 
 # ------------------------------------------------------------------------------------------- homotopy, restarts
@@ -412,7 +551,10 @@ def test_homotopy_escapes_the_worse_local_minimum():
     direct = closest_flip_point(model, x)
     homo = closest_flip_point(model, x, homotopy=True)
     ref = _slsqp_flip(model, x[0], 0, 1, starts=[np.array([r, 0.3]) for r in np.linspace(-4, 4, 9)])
+    assert math.isfinite(ref)
     assert direct.converged.all() and homo.converged.all()
+    _recompute_certificate(model, x, direct)
+    _recompute_certificate(model, x, homo)
     assert float(direct.distance[0]) > 2 * ref  # the trap works: the direct solve lands in the worse minimum
     assert int(homo.start[0]) == 1  # ... and it is the homotopy candidate that finds the global one
     assert float(homo.distance[0]) <= ref * (1 + 1e-6)
@@ -454,7 +596,10 @@ def test_restarts_keep_the_closest_certified():
     direct = closest_flip_point(model, x)
     multi = closest_flip_point(model, x, restarts=8, seed=0)
     ref = _slsqp_flip(model, x[0], 0, 1, starts=[np.array([0.0, -2.0]), np.array([2.0, 0.0])])
+    assert math.isfinite(ref)
     assert direct.converged.all() and multi.converged.all()
+    _recompute_certificate(model, x, direct)
+    _recompute_certificate(model, x, multi)
     assert float(direct.distance[0]) == pytest.approx(4 - 2 * math.sqrt(math.log(2)), abs=1e-2)
     assert int(multi.start[0]) >= 2  # a random start won ...
     assert float(multi.distance[0]) <= ref * (1 + 1e-6)  # ... and it is the global minimum
@@ -465,6 +610,8 @@ def test_restarts_keep_the_closest_certified():
     x2 = X[:6].double()
     base = closest_flip_point(model2, x2)
     more = closest_flip_point(model2, x2, restarts=2, seed=1)
+    _recompute_certificate(model2, x2, base)
+    _recompute_certificate(model2, x2, more)
     assert (more.converged | ~base.converged).all()
     both = base.converged & more.converged
     assert (more.distance[both] <= base.distance[both] * (1 + 1e-9)).all()
@@ -560,6 +707,10 @@ def _bad_calls():
         (lambda: closest_flip_point(lin, x, max_iter=0), ValueError, "max_iter"),
         (lambda: closest_flip_point(lin, x, margin=-1.0), ValueError, "margin"),
         (lambda: closest_flip_point(lin, x, homotopy_tau=5.0, homotopy=True), ValueError, "homotopy_tau"),
+        (lambda: closest_flip_point(lin, x, screen=0), ValueError, "screen"),
+        (lambda: closest_flip_point(lin, x, candidates=torch.zeros(2, 4, dtype=F64)), ValueError, "candidates"),
+        (lambda: closest_flip_point(lin, x, candidates=torch.full((2, 3), math.nan, dtype=F64)), ValueError,
+         "candidates"),
         (lambda: closest_flip_point("not a model", x), TypeError, "model"),
         (lambda: closest_flip_point(drop, x), ValueError, "model"),
     ]
@@ -594,3 +745,4 @@ def test_inputs_not_mutated_and_deterministic():
     assert r1.status == r2.status
     assert r1.converged.any()
     assert torch.equal(r1.x_flip[r1.converged][:, 2], x[r1.converged][:, 2])  # masked feature fixed
+    _recompute_certificate(model, x, r1, lower=lower, upper=upper, mask=mask, scale=scale)  # bounds, mask, homotopy
