@@ -47,8 +47,13 @@ test: $(STAMP) ## ruff, then the full pytest suite including every notebook in t
 	$(VENV)/bin/ruff check flipfrag tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lab: $(STAMP) ## open JupyterLab on the notebooks (same venv and kernel)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+# Jupyter refuses to start as root without --allow-root (containers, some clusters); as root or in CI (CI set) there
+# is usually no browser to open either. LAB_ARGS adds options of your own, e.g. LAB_ARGS="--ip=0.0.0.0 --port=8899".
+LAB_ARGS ?=
+LAB_HEADLESS := $(if $(filter 0,$(shell id -u)),--allow-root --no-browser,$(if $(CI),--no-browser))
+
+lab: $(STAMP) ## open JupyterLab on the notebooks (same venv and kernel; works as root: --allow-root)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_HEADLESS) $(LAB_ARGS)
 
 bench: $(STAMP) ## run the benchmarks (results in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
