@@ -20,7 +20,7 @@ export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
 .DEFAULT_GOAL := help
-.PHONY: help figures test lint lab bench data clean distclean venv
+.PHONY: help figures html test lint lab bench data clean distclean venv
 
 help: ## show this help
 	@echo "flipfrag — regenerate the figures of two papers (see README.md)"
@@ -39,6 +39,9 @@ venv: $(STAMP) ## create/update .venv (torch 2.14.1 + torchvision 0.29.1 pinned)
 
 figures: $(STAMP) ## run every notebook with papermill (PROFILE=quick by default) -> figures/, MANIFEST, REPRODUCTION.md
 	$(PY) -m flipfrag.runner --profile $(PROFILE) --seed $(SEED) --figures-dir $(FIGURES) --root $(NOTEBOOK_ROOT) $(if $(NOTEBOOKS),--select $(NOTEBOOKS))
+
+html: $(STAMP) ## static site of the notebooks `make figures` executed (no re-run) -> build/site/index.html
+	$(PY) -m flipfrag.site --notebooks-dir build/notebooks --figures-dir $(FIGURES) --out-dir build/site
 
 lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check flipfrag tests benchmarks
