@@ -147,12 +147,14 @@ def _index_page(claims: dict[str, Any], manifest: dict[str, Any], pages: dict[st
         lines += ["| id | notebook | files | profile |", "|---|---|---|---|"]
         for item_id, e in sorted(items.items()):
             nb = e.get("notebook", "")
-            files = ", ".join(
-                f'<a href="{figures_rel}/{html.escape(f)}">{html.escape(f.rsplit(".", 1)[-1])}</a>'
-                if figures_rel and f.rsplit(".", 1)[-1] in _COPIED
-                else _md(f)
-                for f in e.get("files", [])
-            )
+            if figures_rel:  # the copied files as links (the .md twins of the tables are on the pages already)
+                files = ", ".join(
+                    f'<a href="{figures_rel}/{html.escape(f)}">{html.escape(f.rsplit(".", 1)[-1])}</a>'
+                    for f in e.get("files", [])
+                    if f.rsplit(".", 1)[-1] in _COPIED
+                )
+            else:
+                files = ", ".join(_md(f) for f in e.get("files", []))
             lines.append(f"| {_item_link(item_id, nb, names, placed)} | {_page_link(nb, names)} | {files} "
                          f"| {_md(e.get('profile', ''))} |")  # fmt: skip
     else:
