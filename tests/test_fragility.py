@@ -203,7 +203,7 @@ def test_grid_shape_and_columns(grid, digits_model):
     df, _ = grid
     _, x, y = digits_model
     assert len(df) == 2 * 3 * 3 * len(x)
-    assert list(df.columns) == fr._CELL_COLUMNS
+    assert list(df.columns) == fr.CELL_COLUMNS
     assert set(df.method) == {"gradient", "deeplift"} and set(df.attack) == set(fr.ATTACKS)
     assert sorted(set(df.eps255)) == [0.0, 4.0, 8.0]
     assert df.groupby(["method", "attack", "eps255"]).size().eq(len(x)).all()
@@ -238,7 +238,7 @@ def test_grid_cache_round_trip_is_exact_and_skips_work(grid, digits_model, monke
     n_files = len(list(folder.glob("cell-*.json")))
     # eps = 0 is shared by the three attacks: 2 methods x (1 + 3 attacks x 2 eps)
     assert n_files == 2 * (1 + 3 * 2)
-    monkeypatch.setattr(fr, "_run_cell", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
+    monkeypatch.setattr(fr.grid, "_run_cell", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
     again = fr.run_attack_grid(model, x, y, cache=folder, **GRID_KW)
     pd.testing.assert_frame_equal(again, df)
 
@@ -275,7 +275,7 @@ def test_grid_cache_is_not_reused_by_other_code(grid, digits_model, monkeypatch,
     kw = {**GRID_KW, "methods": ["gradient"], "epsilons": [8 / 255], "attacks": ["topk"]}
     fr.run_attack_grid(model, x, y, cache=tmp_path, **kw)
     assert len(list(tmp_path.glob("cell-*.json"))) == 1
-    monkeypatch.setattr(fr, "_code_version", lambda: "another-version")
+    monkeypatch.setattr(fr.grid, "_code_version", lambda: "another-version")
     fr.run_attack_grid(model, x, y, cache=tmp_path, **kw)
     assert len(list(tmp_path.glob("cell-*.json"))) == 2
 
@@ -356,7 +356,7 @@ def test_summarize_grid_matches_a_manual_average(grid):
 def test_summarize_grid_counts_failures_as_no_change():
     rows = []
     for i, (ok, topk) in enumerate([(True, 0.2), (False, 1.0), (False, 1.0)]):
-        rows.append({c: 0 for c in fr._CELL_COLUMNS} | {
+        rows.append({c: 0 for c in fr.CELL_COLUMNS} | {
             "method": "gradient", "attack": "topk", "eps": 8 / 255, "eps255": 8.0, "image": i, "map_h": 10,
             "map_w": 10, "k": 5, "topk": topk, "spearman": 1.0 if not ok else 0.5, "center": 0.0,
             "success": ok, "label_kept": True})  # fmt: skip
@@ -466,22 +466,36 @@ def test_imagenet_paper_path_with_a_stand_in_model_and_folder(tmp_path):
 
 
 def test_cifar_paper_path_with_stand_in_data():
-    """The paper profile's CIFAR-10 path (train a CNN, pick correct test images, k = 100, per-pixel mean
-    reference) on a tiny learnable stand-in for the downloaded CIFAR-10."""
-    gen = torch.Generator().manual_seed(0)
-    y = torch.arange(1040) % 2  # dark vs bright images: 16 minibatches of 128 per epoch
-    X = (0.2 + 0.6 * y.view(-1, 1, 1, 1) + 0.05 * torch.randn(1040, 3, 32, 32, generator=gen)).clamp(0, 1)
-    data = Dataset("cifar-stand-in", X[:1024], y[:1024], X[1024:], y[1024:], [f"c{i}" for i in range(10)],
-                   source="test")  # fmt: skip
-    prof = get_profile("smoke", cnn_epochs=6, grid_n_images=3)
-    st = fr.cifar_paper_setting(prof, seed=0, data=data, width=4)
-    assert st.role == "cifar" and st.k == 100 and st.x.shape == (3, 3, 32, 32)
-    torch.testing.assert_close(st.baseline, X[:1024].mean(0))
+    """The paper profile's CIFAR-10 path (the pretrained CNN, correct test images, k = 100, per-pixel mean
+    reference) on a stand-in for the downloaded CIFAR-10: the 20 shipped test photos and random "training" images."""
+    from flipfrag.datasets import load_cifar10
+
+    photos = load_cifar10()
+    X_train = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    data = Dataset("cifar-stand-in", X_train, torch.zeros(64, dtype=torch.long), photos.X_test, photos.y_test,
+                   photos.class_names, source="test")  # fmt: skip
+    st = fr.cifar_paper_setting(get_profile("smoke", grid_n_images=3), seed=0, data=data)
+    assert st.role == "cifar" and st.k == 100 and st.x.shape == (3, 3, 32, 32) and st.model_name == "cifar10-cnn"
+    torch.testing.assert_close(st.baseline, X_train.mean(0))
     with torch.no_grad():
         assert torch.equal(st.model(st.x).argmax(1), st.y)
-    empty = Dataset("none", X[:0], y[:0], X[1024:], y[1024:], ["a", "b"])
+    empty = Dataset("none", X_train[:0], torch.zeros(0, dtype=torch.long), photos.X_test, photos.y_test, ["a", "b"])
     with pytest.raises(ValueError, match="data"):
-        fr.cifar_paper_setting(prof, data=empty)
+        fr.cifar_paper_setting(get_profile("smoke"), data=empty)
+
+
+def test_offline_cifar10_settings_use_the_pretrained_cnn_on_disjoint_real_photos():
+    prof = get_profile("smoke")
+    cifar = fr.image_setting("cifar", prof, n=20)
+    imnet = fr.image_setting("imagenet", prof, n=46)
+    assert cifar.k == 100 and imnet.k == 20  # the paper's k = 100 of 1,024; F3's 1000 / 51,529 of 1,024 pixels
+    assert len(cifar.x) == 20 and cifar.test_accuracy == 1.0  # all 20 CIFAR-10 photos are classified correctly
+    assert len(imnet.x) == 46 and not set(cifar.image_names) & set(imnet.image_names)
+    assert all(n.startswith("cifar10_") for n in cifar.image_names)
+    with torch.no_grad():
+        assert torch.equal(imnet.model(imnet.x).argmax(1), imnet.y)  # labelled by the model's own prediction
+    torch.testing.assert_close(cifar.baseline.flatten(), torch.tensor(fr.CIFAR10_MEAN))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in cifar.model.modules())  # folded, for DTD
 
 
 def test_image_setting_and_prepare_setting_check_their_arguments(digits_model):
@@ -641,3 +655,31 @@ def test_geometry_comparison_first_order_term_matches_autograd(digits_model):
     np.testing.assert_allclose(attack.first_order, ((x_adv - x) * g).flatten(1).sum(1).numpy(), rtol=1e-4,
                                atol=1e-7)  # fmt: skip
     assert (df.abs_cos if "abs_cos" in df else df.cos_grad.abs()).le(1 + 1e-9).all()
+
+
+def test_grid_spec_is_one_validated_object_with_per_method_iterations(digits_model, tmp_path):
+    model, x, y = digits_model
+    spec = fr.GridSpec(k=5, methods=["gradient", "deeplift"], attacks=["topk"], epsilons=[8 / 255], iters=6,
+                       method_iters={"deeplift": 2})  # fmt: skip
+    assert spec.methods == ("gradient", "deeplift")
+    assert spec.iters_for("deeplift") == 2 and spec.iters_for("gradient") == 6
+    df = fr.run_attack_grid(model, x, y, spec, cache=tmp_path)
+    assert (df[df.method == "deeplift"].best_iter <= 2).all() and (df[df.method == "gradient"].best_iter <= 6).all()
+    # the same spec given as keywords is the same grid (and the same cache cells)
+    again = fr.run_attack_grid(model, x, y, cache=tmp_path, k=5, methods=["gradient", "deeplift"], attacks=["topk"],
+                               epsilons=[8 / 255], iters=6, method_iters={"deeplift": 2})  # fmt: skip
+    pd.testing.assert_frame_equal(df, again)
+    # a changed iteration count is another cell
+    assert spec.cell_settings("deeplift", "topk", 8 / 255) != fr.GridSpec(
+        k=5, methods=["deeplift"], iters=6).cell_settings("deeplift", "topk", 8 / 255)
+    assert spec.cell_settings("deeplift", "topk", 0.0) == spec.cell_settings("deeplift", "center", 0.0)
+    with pytest.raises(TypeError, match="either spec"):
+        fr.run_attack_grid(model, x, y, spec, k=3)
+    with pytest.raises(ValueError, match="method_iters"):
+        fr.GridSpec(k=5, method_iters={"gradient": 0})
+    with pytest.raises(ValueError, match="method_iters: unknown"):
+        fr.GridSpec(k=5, method_iters={"sg2": 3})
+    with pytest.raises(ValueError, match="beta"):
+        fr.GridSpec(k=5, beta=0)
+    with pytest.raises(ValueError, match="k must be"):
+        fr.run_attack_grid(model, x, y, fr.GridSpec(k=10_000))

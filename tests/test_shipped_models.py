@@ -144,7 +144,7 @@ def test_repository_shipped_files_are_listed_verified_and_small(repo):
     index = models.shipped_index(repo / "data")
     if not index:
         pytest.skip("no shipped weights in data/models/ yet")
-    files = sorted(p.name for p in (repo / "data" / "models").glob("*.pt"))
+    files = sorted(p.name for p in (repo / "data" / "models").glob("*-*.pt"))  # <name>-<key>.pt (not cifar10_cnn.pt)
     assert files == sorted(index)  # nothing shipped that the index does not list, and the reverse
     sums = dict(line.split()[::-1] for line in (repo / "data" / "SHA256SUMS").read_text().splitlines() if line)
     for fname, entry in index.items():

@@ -1,0 +1,503 @@
+"""The attack grid (F3 and its CIFAR-10 analogue): one specification, cached cells, summaries and tables."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._io import atomic_write, cache_dir, sha256_files
+from .paper import _LOWER_IS_MORE_CHANGE, ATTACKS, GRID_METHODS, METHODS, METRICS, paper_grid
+from .settings import ROLES, ImageSetting
+
+# ------------------------------------------------------------------------------------------ the attack grid
+
+
+def best_by_metric(history: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-metric best label-preserving iterate, recomputed from an attack's history (the authors' ``measure``).
+
+    Parameters
+    ----------
+    history : dict
+        ``out.history`` of an attack run with ``record_metrics=True``: ``label_kept`` (P+1, N) bool and ``topk``,
+        ``spearman``, ``center`` (P+1, N), row 0 being the original image.
+
+    Returns
+    -------
+    dict metric -> Tensor (N,)
+        The lowest top-k intersection, the lowest Spearman correlation and the largest center shift over the
+        iterates that keep the label (the original image included: an image where no iterate helps gets the
+        "no change" values 1, 1, 0). Images with no label-preserving row (skipped ones) get row 0's value.
+    """
+    missing = [k for k in ("label_kept", *METRICS) if k not in history]
+    if missing:
+        raise ValueError(f"history lacks {missing}; run the attack with record_metrics=True")
+    kept = history["label_kept"].bool()
+    out = {}
+    for m in METRICS:
+        v = history[m].double()
+        if v.shape != kept.shape:
+            raise ValueError(f"history[{m!r}] has shape {tuple(v.shape)}, label_kept {tuple(kept.shape)}")
+        lower = _LOWER_IS_MORE_CHANGE[m]
+        fill = torch.full_like(v, math.inf if lower else -math.inf)
+        v = torch.where(kept & ~torch.isnan(v), v, fill)
+        best = v.min(0).values if lower else v.max(0).values
+        out[m] = torch.where(kept.any(0), best, history[m][0].double())
+    return out
+
+
+class GridCacheError(RuntimeError):
+    """A cached grid cell is corrupt, truncated, or belongs to other settings."""
+
+
+CELL_COLUMNS = ["method", "attack", "eps", "eps255", "image", "label", "map_h", "map_w", "k",
+                 "topk", "spearman", "center", "topk_best", "spearman_best", "center_best",
+                 "success", "label_kept", "best_iter", "conf0", "conf_adv", "cell_seconds"]  # fmt: skip
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        from ..models import tensor_hash
+
+        return {"tensor_sha256": tensor_hash(value.detach().cpu()), "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return repr(value)  # exact, so 8/255 and 0.0313725... do not collide by rounding
+    return value
+
+
+def grid_cache_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any]) -> str:
+    """sha256 (first 24 hex) of the model's weights, the images, the labels and every setting of the grid."""
+    from ..models import tensor_hash
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor_hash(t.detach().cpu()).encode())
+    h.update(tensor_hash(x.detach().cpu(), y.detach().cpu()).encode())
+    h.update(json.dumps(_jsonable(settings), sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def _code_version() -> str:
+    """sha256 (16 hex) of the source of the modules a grid cell depends on, so that cached cells computed by other
+    code (a fixed bug in an attack, a changed saliency rule) are never reused."""
+    from .. import attacks, metrics, saliency, smooth
+
+    return sha256_files([attacks.__file__, metrics.__file__, saliency.__file__, smooth.__file__, __file__])[:16]
+
+
+def _records_digest(records: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
+def save_grid_cell(path: str | Path, key: str, df: pd.DataFrame) -> Path:
+    """Write one grid cell (rows of :func:`run_attack_grid`) atomically as JSON with its key and a checksum."""
+    # plain Python values: json writes floats with repr, so the round trip is exact
+    records = [{c: (v.item() if hasattr(v, "item") else v) for c, v in row.items()}
+               for row in df[CELL_COLUMNS].to_dict(orient="records")]  # fmt: skip
+    payload = {"format": 1, "key": key, "columns": CELL_COLUMNS, "sha256": _records_digest(records),
+               "records": records}  # fmt: skip
+    text = json.dumps(payload)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def load_grid_cell(path: str | Path, key: str) -> pd.DataFrame:
+    """Read a cell written by :func:`save_grid_cell`; raise :class:`GridCacheError` naming the file if it does not
+    parse, its checksum or key does not match, or its columns are not the expected ones."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GridCacheError(f"grid cache {path} cannot be read ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != 1:
+        raise GridCacheError(f"grid cache {path}: unknown format")
+    if payload.get("key") != key:
+        raise GridCacheError(f"grid cache {path}: key {payload.get('key')!r} != requested {key!r}")
+    records = payload.get("records")
+    if not isinstance(records, list) or payload.get("sha256") != _records_digest(records):
+        raise GridCacheError(f"grid cache {path}: checksum does not match its records (corrupt or edited)")
+    if payload.get("columns") != CELL_COLUMNS or any(set(r) != set(CELL_COLUMNS) for r in records):
+        raise GridCacheError(f"grid cache {path}: columns differ from {CELL_COLUMNS}")
+    return pd.DataFrame(records, columns=CELL_COLUMNS)
+
+
+def _check_list(name: str, values: Sequence[str], allowed: Sequence[str]) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of names from {list(allowed)}, got {values!r}")
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"{name}: unknown {bad}; choose from {list(allowed)}")
+    return list(values)
+
+
+def _confidence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(model(x), 1).gather(1, y[:, None])[:, 0]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Everything an attack grid (F3) runs, in one object: ``run_attack_grid(model, x, y, spec)``.
+
+    Parameters
+    ----------
+    k : int
+        Top-k size of the top-k attack and of the top-k intersection metric.
+    methods : subset of :data:`GRID_METHODS` (default: the paper's SG, DeepLIFT and IG)
+    attacks : subset of :data:`ATTACKS`
+        "topk" and "center" are the iterative attacks (best iterate on their own criterion: lowest intersection /
+        largest center shift); "random" is the one-shot ``x + eps * sign(N(0, 1))`` baseline, resampled up to
+        ``random_tries`` times until the label is kept.
+    epsilons : sequence of float
+        L-inf budgets on the [0, 1] scale (the paper: 0, 1, 2, 4, 8 / 255). At 0 every attack returns ``x``.
+    iters : int
+        Sign-gradient iterations P of the iterative attacks (paper: 300).
+    method_iters : dict method -> int
+        Per-method overrides of ``iters`` (a budget choice: IG costs ``steps`` times as much per iteration).
+    step : float
+        Step size (paper: 0.5/255).
+    beta : float
+        Softplus sharpness of the surrogate (see :mod:`flipfrag.attacks`).
+    method_kwargs : dict method -> dict
+        Saliency-method arguments, e.g. ``{"integrated_gradients": {"baseline": b, "steps": 100}}``.
+    floor_center : bool
+        Floor centers of mass to integer pixels in the center criterion and metric, as the authors' code.
+    random_tries : int
+        Redraws of the random baseline until the label is kept.
+    seed : int
+        Seed of the random-sign baseline.
+    batch_size : int or None
+        Images per attack call (default: all at once); bounds memory for big models, changes no value.
+    """
+
+    k: int
+    methods: tuple[str, ...] = METHODS[:3]
+    attacks: tuple[str, ...] = ATTACKS
+    epsilons: tuple[float, ...] = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    iters: int = 300
+    method_iters: dict[str, int] = field(default_factory=dict)
+    step: float = 0.5 / 255
+    beta: float = 1.0
+    method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    floor_center: bool = False
+    random_tries: int = 10
+    seed: int = 0
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise the fields once, here
+        set_(self, "methods", tuple(_check_list("methods", self.methods, GRID_METHODS)))
+        set_(self, "attacks", tuple(_check_list("attacks", self.attacks, ATTACKS)))
+        eps = self.epsilons
+        if isinstance(eps, (str, float, int)) or len(eps) == 0:
+            raise ValueError(f"epsilons must be a non-empty sequence of numbers >= 0, got {eps!r}")
+        if any(isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 <= e < math.inf for e in eps):
+            raise ValueError(f"epsilons must be finite numbers >= 0, got {list(eps)}")
+        set_(self, "epsilons", tuple(float(e) for e in eps))
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        _positive_int(self.iters, "iters")
+        bad = sorted(set(self.method_iters) - set(GRID_METHODS))
+        if bad:
+            raise ValueError(f"method_iters: unknown methods {bad}")
+        for m, it in self.method_iters.items():
+            _positive_int(it, f"method_iters[{m!r}]")
+        if not (isinstance(self.step, (int, float)) and self.step > 0):
+            raise ValueError(f"step must be a number > 0, got {self.step!r}")
+        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
+            raise ValueError(f"beta must be a number > 0, got {self.beta!r}")
+        bad = sorted(set(self.method_kwargs) - set(GRID_METHODS))
+        if bad:
+            raise ValueError(f"method_kwargs: unknown methods {bad}")
+        _positive_int(self.random_tries, "random_tries")
+        if self.batch_size is not None:
+            _positive_int(self.batch_size, "batch_size")
+
+    def iters_for(self, method: str) -> int:
+        """Iterations of the iterative attacks on ``method``'s map."""
+        return int(self.method_iters.get(method, self.iters))
+
+    def cells(self) -> list[tuple[str, str, float]]:
+        """The (method, attack, eps) cells, in the grid's order."""
+        return [(m, a, e) for m in self.methods for a in self.attacks for e in self.epsilons]
+
+    def cell_settings(self, method: str, attack: str, eps: float) -> dict[str, Any]:
+        """What a cell's result depends on (besides weights, images and code): its cache key's settings. eps = 0 is
+        the same unperturbed run for every attack, so it is keyed without the attack and its iteration settings."""
+        cell = {"k": self.k, "floor_center": bool(self.floor_center), "random_tries": int(self.random_tries),
+                "seed": int(self.seed), "format": 1, "method": method, "attack": "none" if eps == 0 else attack,
+                "eps": float(eps), "kwargs": self.method_kwargs.get(method, {})}  # fmt: skip
+        if eps > 0 and attack != "random":
+            cell.update(iters=self.iters_for(method), step=float(self.step), beta=float(self.beta))
+        return cell
+
+
+def _run_cell(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: GridSpec, method: str, attack: str,
+              eps: float) -> pd.DataFrame:  # fmt: skip
+    from ..attacks import MassCenterAttack, RandomSignAttack, TopKAttack
+
+    common = dict(k=spec.k, method_kwargs=spec.method_kwargs.get(method, {}), floor_center=spec.floor_center,
+                  record_metrics=True, progress=False)  # fmt: skip
+    if eps == 0 or attack == "random":
+        # eps = 0 needs no iterations: the one-shot path projects x + 0 back onto x (a real run, not a constant).
+        atk = RandomSignAttack(model, method, eps=float(eps), seed=spec.seed, tries=spec.random_tries, **common)
+    else:
+        cls = TopKAttack if attack == "topk" else MassCenterAttack
+        atk = cls(model, method, eps=float(eps), step=spec.step, iters=spec.iters_for(method), beta=spec.beta,
+                  **common)  # fmt: skip
+    start = time.perf_counter()
+    rows = []
+    bs = x.shape[0] if spec.batch_size is None else spec.batch_size
+    for s in range(0, x.shape[0], bs):
+        xb, yb = x[s : s + bs], y[s : s + bs]
+        out = atk(xb, yb)
+        best = best_by_metric(out.history)
+        conf0, conf1 = _confidence(model, xb, yb), _confidence(model, out.x_adv, yb)
+        for i in range(xb.shape[0]):
+            rows.append({
+                "method": method, "attack": attack, "eps": float(eps), "eps255": round(float(eps) * 255, 6),
+                "image": s + i, "label": int(yb[i]), "map_h": int(x.shape[-2]), "map_w": int(x.shape[-1]),
+                "k": spec.k, **{m: float(out.metrics[m][i]) for m in METRICS},
+                **{f"{m}_best": float(best[m][i]) for m in METRICS},
+                "success": bool(out.success[i]), "label_kept": bool(out.label_kept[i]),
+                "best_iter": int(out.best_iter[i]), "conf0": float(conf0[i]), "conf_adv": float(conf1[i]),
+            })  # fmt: skip
+    seconds = time.perf_counter() - start
+    df = pd.DataFrame(rows)
+    df["cell_seconds"] = seconds
+    return df[CELL_COLUMNS]
+
+
+def run_attack_grid(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: GridSpec | None = None,
+    *,
+    cache: bool | str | Path = True,
+    progress: bool = False,
+    **spec_kwargs: Any,
+) -> pd.DataFrame:
+    """Ghorbani et al.'s attack grid (F3): every method x attack x epsilon of ``spec`` on the images ``x``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        ReLU classifier on [0, 1] images (eval mode). The attacks differentiate its softplus(``beta``) surrogate for
+        the simple gradient, IG and LRP, and the model itself for DeepLIFT and DTD (see :mod:`flipfrag.attacks`).
+    x : Tensor (N, C, H, W)
+        Correctly classified images in [0, 1]; ``y`` (N,) their labels.
+    spec : GridSpec
+        What to run (methods, attacks, epsilons, iterations, k, ...). Instead of a spec, its fields may be given as
+        keyword arguments (``run_attack_grid(model, x, y, k=15, methods=["gradient"])``).
+    cache : bool or path
+        True: cache each (method, attack, eps) cell under ``cache_dir("fragility")``; a path: cache there; False: none.
+        The key covers the weights, the images, the cell's settings and the source of the attack/saliency/metric
+        modules; a corrupt or foreign cell is recomputed with a warning.
+    progress : bool
+        tqdm over cells.
+
+    Returns
+    -------
+    DataFrame
+        One row per (method, attack, eps, image): ``topk``, ``spearman``, ``center`` at the returned iterate;
+        ``topk_best``, ``spearman_best``, ``center_best`` at the best label-preserving iterate per metric;
+        ``success`` (False: no label-preserving iterate changed the criterion, so ``x`` itself is returned and counts
+        as "no change"), ``label_kept``, ``best_iter``, ``conf0`` / ``conf_adv`` (softmax probability of the label
+        before / after), ``map_h``, ``map_w``, ``k``, ``cell_seconds`` (runtime of the cell when computed).
+    """
+    if spec is None:
+        spec = GridSpec(**spec_kwargs)
+    elif spec_kwargs:
+        raise TypeError(f"give either spec or its fields as keywords, not both ({sorted(spec_kwargs)})")
+    if not isinstance(spec, GridSpec):
+        raise TypeError(f"spec must be a GridSpec, got {type(spec).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty image batch (N, C, H, W), got {getattr(x, 'shape', None)}")
+    if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
+        raise ValueError(f"y must be a tensor of shape ({x.shape[0]},)")
+    if spec.k > x.shape[-2] * x.shape[-1]:
+        raise ValueError(f"k must be an integer in [1, {x.shape[-2] * x.shape[-1]}], got {spec.k!r}")
+    if cache is True:
+        folder: Path | None = cache_dir("fragility")
+    elif cache is False or cache is None:
+        folder = None
+    else:
+        folder = Path(cache)
+    x, y = x.detach(), y.detach()
+    code = _code_version()
+    frames = []
+    for method, attack, eps in tqdm(spec.cells(), desc="attack grid", disable=not progress, leave=False):
+        df = path = None
+        if folder is not None:
+            key = grid_cache_key(model, x, y, {**spec.cell_settings(method, attack, eps), "code": code})
+            path = folder / f"cell-{key}.json"
+            if path.exists():
+                try:
+                    df = load_grid_cell(path, key)
+                except GridCacheError as err:
+                    warnings.warn(f"{err}; recomputing", stacklevel=2)
+        if df is None:
+            df = _run_cell(model, x, y, spec, method, attack, eps)
+            if path is not None:
+                save_grid_cell(path, key, df)
+        df = df.copy()
+        df["attack"] = attack
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)[CELL_COLUMNS]
+
+
+def grid_spec(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0, methods: Sequence[str] = METHODS,
+              **overrides: Any) -> GridSpec:  # fmt: skip
+    """The :class:`GridSpec` of a setting with the profile's choices, so that every notebook asking for the same grid
+    gets the same cache cells: ``prof["epsilons"]``, ``grid_iters`` iterations of ``attack_step`` (IG:
+    ``grid_ig_iters``), softplus ``softplus_beta``, IG with ``grid_ig_steps`` steps and the setting's reference image
+    (also DeepLIFT's), ``k = setting.k``, float centers offline and floored centers (the authors' code) in
+    ``paper``. For inputs larger than 64x64 (the paper's 227x227) the images are attacked 16 at a time and IG
+    evaluates at most 256 interpolants per pass, which bounds memory without changing any value. ``overrides``
+    replace any field (e.g. ``beta=``, ``epsilons=``, ``attacks=``)."""
+    big = setting.n_pixels > 64 * 64
+    ig_iters = prof.get("grid_ig_iters")
+    fields = dict(
+        k=setting.k, methods=tuple(methods), epsilons=tuple(prof["epsilons"]), iters=int(prof["grid_iters"]),
+        method_iters={"integrated_gradients": int(ig_iters)} if ig_iters else {},
+        step=float(prof["attack_step"]), beta=float(prof["softplus_beta"]),
+        method_kwargs=setting.method_kwargs(prof["grid_ig_steps"], 256 if big else None),
+        floor_center=not prof.get("offline", True), seed=seed, batch_size=16 if big else None,
+    )  # fmt: skip
+    fields.update(overrides)
+    return GridSpec(**fields)
+
+
+def grid_for(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0, methods: Sequence[str] = METHODS,
+             cache: bool | str | Path = True, progress: bool = False, **overrides: Any) -> pd.DataFrame:  # fmt: skip
+    """:func:`run_attack_grid` on a setting with :func:`grid_spec`'s choices for the profile."""
+    spec = grid_spec(setting, prof, seed=seed, methods=methods, **overrides)
+    return run_attack_grid(setting.model, setting.x, setting.y, spec, cache=cache, progress=progress)
+
+
+def grid_deviation(setting: ImageSetting, prof: dict[str, Any]) -> str:
+    """What differs from the paper's F3 setting, for the claims' deviation column."""
+    paper_k = {"imagenet": "1000 of 51,529", "cifar": "100 of 1,024"}[ROLES[setting.role]]
+    parts = []
+    if setting.substitution:
+        parts.append(setting.substitution)
+    parts.append(f"k = {setting.k} of {setting.n_pixels} px (paper {paper_k}, same fraction)")
+    ig_iters = int(prof.get("grid_ig_iters") or prof["grid_iters"])
+    if len(setting.x) != 512 or prof["grid_iters"] != 300 or ig_iters != 300 or prof["grid_ig_steps"] != 100:
+        parts.append(f"{len(setting.x)} images, {prof['grid_iters']} iterations (IG {ig_iters}), IG M = "
+                     f"{prof['grid_ig_steps']} (paper 512, 300, 100)")  # fmt: skip
+    if setting.model_name == "cifar10-cnn":
+        parts.append(f"softplus β = {prof['softplus_beta']:g} acting on 0–255 pre-activations (the CNN scales its "
+                     "[0, 1] input by 255), as the authors' SqueezeNet")  # fmt: skip
+    else:
+        parts.append(f"softplus β = {prof['softplus_beta']:g} on [0, 1]-scale inputs (the authors' β = 1 acted on "
+                     "0–255 inputs, a much sharper surrogate)")  # fmt: skip
+    parts.append("ε on the [0, 1] scale × 255 as in the paper; " +
+                 ("float centers of mass" if prof.get("offline", True) else "floored centers (authors' code)"))
+    return "; ".join(parts)
+
+
+def summarize_grid(df: pd.DataFrame, *, selection: str = "own") -> pd.DataFrame:
+    """Mean metrics per (method, attack, eps255) over images.
+
+    ``selection="own"``: metrics at the iterate each attack selects on its own criterion (the spec's recommended
+    reading); ``"per_metric"``: each metric at its own best iterate (the authors' ``measure`` argument). Failed
+    attacks are averaged in as "no change" (the authors' code) and counted in ``n_failed``. Adds ``center_rel``
+    (center shift / map side), ``label_kept`` (fraction), ``conf0`` / ``conf_adv`` (mean softmax probability of the
+    label) and ``seconds`` (the cells' runtime).
+    """
+    if selection not in ("own", "per_metric"):
+        raise ValueError(f"selection must be 'own' or 'per_metric', got {selection!r}")
+    missing = sorted(set(CELL_COLUMNS) - set(df.columns))
+    if missing:
+        raise ValueError(f"df lacks columns {missing}: pass the output of run_attack_grid")
+    d = df.copy()
+    if selection == "per_metric":
+        for m in METRICS:
+            d[m] = d[f"{m}_best"]
+    d["failed"] = (~d["success"].astype(bool)) & (d["eps"] > 0)
+    d["center_rel"] = d["center"] / d["map_w"]
+    keys = ["method", "attack", "eps255"]
+    out = d.groupby(keys, sort=False).agg(
+        topk=("topk", "mean"), spearman=("spearman", "mean"), center=("center", "mean"),
+        center_rel=("center_rel", "mean"), n_images=("image", "count"), n_failed=("failed", "sum"),
+        label_kept=("label_kept", "mean"), conf0=("conf0", "mean"), conf_adv=("conf_adv", "mean"),
+        seconds=("cell_seconds", "first"), k=("k", "first"), side=("map_w", "first"),
+    ).reset_index()  # fmt: skip
+    out["n_failed"] = out["n_failed"].astype(int)
+    return out
+
+
+def grid_table(summary: pd.DataFrame, *, paper: bool = True, per_metric: pd.DataFrame | None = None,
+               model: str | None = None) -> pd.DataFrame:  # fmt: skip
+    """The grid's numbers, one row per (method, attack, eps255), next to the paper's F3 values where they exist.
+
+    Columns: ours ``topk``, ``spearman``, ``center`` (px), ``center_rel``; with ``per_metric`` (a
+    ``summarize_grid(..., selection="per_metric")``) also ``topk_pm``, ``spearman_pm``, ``center_pm``; with ``paper``
+    the paper's ``paper_topk``, ``paper_spearman``, ``paper_center`` (px of 227) and ``paper_center_rel`` (empty
+    for eps = 0 and for methods the paper does not have, e.g. LRP-ε). ``model`` (e.g. ``"cifar10-cnn"``) becomes a
+    first column ``model``.
+    """
+    keys = ["method", "attack", "eps255"]
+    cols = keys + ["topk", "spearman", "center", "center_rel", "n_images", "n_failed", "label_kept", "k", "side"]
+    table = summary[cols].copy()
+    if per_metric is not None:
+        pm = per_metric[keys + list(METRICS)].rename(columns={m: f"{m}_pm" for m in METRICS})
+        table = table.merge(pm, on=keys, how="left")
+    if paper:
+        pg = paper_grid().rename(columns={m: f"paper_{m}" for m in (*METRICS, "center_rel")})
+        table = table.merge(pg, on=keys, how="left")
+    if model is not None:
+        table.insert(0, "model", model)
+    return table
+
+def surrogate_fidelity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, betas: Sequence[float], *,
+                       k: int) -> pd.DataFrame:  # fmt: skip
+    """How close the softplus(β) surrogate's simple-gradient map is to the ReLU model's map, per β: mean top-k
+    intersection and Spearman ρ between the two maps over the images (1 = the surrogate explains like the model)."""
+    from ..metrics import spearman, topk_intersection
+    from ..saliency import gradient, saliency_map
+    from ..smooth import softplus_surrogate
+
+    relu = saliency_map(gradient(model, x, y))
+    rows = []
+    for beta in betas:
+        smooth = saliency_map(gradient(softplus_surrogate(model, float(beta)), x, y))
+        rows.append({"beta": float(beta), "topk": float(topk_intersection(relu, smooth, k).mean()),
+                     "spearman": float(spearman(relu, smooth).mean())})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def dimension_table(small: pd.DataFrame, large: pd.DataFrame) -> pd.DataFrame:
+    """The smaller-input grid next to the larger-input one: per (method, attack, eps255) the top-k intersection,
+    Spearman ρ and relative center shift of both (suffixes ``_small`` / ``_large``)."""
+    keys = ["method", "attack", "eps255"]
+    cols = ["topk", "spearman", "center", "center_rel", "n_images", "n_failed", "k", "side"]
+    a = small[keys + cols].rename(columns={c: f"{c}_small" for c in cols})
+    b = large[keys + cols].rename(columns={c: f"{c}_large" for c in cols})
+    return a.merge(b, on=keys, how="left")
+
