@@ -269,12 +269,17 @@ def build_site(notebooks_dir: str | Path = REPO_ROOT / "build" / "notebooks",
     stage_site(notebooks_dir, figures_dir, stage)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-d", str(stage / ".doctrees"), str(stage), str(out_dir)]
+    # Sphinx writes into <stage>/_build/html (myst-nb puts its jupyter_execute/ scratch folder next to the output,
+    # so it stays in the staging folder); the finished site is then moved to out_dir
+    built = stage / "_build" / "html"
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-d", str(stage / ".doctrees"), str(stage), str(built)]
     if quiet:
         cmd.insert(3, "-q")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SiteError(f"sphinx-build failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(built), str(out_dir))
     index = out_dir / "index.html"
     if not index.exists():
         raise SiteError(f"sphinx-build wrote no {index}")
