@@ -259,8 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench_cifar_cnn.json / .md")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    for key in ("images", "iters", "repeats"):
+        parser.add_argument(f"--{key}", type=int, default=None, help=f"override the default {key}")
     args = parser.parse_args(argv)
     p = dict(SMOKE if args.smoke else DEFAULTS)
+    p.update({key: getattr(args, key) for key in ("images", "iters", "repeats") if getattr(args, key) is not None})
     threads = torch.get_num_threads()
     torch.set_num_threads(p["threads"])
     try:
