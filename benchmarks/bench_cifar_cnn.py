@@ -76,10 +76,6 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def _median_time(fn, repeats: int) -> float:
-    return statistics.median(_time(fn) for _ in range(repeats))
-
-
 # ------------------------------------------------------------------------------- the hand-written loop (c), (d), (e)
 
 
@@ -147,22 +143,30 @@ def bench_method(model, x0, y, method: str, p: dict) -> dict:
             hand.direction(x0, y, idx)
 
     full(x0[:1], y[:1])  # warm-up (allocator, first-call overheads)
-    t = {
-        "a_flipfrag": _median_time(lambda: full(x0, y), repeats),
-        "b_flipfrag_no_metrics": _median_time(lambda: lean(x0, y), repeats),
-        "c_hand_loop": _median_time(lambda: hand.run(x0, y, iters), repeats),
-        "d_direction": _median_time(directions, repeats),
+    runs = {
+        "a_flipfrag": lambda: full(x0, y),
+        "b_flipfrag_no_metrics": lambda: lean(x0, y),
+        "c_hand_loop": lambda: hand.run(x0, y, iters),
+        "d_direction": directions,
     }
     if method in ("gradient", "integrated_gradients"):
-        t["e_model_map"] = _median_time(lambda: [hand.original_map(x0, y) for _ in range(iters)], repeats)
+        runs["e_model_map"] = lambda: [hand.original_map(x0, y) for _ in range(iters)]
     if p["one_at_a_time"]:
-        t["a_one_at_a_time"] = _median_time(lambda: [full(x0[i : i + 1], y[i : i + 1]) for i in range(n)], repeats)
+        runs["a_one_at_a_time"] = lambda: [full(x0[i : i + 1], y[i : i + 1]) for i in range(n)]
+    # interleaved (a, b, c, d, ... in turn, `repeats` rounds), then medians: the machine is shared and its load drifts,
+    # so timing each variant in its own block would turn load changes into spurious ratios
+    samples: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            samples[key].append(_time(fn))
+    t = {key: statistics.median(v) for key, v in samples.items()}
     r = {
         "method": method,
         "images": n,
         "iters": iters,
         "ig_steps": p["ig_steps"] if method == "integrated_gradients" else None,
         "seconds": t,
+        "samples_s": samples,
         "image_iters_per_s": {key: n * iters / s for key, s in t.items()},
         "flipfrag_over_hand_time": t["a_flipfrag"] / t["c_hand_loop"],
         "overhead_a_over_d": t["a_flipfrag"] / t["d_direction"] - 1,
@@ -201,7 +205,7 @@ def _markdown(res: dict) -> str:
         f"CIFAR-10 CNN (`cifar10_cnn(pretrained=True, folded=True)`), n = {p['images']} CIFAR-10 photos (labels: the "
         f"model's predictions), top-k attack k = {p['k']}, eps = 8/255, step = 0.5/255, P = {p['iters']} iterations, "
         f"IG with M = {p['ig_steps']} steps; IG and DeepLIFT baseline: the CIFAR-10 mean colour. Medians of "
-        f"{p['repeats']} repeats.",
+        f"{p['repeats']} repeats, interleaved (one of each variant per round).",
         "",
         "**The machine is shared by several agents (2 CPU cores): absolute speeds vary from run to run; the ratios "
         "between columns of one run are what this benchmark measures.**",
