@@ -62,3 +62,23 @@ def test_flop_count_matches_a_closed_form():
     with bench.FlopCount() as fc:
         (a @ b).sum().backward()
     assert fc.total == 3 * 2 * 5 * 7 * 3
+
+
+def test_bench_cifar_cnn_smoke(tmp_path, capsys):
+    res = _load("bench_cifar_cnn").main(["--smoke", "--out", str(tmp_path), "--methods", "gradient", "dtd"])
+    rows = res["methods"]
+    assert [r["method"] for r in rows] == ["gradient", "dtd"]
+    for r in rows:
+        t = r["seconds"]
+        assert all(s > 0 for s in t.values())
+        assert math.isclose(r["overhead_a_over_d"], t["a_flipfrag"] / t["d_direction"] - 1)
+        assert math.isclose(r["flipfrag_over_hand_time"], t["a_flipfrag"] / t["c_hand_loop"])
+        assert math.isclose(r["batched_over_one_at_a_time"], t["a_one_at_a_time"] / t["a_flipfrag"])
+        # the hand-written loop follows flipfrag's trajectory exactly (same objective at every iterate)
+        f = r["fairness"]
+        assert f["objective_max_abs_diff"] <= 1e-6 * f["objective_max_abs"]
+        assert f["final_x_max_abs_diff"] is None or f["final_x_max_abs_diff"] <= 1e-6
+    assert "e_model_map" in rows[0]["seconds"] and "e_model_map" not in rows[1]["seconds"]
+    out = capsys.readouterr().out
+    assert "| SG |" in out and "| DTD |" in out and "ratios" in out
+    assert not list(tmp_path.iterdir())  # --smoke prints, it does not overwrite the recorded results
