@@ -516,16 +516,21 @@ def config_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, *, key: str, meta: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` atomically with its config, key and metadata, plus a ``.sha256`` sidecar."""
-    path = Path(path)
-    payload = {
+def _checkpoint_payload(model: nn.Module, key: str, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint file holds (format 1): shared by the cache and the shipped weights."""
+    return {
         "format": 1,
         "key": key,
         "config": getattr(model, "config", None),
         "meta": json.dumps(meta or {}, default=str),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, key: str, meta: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` atomically with its config, key and metadata, plus a ``.sha256`` sidecar."""
+    path = Path(path)
+    payload = _checkpoint_payload(model, key, meta)
     return write_checksummed(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -803,13 +808,7 @@ def ship_model(model: nn.Module, parts: dict[str, Any], *, meta: dict[str, Any] 
     name, key = parts["name"], config_key(parts)
     fname = f"{name}-{key}.pt"
     path = root / "models" / fname
-    payload = {
-        "format": 1,
-        "key": key,
-        "config": getattr(model, "config", None),
-        "meta": json.dumps(meta or {}, default=str),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
+    payload = _checkpoint_payload(model, key, meta)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
     index = shipped_index(root)
     index[fname] = {
