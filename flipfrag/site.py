@@ -38,6 +38,10 @@ VERDICT_CLASS = {
     "reproduced": "verdict-reproduced",
     "partly": "verdict-partly",
     "not reproduced": "verdict-not-reproduced",
+    "holds": "verdict-holds",
+    "does not hold": "verdict-does-not-hold",
+    "measured only": "verdict-measured",
+    # rows recorded with the old API (report.LEGACY_VERDICTS)
     "no paper number": "verdict-no-paper",
     "qualitative only": "verdict-qualitative",
 }
