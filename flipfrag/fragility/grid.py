@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write, cache_dir, sha256_files
+from ..attacks import _check_int
 from ..engine import EngineCacheError, Task, TaskCache, TaskResult, run_tasks
 from .paper import _LOWER_IS_MORE_CHANGE, ATTACKS, GRID_METHODS, METHODS, METRICS, paper_grid
 from .settings import ROLES, ImageSetting
@@ -139,9 +140,6 @@ class GridCellCache(TaskCache):
     """The grid's cell cache as a :class:`flipfrag.engine.TaskCache`: ``<folder>/cell-<key>.json`` written by
     :func:`save_grid_cell`, verified by :func:`load_grid_cell` (JSON, no pickles; exact float round trip)."""
 
-    def __init__(self, folder: str | Path):
-        super().__init__(folder)
-
     def path(self, key: str) -> Path:
         return self.folder / f"cell-{key}.json"
 
@@ -171,12 +169,6 @@ def _check_list(name: str, values: Sequence[str], allowed: Sequence[str]) -> lis
 def _confidence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.softmax(model(x), 1).gather(1, y[:, None])[:, 0]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -240,12 +232,12 @@ class GridSpec:
         set_(self, "epsilons", tuple(float(e) for e in eps))
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
-        _positive_int(self.iters, "iters")
+        _check_int(self.iters, "iters", 1)
         bad = sorted(set(self.method_iters) - set(GRID_METHODS))
         if bad:
             raise ValueError(f"method_iters: unknown methods {bad}")
         for m, it in self.method_iters.items():
-            _positive_int(it, f"method_iters[{m!r}]")
+            _check_int(it, f"method_iters[{m!r}]", 1)
         if not (isinstance(self.step, (int, float)) and self.step > 0):
             raise ValueError(f"step must be a number > 0, got {self.step!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
@@ -253,9 +245,9 @@ class GridSpec:
         bad = sorted(set(self.method_kwargs) - set(GRID_METHODS))
         if bad:
             raise ValueError(f"method_kwargs: unknown methods {bad}")
-        _positive_int(self.random_tries, "random_tries")
+        _check_int(self.random_tries, "random_tries", 1)
         if self.batch_size is not None:
-            _positive_int(self.batch_size, "batch_size")
+            _check_int(self.batch_size, "batch_size", 1)
 
     def iters_for(self, method: str) -> int:
         """Iterations of the iterative attacks on ``method``'s map."""
@@ -543,7 +535,7 @@ def iteration_convergence(setting: ImageSetting, prof: dict[str, Any], *, method
     """
     from ..attacks import TopKAttack
 
-    iters = _positive_int(iters, "iters")
+    iters = _check_int(iters, "iters", 1)
     checkpoints = sorted({int(c) for c in checkpoints if 1 <= int(c) <= iters} | {iters})
     spec = grid_spec(setting, prof, seed=seed, methods=methods)
     x, y = setting.x[:n], setting.y[:n]
