@@ -6,7 +6,8 @@ each profile changes.
 
 * ``smoke`` — ``make test`` runs every notebook with it: tiny data, few iterations, seconds per notebook.
 * ``quick`` — ``make figures`` default: offline data (shipped in ``data/`` or bundled with packages), small models
-  trained on the spot and cached, the whole figure build within 20 minutes on 2 CPU cores.
+  trained by flipfrag with their weights shipped in ``data/models`` (loaded, not retrained), the whole figure build
+  within 20 minutes on 2 CPU cores.
 * ``paper`` — the papers' own datasets and pretrained weights (downloaded, sha256-verified) and settings.
 """
 

@@ -260,8 +260,9 @@ def cifar10_setting(role: str, prof: dict[str, Any], *, n: int | None, seed: int
 
 def mnist_setting(side: int, prof: dict[str, Any], *, n: int | None, seed: int = 0,
                   progress: bool = False) -> ImageSetting:  # fmt: skip
-    """A small ReLU CNN (:class:`flipfrag.models.SmallCNN`) trained here on the shipped MNIST-5k at ``side`` x ``side``
-    (28, or average-pooled to 14): the two inputs of the input-dimension comparison (role ``mnist28`` / ``mnist14``).
+    """A small ReLU CNN (:class:`flipfrag.models.SmallCNN`) trained by flipfrag (weights shipped in data/models) on
+    the shipped MNIST-5k at ``side`` x ``side`` (28, or average-pooled to 14): the two inputs of the input-dimension
+    comparison (role ``mnist28`` / ``mnist14``).
     Reference: the per-channel mean (28) or the per-pixel mean image (14) of the training digits."""
     from .. import datasets, models
 
@@ -281,7 +282,7 @@ def mnist_setting(side: int, prof: dict[str, Any], *, n: int | None, seed: int =
         )  # fmt: skip
         baseline, name = X_train.mean(0), "mnist14-cnn"
     desc = (f"SmallCNN (ReLU) trained on MNIST-5k at {side}x{side} ({len(X_train)} train images, {epochs} epochs)")
-    sub = f"MNIST-5k at {side}x{side} + a small CNN trained here (input-dimension comparison)"
+    sub = f"MNIST-5k at {side}x{side} + a small CNN trained by flipfrag, shipped weights (input-dimension comparison)"
     return prepare_setting(f"mnist{side}", model, X_test, data.y_test, n=n, baseline=baseline,
                            class_names=data.class_names, description=desc, substitution=sub, seed=seed,
                            meta={"source": data.source}, model_name=name)  # fmt: skip
