@@ -401,6 +401,24 @@ def _solve_flip_shard(model: nn.Module, x: torch.Tensor, **solver_kwargs: Any) -
     return closest_flip_point(model, x, **solver_kwargs)
 
 
+def _flip_tasks(model: nn.Module, x: torch.Tensor, name: str, shard_size: int,
+                solver_kwargs: Mapping[str, Any]) -> list[Task]:  # fmt: skip
+    """One engine task per shard of x. Every task gets the same model object and the same shared arguments (a
+    cluster receives each once); the per-point pieces are copies holding only their rows."""
+    kwargs_of = _shard_solver_kwargs(solver_kwargs, x)
+    pieces = _engine.shards(x.shape[0], shard_size)
+    dtype = solver_kwargs.get("solve_dtype", torch.float64)
+    tasks = []
+    for rows in pieces:
+        # clone: a slice would pickle (to a worker) the whole storage of its base tensor
+        xs = x if len(pieces) == 1 else x[rows.start : rows.stop].clone()
+        kw = kwargs_of(rows)
+        tasks.append(Task(flip_cache_key(model, xs, **kw), _solve_flip_shard, (model, xs), kw,
+                          name=f"{name}[{rows.start}:{rows.stop}]",
+                          dtype=dtype if isinstance(dtype, torch.dtype) else None))  # fmt: skip
+    return tasks
+
+
 def cached_flip_points(
     model: nn.Module,
     x: torch.Tensor,
@@ -453,17 +471,7 @@ def cached_flip_points(
     if scheduler is None or isinstance(scheduler, str):
         _engine.parse_scheduler(scheduler)  # a bad setting fails now, even when every shard is cached
     solver_kwargs.pop("progress", None)
-    x = x.detach()
-    kwargs_of = _shard_solver_kwargs(solver_kwargs, x)
-    pieces = _engine.shards(x.shape[0], shard_size)
-    dtype = solver_kwargs.get("solve_dtype", torch.float64)
-    tasks = []
-    for rows in pieces:
-        xs = x if len(pieces) == 1 else x[rows.start : rows.stop].clone()
-        kw = kwargs_of(rows)
-        tasks.append(Task(flip_cache_key(model, xs, **kw), _solve_flip_shard, (model, xs), kw,
-                          name=f"{name}[{rows.start}:{rows.stop}]",
-                          dtype=dtype if isinstance(dtype, torch.dtype) else None))  # fmt: skip
+    tasks = _flip_tasks(model, x.detach(), name, shard_size, solver_kwargs)
     store = FlipShardCache(Path(cache) if cache is not None else cache_dir("flips"), name, refresh=refresh)
     try:
         results = run_tasks(tasks, store, scheduler=scheduler, device=device, progress=progress,

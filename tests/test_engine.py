@@ -545,6 +545,26 @@ def test_flip_solve_an_interrupted_serial_run_resumes_and_a_corrupt_shard_is_rec
     assert counter.calls == 6 and final.cache_info["cached"] is True
 
 
+def test_flip_solve_tasks_share_the_model_and_ship_only_their_rows():
+    """What a cluster receives: one model object and one shared tensor for all tasks (sent once each), and per-point
+    pieces (x, target) that own just their rows — a slice would pickle the whole base tensor into every task."""
+    import pickle
+
+    model, x, kw = _flip_setting()
+    target = torch.zeros(8, dtype=torch.long)
+    tasks = fs._flip_tasks(model, x, "t", 3, {**kw, "target": target})
+    assert [t.args[1].shape[0] for t in tasks] == [3, 3, 2]
+    assert all(t.args[0] is model and t.kwargs["scale"] is kw["scale"] for t in tasks)
+    for t, rows in zip(tasks, engine.shards(8, 3)):
+        xs, ts = t.args[1], t.kwargs["target"]
+        assert torch.equal(xs, x[rows.start : rows.stop]) and torch.equal(ts, target[rows.start : rows.stop])
+        assert xs.untyped_storage().nbytes() == xs.numel() * 8 and ts.untyped_storage().nbytes() == ts.numel() * 8
+        assert len(pickle.dumps(xs)) < len(pickle.dumps(x[rows.start : rows.stop]))  # the view would carry all of x
+    assert len({t.key for t in tasks}) == 3
+    (whole,) = fs._flip_tasks(model, x, "t", 8, kw)  # one shard: x itself, the unsharded key
+    assert whole.args[1] is x and whole.key == fs.flip_cache_key(model, x, **kw)
+
+
 def test_flip_solve_bad_arguments_are_named(tmp_path):
     model, x, kw = _flip_setting()
     for bad in (0, -2, 2.5, True, "3"):
