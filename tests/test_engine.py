@@ -506,6 +506,9 @@ def test_flip_solve_in_shards_equals_the_shards_solved_one_by_one(monkeypatch, t
     assert counter.calls == 3 and again.cache_info["cached"] is True and again.cache_info["n_cached"] == 3
     assert again.cache_info["seconds"] == pytest.approx(res.cache_info["seconds"])
     _assert_same(again, res)
+    fresh = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, target=target, refresh=True, **kw)
+    assert counter.calls == 6 and fresh.cache_info["n_cached"] == 0  # refresh: every shard solved again
+    _assert_same(fresh, res)
 
 
 def test_flip_solve_an_interrupted_serial_run_resumes_and_a_corrupt_shard_is_recomputed(monkeypatch, tmp_path):
