@@ -39,8 +39,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -401,6 +402,11 @@ def _solve_flip_shard(model: nn.Module, x: torch.Tensor, **solver_kwargs: Any) -
     return closest_flip_point(model, x, **solver_kwargs)
 
 
+def _without_dict_fields(res: FlipResult) -> FlipResult:
+    empty = {f.name: {} for f in fields(res) if f.init and isinstance(getattr(res, f.name), dict)}
+    return replace(res, **empty) if empty else res
+
+
 def _flip_tasks(model: nn.Module, x: torch.Tensor, name: str, shard_size: int,
                 solver_kwargs: Mapping[str, Any]) -> list[Task]:  # fmt: skip
     """One engine task per shard of x. Every task gets the same model object and the same shared arguments (a
@@ -453,7 +459,11 @@ def cached_flip_points(
     warning and solved again; ``refresh=True`` solves every shard again. ``device`` (default "cpu", so that cached
     numbers do not depend on the machine's GPU; "auto" = the GPU a worker sees) is where each shard computes.
 
-    The result (:func:`concat_flip_results` of the shards, in the order of ``x``) gets an attribute ``cache_info``:
+    When the free memory makes the default shard smaller than the kind's maximum, a warning says so (the shards'
+    keys and the last bits depend on the shard size; pass ``shard_size=`` to pin it).
+
+    The result (:func:`concat_flip_results` of the shards, in the order of ``x``; free-form dict fields, which the
+    cache does not store, are left empty so that fresh and cached shards agree) gets an attribute ``cache_info``:
     ``cached`` (True when every shard came from the cache), ``seconds`` (total solve time of the shards when they
     were computed), ``path`` (the file when there is one shard, else None), ``paths`` (one per shard), ``n_shards``,
     ``n_cached``, ``shard_size``, ``devices`` and ``dtypes`` (the distinct ones the shards were computed with).
@@ -465,7 +475,12 @@ def cached_flip_points(
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch of shape (N, *shape), got {getattr(x, 'shape', type(x))}")
     if shard_size is None:
-        shard_size = _engine.shard_size(_model_kind(model), device)
+        kind = _model_kind(model)
+        shard_size = _engine.shard_size(kind, device)
+        if shard_size < min(x.shape[0], _engine.SHARD_DEFAULTS[kind][0]):
+            warnings.warn(f"cached_flip_points({name!r}): the free memory limits shards to {shard_size} points "
+                          f"(default {_engine.SHARD_DEFAULTS[kind][0]}); the shards' cache keys and the flip points' "
+                          "last bits depend on the shard size: pass shard_size= to fix it", stacklevel=2)  # fmt: skip
     elif isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be None or an integer >= 1, got {shard_size!r}")
     if scheduler is None or isinstance(scheduler, str):
@@ -481,7 +496,10 @@ def cached_flip_points(
         if type(cause) in (ValueError, TypeError):
             raise type(cause)(str(err)) from err
         raise
-    res = concat_flip_results([r.value for r in results])
+    # free-form dict fields are not stored in the cache: drop them from fresh shards too, so that a result is the
+    # same whether its shards were solved now, earlier, or some of each
+    values = [_without_dict_fields(r.value) for r in results]
+    res = concat_flip_results(values)
     paths = [str(store.path(t.key)) for t in tasks]
     res.cache_info = {
         "cached": all(r.cached for r in results),

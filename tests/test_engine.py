@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -593,6 +594,44 @@ def test_flip_solve_shard_size_defaults_to_the_engines(tmp_path):
     assert res.cache_info["path"] == res.cache_info["paths"][0]
     # one shard is the whole batch: the key (and file) of the unsharded solve
     assert Path(res.cache_info["path"]).name == f"t-{fs.flip_cache_key(model, x, **kw)}.npz"
+
+
+def test_flip_solve_shard_size_limited_by_memory_warns(monkeypatch, tmp_path):
+    model, x, kw = _flip_setting()
+    monkeypatch.setattr(engine, "_free_memory", lambda device: 2 * 3 * engine.SHARD_DEFAULTS["mlp"][1])
+    with pytest.warns(UserWarning, match="free memory limits shards to 3 points.*pass shard_size="):
+        res = fs.cached_flip_points(model, x, name="t", cache=tmp_path, **kw)
+    assert res.cache_info["shard_size"] == 3 and res.cache_info["n_shards"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit shard size: no warning
+        fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **kw)
+
+
+def test_flip_solve_is_the_same_whether_shards_are_fresh_or_cached_with_a_dict_field(monkeypatch, tmp_path):
+    """A FlipResult with a free-form dict field (not stored in the cache): a run that mixes cached and fresh shards
+    assembles, and equals an all-fresh and an all-cached run (the dict is dropped from fresh shards too)."""
+    from flipfrag.flip import FlipResult
+
+    @dataclasses.dataclass
+    class FlipResultExtra(FlipResult):
+        extra: dict = dataclasses.field(default_factory=dict)
+
+    def solver(model, x, **kw):
+        res = closest_flip_point(model, x, **kw)
+        return FlipResultExtra(**{f.name: getattr(res, f.name) for f in dataclasses.fields(res)},
+                               extra={"rows": torch.arange(len(res))})  # fmt: skip
+
+    monkeypatch.setattr(fs, "FlipResult", FlipResultExtra)  # what flip.py would return with such a field
+    monkeypatch.setattr(fs, "closest_flip_point", solver)
+    model, x, kw = _flip_setting()
+    fresh = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **kw)
+    Path(fresh.cache_info["paths"][1]).unlink()
+    mixed = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **kw)
+    cached = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **kw)
+    assert mixed.cache_info["n_cached"] == 2 and cached.cache_info["cached"]
+    assert isinstance(mixed, FlipResultExtra) and fresh.extra == mixed.extra == cached.extra == {}
+    _assert_same(fresh, mixed)
+    _assert_same(fresh, cached)
 
 
 @pytest.mark.slow
