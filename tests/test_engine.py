@@ -569,6 +569,23 @@ def test_flip_solve_tasks_share_the_model_and_ship_only_their_rows():
     assert whole.args[1] is x and whole.key == fs.flip_cache_key(model, x, **kw)
 
 
+def test_flip_solve_serially_never_imports_dask(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        from flipfrag import flipstats as fs
+        from tests.test_engine import _flip_setting
+        model, x, kw = _flip_setting()
+        res = fs.cached_flip_points(model, x, name="t", cache={str(tmp_path)!r}, shard_size=3, **kw)
+        assert res.cache_info["n_shards"] == 3 and len(res) == 8
+        print(sorted(m for m in sys.modules if m == "dask" or m.startswith(("dask.", "distributed"))))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(engine.SCHEDULER_ENV, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_flip_solve_bad_arguments_are_named(tmp_path):
     model, x, kw = _flip_setting()
     for bad in (0, -2, 2.5, True, "3"):
