@@ -263,8 +263,12 @@ def load_flip_result(path: str | Path, *, key: str | None = None) -> tuple[FlipR
 
 def _values_equal(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and \
-            torch.equal(a.isnan(), b.isnan())  # fmt: skip
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if not a.is_floating_point():
+            return torch.equal(a, b)
+        nan = a.isnan()  # equal with NaN where NaN (an unsolved point), infinities compared as they are
+        return torch.equal(nan, b.isnan()) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return type(a) is type(b) and a == b
@@ -485,7 +489,6 @@ def cached_flip_points(
         raise ValueError(f"shard_size must be None or an integer >= 1, got {shard_size!r}")
     if scheduler is None or isinstance(scheduler, str):
         _engine.parse_scheduler(scheduler)  # a bad setting fails now, even when every shard is cached
-    solver_kwargs.pop("progress", None)
     tasks = _flip_tasks(model, x.detach(), name, shard_size, solver_kwargs)
     store = FlipShardCache(Path(cache) if cache is not None else cache_dir("flips"), name, refresh=refresh)
     try:
