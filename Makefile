@@ -10,6 +10,7 @@ SEED      ?= 0
 NOTEBOOKS ?=
 FIGURES   ?= figures
 NOTEBOOK_ROOT ?= notebooks
+EXECUTED  ?= build/notebooks
 PYTEST_ARGS ?=
 SCHEDULER ?=
 
@@ -30,6 +31,7 @@ help: ## show this help
 	@echo
 	@echo "variables: PROFILE=smoke|quick|paper (default quick)  SEED=0  NOTEBOOKS='flip_points fragility/01...'"
 	@echo "           SCHEDULER=serial|local:N|tcp://host:port (where heavy work runs; default \$$FLIPFRAG_SCHEDULER or serial)"
+	@echo "           EXECUTED=build/notebooks (executed copies, read by make html)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,10 +42,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create/update .venv (torch 2.14.1 + torchvision 0.29.1 pinned) and the python3 kernel
 
 figures: $(STAMP) ## run every notebook with papermill (PROFILE=quick by default) -> figures/, MANIFEST, REPRODUCTION.md
-	$(PY) -m flipfrag.runner --profile $(PROFILE) --seed $(SEED) --figures-dir $(FIGURES) --root $(NOTEBOOK_ROOT) $(if $(NOTEBOOKS),--select $(NOTEBOOKS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+	$(PY) -m flipfrag.runner --profile $(PROFILE) --seed $(SEED) --figures-dir $(FIGURES) --output-dir $(EXECUTED) --root $(NOTEBOOK_ROOT) $(if $(NOTEBOOKS),--select $(NOTEBOOKS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 html: $(STAMP) ## static site of the notebooks `make figures` executed (no re-run) -> build/site/index.html
-	$(PY) -m flipfrag.site --notebooks-dir build/notebooks --figures-dir $(FIGURES) --out-dir build/site
+	$(PY) -m flipfrag.site --notebooks-dir $(EXECUTED) --figures-dir $(FIGURES) --out-dir build/site
 
 lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check flipfrag tests benchmarks

@@ -17,7 +17,8 @@ Cells measured (the units :mod:`flipfrag.engine` shards the work into):
 * **Flip point, per point** — ``closest_flip_point`` with the paper profile's MNIST settings (tol 1e-6, 500 SQP
   iterations at most, every target class, box [0, 1], 2 linearised inequality slots) on an ``MLP(784, [200, 200],
   10, erf)`` trained for 8 epochs on 4,000 of the shipped MNIST digits (paper profile: 50 epochs on the full 60,000; a
-  better-trained net may need more iterations per point).
+  better-trained net may need more iterations per point). ``flipstats.cached_flip_points`` runs such solves as engine
+  tasks of at most ``SHARD_DEFAULTS["mlp"]`` = 1024 points (a shard of the dataset), so the projection counts tasks.
 
 Projection (grid size from ``flipfrag.profiles`` 'paper' and the spec: 512 images x 4 methods x 4 epsilons x 3
 attacks, 300 iterations, both image roles; paper 1: one flip point for each of the 60,000 MNIST training inputs):
@@ -43,6 +44,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import time
 from pathlib import Path
@@ -53,6 +55,7 @@ from torch.utils.flop_counter import flop_registry
 
 from flipfrag._io import atomic_write, atomic_write_json
 from flipfrag.attacks import TopKAttack
+from flipfrag.engine import SHARD_DEFAULTS
 from flipfrag.flip import closest_flip_point
 from flipfrag.fragility import IMAGENET_MEAN, IMAGENET_STD, Normalized
 from flipfrag.models import MLP, SmallCNN, squeezenet1_0, train
@@ -251,16 +254,19 @@ def markdown(rows: list[dict], flip: dict, proj: dict, meta: dict) -> str:
                      f"attacks | {_fmt_h(c['cpu_hours'])} | {_fmt_h(c['gpu_hours'])} | "
                      f"{_fmt_h(c['cpu_hours_authors'])} / {_fmt_h(c['gpu_hours_authors'])} |")  # fmt: skip
     f = proj["flip"]
+    shard = SHARD_DEFAULTS["mlp"][0]  # the default flip-point shard (flipstats.cached_flip_points)
     lines += [
         f"| **attack grids, total** | 2 roles | **{_fmt_h(proj['grid_cpu_hours'])}** | "
         f"**{_fmt_h(proj['grid_gpu_hours'])}** | {_fmt_h(proj['grid_cpu_hours_authors'])} / "
         f"{_fmt_h(proj['grid_gpu_hours_authors'])} |",
-        f"| flip points, MNIST training set | {f['points']:,} points | {_fmt_h(f['cpu_hours'])} | "
+        f"| flip points, MNIST training set | {f['points']:,} points in {math.ceil(f['points'] / shard):,} tasks "
+        f"of ≤ {shard:,} | {_fmt_h(f['cpu_hours'])} | "
         f"{_fmt_h(f['gpu_hours'])} | |",
         f"| **total** | | **{_fmt_h(proj['total_cpu_hours'])}** | **{_fmt_h(proj['total_gpu_hours'])}** | |",
         "",
         "The heavy work shards over Dask workers (`make figures PROFILE=paper SCHEDULER=tcp://host:port`, see the "
-        "README): with G GPUs the GPU-hours divide by about G (the cells are independent).",
+        "README): with G GPUs the GPU-hours divide by about G (the grid cells and the flip-point shards are "
+        "independent tasks).",
         "",
     ]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Where the heavy work runs: independent tasks, a content-addressed cache, and one scheduler setting.
 
-The attack grid's cells and the flip-point solves over a dataset are many independent pieces of work. This module
+The attack grid's cells (:func:`flipfrag.fragility.run_attack_grid`) and the flip-point solves over a dataset
+(:func:`flipfrag.flipstats.cached_flip_points`, one task per shard) are many independent pieces of work. This module
 runs such pieces — :class:`Task` ``(key, fn, args, kwargs)`` — in process or on a Dask cluster, and stores every
 result in a checksummed cache entry named by its key, written atomically as soon as the task finishes. A run that
 is interrupted (or loses a worker) resumes from what is cached; a second run recomputes nothing::

@@ -1,20 +1,25 @@
 """flipfrag.engine: keys, the checksummed task cache, resuming, and identical results in process and on a
 LocalCluster of 2 worker processes (attack cells and a sharded flip-point solve), a worker killed mid-run, and a
-scheduler that cannot be reached."""
+scheduler that cannot be reached; and the dataset-wide flip-point solve on the engine
+(:func:`flipfrag.flipstats.cached_flip_points`): identical serially and on 2 workers, a killed process or worker
+leaves no partial shard, a rerun calls no solver, a corrupt shard is recomputed, bad arguments are named."""
 
 import copy
 import dataclasses
+import math
 import os
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from flipfrag import engine
+from flipfrag import flipstats as fs
 from flipfrag.attacks import TopKAttack
 from flipfrag.engine import EngineCacheError, SchedulerError, Task, TaskCache, TaskError, run_tasks, task_key
 from flipfrag.flip import closest_flip_point
@@ -62,6 +67,23 @@ def flip_shard(model, x):
     return closest_flip_point(model, x, max_iter=60)
 
 
+class DyingMLP(MLP):
+    """An MLP whose forward kills its process (os._exit, as an OOM kill would) the first time it sees an input
+    whose first feature is ``die_on`` — unless the file ``marker`` exists (it is created just before dying). The
+    attributes are not in the state dict, so its flip-point cache key is that of the plain MLP with its weights."""
+
+    marker = ""
+    die_on = math.nan
+    delay = 0.0
+
+    def forward(self, x):
+        if self.marker and not Path(self.marker).exists() and bool((x[:, 0] == self.die_on).any()):
+            Path(self.marker).touch()
+            time.sleep(self.delay)
+            os._exit(13)
+        return super().forward(x)
+
+
 # ------------------------------------------------------------------ fixtures
 
 
@@ -90,6 +112,44 @@ def _flip_tasks():
     model = MLP(6, [12], 3, activation="erf").double().eval()
     x = torch.randn(8, 6, dtype=torch.float64)
     return [Task(task_key("test-flip-shard", model, x[s]), flip_shard, (model, x[s])) for s in engine.shards(8, 3)]
+
+
+def _flip_setting():
+    """A random float64 erf MLP on 6 features, 8 inputs, and solver settings with a shared tensor (``scale``)."""
+    torch.manual_seed(1)
+    model = MLP(6, [12], 3, activation="erf").double().eval()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    return model, x, {"max_iter": 60, "lower": -4.0, "upper": 4.0, "scale": torch.linspace(0.5, 1.5, 6).double()}
+
+
+def _dying(model, marker, die_on, delay=0.0):
+    dying = copy.deepcopy(model)
+    dying.__class__ = DyingMLP
+    dying.marker, dying.die_on, dying.delay = str(marker), float(die_on), float(delay)
+    return dying
+
+
+class _CountingSolver:
+    """Stands in for flipstats.closest_flip_point (serial runs): counts the calls and the points solved."""
+
+    def __init__(self):
+        self.calls, self.points = 0, 0
+
+    def __call__(self, model, x, **kw):
+        self.calls += 1
+        self.points += x.shape[0]
+        return closest_flip_point(model, x, **kw)
+
+
+def _shard_files(folder: Path, name: str) -> list[str]:
+    """The cache folder's files; asserts there is nothing partial and every shard verifies under its own key."""
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")], names
+    shards_ = [n for n in names if n.endswith(".npz")]
+    assert sorted(names) == sorted(shards_ + [f"{n}.sha256" for n in shards_]), names
+    for n in shards_:
+        fs.load_flip_result(folder / n, key=n.removeprefix(f"{name}-").removesuffix(".npz"))
+    return shards_
 
 
 def _assert_same(a, b):
@@ -410,3 +470,220 @@ def test_a_run_stopped_by_dying_workers_resumes_with_unchanged_results(cluster, 
     clean = run_tasks(fixed, False, scheduler="serial", progress=False)
     for a, b in zip(resumed, clean):
         _assert_same(a.value, b.value)
+
+
+# ------------------------------------------------------------------ dataset-wide flip-point solves on the engine
+
+
+def test_flip_solve_in_shards_equals_the_shards_solved_one_by_one(monkeypatch, tmp_path):
+    """cached_flip_points cuts x (and per-point arguments) into shards in order: every field equals the hand-made
+    concatenation of closest_flip_point on each shard; a rerun calls no solver; the shards match one batch."""
+    model, x, kw = _flip_setting()
+    target = (model(x).argmax(1) + 1) % 3  # a per-point argument, cut with x
+    counter = _CountingSolver()
+    monkeypatch.setattr(fs, "closest_flip_point", counter)
+    res = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, target=target, **kw)
+    assert (counter.calls, counter.points) == (3, 8)
+    assert res.cache_info["n_shards"] == 3 and res.cache_info["cached"] is False and res.cache_info["path"] is None
+    assert len(_shard_files(tmp_path, "t")) == 3 and sorted(res.cache_info["paths"]) == sorted(
+        str(tmp_path / n) for n in _shard_files(tmp_path, "t"))  # fmt: skip
+    by_hand = [closest_flip_point(model, x[s.start : s.stop], target=target[s.start : s.stop], **kw)
+               for s in engine.shards(8, 3)]  # fmt: skip
+    for f in dataclasses.fields(res):
+        got, parts = getattr(res, f.name), [getattr(p, f.name) for p in by_hand]
+        if isinstance(got, torch.Tensor):
+            _assert_same(got, torch.cat(parts))
+        elif isinstance(got, list):
+            assert got == [s for p in parts for s in p], f.name
+        elif got is None:
+            assert all(p is None for p in parts), f.name
+        else:
+            assert all(got == p for p in parts), f.name
+    assert torch.equal(res.target, target) and int(res.converged.sum()) >= 6  # real, certified flip points
+    one = closest_flip_point(model, x, target=target, **kw)  # one batch: the same points up to rounding
+    torch.testing.assert_close(res.x_flip, one.x_flip, rtol=0, atol=1e-9, equal_nan=True)
+    assert torch.equal(res.converged, one.converged) and torch.equal(res.source, one.source)
+    again = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, target=target, **kw)
+    assert counter.calls == 3 and again.cache_info["cached"] is True and again.cache_info["n_cached"] == 3
+    assert again.cache_info["seconds"] == pytest.approx(res.cache_info["seconds"])
+    _assert_same(again, res)
+    fresh = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, target=target, refresh=True, **kw)
+    assert counter.calls == 6 and fresh.cache_info["n_cached"] == 0  # refresh: every shard solved again
+    _assert_same(fresh, res)
+
+
+def test_flip_solve_an_interrupted_serial_run_resumes_and_a_corrupt_shard_is_recomputed(monkeypatch, tmp_path):
+    """The process dies (os._exit) in the second of three shards: one complete shard on disk, nothing partial. The
+    rerun solves only the two missing shards and equals an uninterrupted run; then a corrupted shard file is
+    reported, solved again (one solver call) and rewritten; a third run solves nothing."""
+    cache, marker = tmp_path / "cache", tmp_path / "died"
+    code = textwrap.dedent(f"""
+        from flipfrag import flipstats as fs
+        from tests.test_engine import _dying, _flip_setting
+        model, x, kw = _flip_setting()
+        fs.cached_flip_points(_dying(model, {str(marker)!r}, x[3, 0]), x, name="t", cache={str(cache)!r},
+                              shard_size=3, scheduler="serial", **kw)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 13 and marker.exists(), out.stderr
+    assert len(_shard_files(cache, "t")) == 1  # shard 0 complete, shard 1 died mid-solve, shard 2 never started
+    model, x, kw = _flip_setting()
+    counter = _CountingSolver()
+    monkeypatch.setattr(fs, "closest_flip_point", counter)
+    resumed = fs.cached_flip_points(model, x, name="t", cache=cache, shard_size=3, scheduler="serial", **kw)
+    assert (counter.calls, counter.points) == (2, 5) and resumed.cache_info["n_cached"] == 1
+    clean = fs.cached_flip_points(model, x, name="t", cache=tmp_path / "clean", shard_size=3, **kw)
+    _assert_same(resumed, clean)
+    victim = Path(resumed.cache_info["paths"][1])
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=rf"{victim.name}.*sha256.*recomputing"):
+        fixed = fs.cached_flip_points(model, x, name="t", cache=cache, shard_size=3, **kw)
+    assert (counter.calls, counter.points) == (6, 5 + 8 + 3)  # + clean (3 shards) + the corrupt one again
+    assert fixed.cache_info["n_cached"] == 2 and not fixed.cache_info["cached"]
+    _assert_same(fixed, clean)
+    assert len(_shard_files(cache, "t")) == 3  # the rewritten shard verifies
+    final = fs.cached_flip_points(model, x, name="t", cache=cache, shard_size=3, **kw)
+    assert counter.calls == 6 and final.cache_info["cached"] is True
+
+
+def test_flip_solve_tasks_share_the_model_and_ship_only_their_rows():
+    """What a cluster receives: one model object and one shared tensor for all tasks (sent once each), and per-point
+    pieces (x, target) that own just their rows — a slice would pickle the whole base tensor into every task."""
+    import pickle
+
+    model, x, kw = _flip_setting()
+    target = torch.zeros(8, dtype=torch.long)
+    tasks = fs._flip_tasks(model, x, "t", 3, {**kw, "target": target})
+    assert [t.args[1].shape[0] for t in tasks] == [3, 3, 2]
+    assert all(t.args[0] is model and t.kwargs["scale"] is kw["scale"] for t in tasks)
+    for t, rows in zip(tasks, engine.shards(8, 3)):
+        xs, ts = t.args[1], t.kwargs["target"]
+        assert torch.equal(xs, x[rows.start : rows.stop]) and torch.equal(ts, target[rows.start : rows.stop])
+        assert xs.untyped_storage().nbytes() == xs.numel() * 8 and ts.untyped_storage().nbytes() == ts.numel() * 8
+        assert len(pickle.dumps(xs)) < len(pickle.dumps(x[rows.start : rows.stop]))  # the view would carry all of x
+    assert len({t.key for t in tasks}) == 3
+    (whole,) = fs._flip_tasks(model, x, "t", 8, kw)  # one shard: x itself, the unsharded key
+    assert whole.args[1] is x and whole.key == fs.flip_cache_key(model, x, **kw)
+
+
+def test_flip_solve_serially_never_imports_dask(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        from flipfrag import flipstats as fs
+        from tests.test_engine import _flip_setting
+        model, x, kw = _flip_setting()
+        res = fs.cached_flip_points(model, x, name="t", cache={str(tmp_path)!r}, shard_size=3, **kw)
+        assert res.cache_info["n_shards"] == 3 and len(res) == 8
+        print(sorted(m for m in sys.modules if m == "dask" or m.startswith(("dask.", "distributed"))))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(engine.SCHEDULER_ENV, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_flip_solve_bad_arguments_are_named(tmp_path):
+    model, x, kw = _flip_setting()
+    for bad in (0, -2, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="shard_size"):
+            fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=bad, **kw)
+    for bad in ("bogus", "local:0", "tcp://host"):
+        with pytest.raises(ValueError, match="scheduler="):
+            fs.cached_flip_points(model, x, name="t", cache=tmp_path, scheduler=bad, **kw)
+    with pytest.raises(ValueError, match="target must have one entry per point"):
+        fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, target=torch.zeros(7).long(), **kw)
+    with pytest.raises(ValueError, match="lower must broadcast"):
+        fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **{**kw, "lower": -torch.ones(2, 6)})
+    with pytest.raises(ValueError, match="max_iter must be an integer"):  # the solver's own error, same type
+        fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **{**kw, "max_iter": 0})
+    assert not list(tmp_path.iterdir())  # nothing cached by failed calls
+
+
+def test_flip_solve_shard_size_defaults_to_the_engines(tmp_path):
+    model, x, kw = _flip_setting()
+    assert fs._model_kind(model) == "mlp" and fs._model_kind(SmallCNN(in_channels=1, n_classes=3, width=4)) == "cnn"
+    res = fs.cached_flip_points(model, x, name="t", cache=tmp_path, **kw)
+    assert res.cache_info["shard_size"] == engine.shard_size("mlp", "cpu") and res.cache_info["n_shards"] == 1
+    assert res.cache_info["path"] == res.cache_info["paths"][0]
+    # one shard is the whole batch: the key (and file) of the unsharded solve
+    assert Path(res.cache_info["path"]).name == f"t-{fs.flip_cache_key(model, x, **kw)}.npz"
+
+
+def test_flip_solve_shard_size_limited_by_memory_warns(monkeypatch, tmp_path):
+    model, x, kw = _flip_setting()
+    monkeypatch.setattr(engine, "_free_memory", lambda device: 2 * 3 * engine.SHARD_DEFAULTS["mlp"][1])
+    with pytest.warns(UserWarning, match="free memory limits shards to 3 points.*pass shard_size="):
+        res = fs.cached_flip_points(model, x, name="t", cache=tmp_path, **kw)
+    assert res.cache_info["shard_size"] == 3 and res.cache_info["n_shards"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit shard size: no warning
+        fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **kw)
+
+
+def test_flip_solve_is_the_same_whether_shards_are_fresh_or_cached_with_a_dict_field(monkeypatch, tmp_path):
+    """A FlipResult with a free-form dict field (not stored in the cache): a run that mixes cached and fresh shards
+    assembles, and equals an all-fresh and an all-cached run (the dict is dropped from fresh shards too)."""
+    from flipfrag.flip import FlipResult
+
+    @dataclasses.dataclass
+    class FlipResultExtra(FlipResult):
+        extra: dict = dataclasses.field(default_factory=dict)
+
+    def solver(model, x, **kw):
+        res = closest_flip_point(model, x, **kw)
+        return FlipResultExtra(**{f.name: getattr(res, f.name) for f in dataclasses.fields(res)},
+                               extra={"rows": torch.arange(len(res))})  # fmt: skip
+
+    monkeypatch.setattr(fs, "FlipResult", FlipResultExtra)  # what flip.py would return with such a field
+    monkeypatch.setattr(fs, "closest_flip_point", solver)
+    model, x, kw = _flip_setting()
+    fresh = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **kw)
+    Path(fresh.cache_info["paths"][1]).unlink()
+    mixed = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **kw)
+    cached = fs.cached_flip_points(model, x, name="t", cache=tmp_path, shard_size=3, **kw)
+    assert mixed.cache_info["n_cached"] == 2 and cached.cache_info["cached"]
+    assert isinstance(mixed, FlipResultExtra) and fresh.extra == mixed.extra == cached.extra == {}
+    _assert_same(fresh, mixed)
+    _assert_same(fresh, cached)
+
+
+@pytest.mark.slow
+def test_flip_solve_identical_serially_and_on_two_workers(cluster, tmp_path, monkeypatch):
+    model, x, kw = _flip_setting()
+    serial = fs.cached_flip_points(model, x, name="t", cache=tmp_path / "serial", shard_size=3, scheduler="serial",
+                                   **kw)  # fmt: skip
+    dist = fs.cached_flip_points(model, x, name="t", cache=tmp_path / "dist", shard_size=3, scheduler=cluster, **kw)
+    _assert_same(serial, dist)
+    assert int(dist.converged.sum()) >= 6 and dist.cache_info["n_shards"] == 3
+    here = f"{os.uname().nodename}:{os.getpid()}"
+    workers = {fs.load_flip_result(p)[1]["provenance"]["worker"] for p in dist.cache_info["paths"]}
+    assert here not in workers  # solved on the workers
+    # a cached rerun never contacts a scheduler (this address would fail) and calls no solver
+    counter = _CountingSolver()
+    monkeypatch.setattr(fs, "closest_flip_point", counter)
+    again = fs.cached_flip_points(model, x, name="t", cache=tmp_path / "dist", shard_size=3,
+                                  scheduler="tcp://127.0.0.1:1", **kw)  # fmt: skip
+    assert again.cache_info["cached"] and counter.calls == 0
+    _assert_same(again, serial)
+
+
+@pytest.mark.slow
+def test_flip_solve_a_worker_killed_mid_run_leaves_no_partial_shard(cluster, tmp_path):
+    """The worker solving the middle shard dies (os._exit) half a second in; Dask reruns that shard on another
+    worker. Every shard on disk is complete and verifies, and the result equals a serial run with a plain model."""
+    model, x, kw = _flip_setting()
+    marker = tmp_path / "died"
+    dying = _dying(model, marker, x[3, 0], delay=0.5)
+    dist = fs.cached_flip_points(dying, x, name="t", cache=tmp_path / "dist", shard_size=3, scheduler=cluster, **kw)
+    assert marker.exists()  # a worker process really died in the middle of the run
+    assert len(_shard_files(tmp_path / "dist", "t")) == 3
+    clean = fs.cached_flip_points(model, x, name="t", cache=tmp_path / "clean", shard_size=3, scheduler="serial",
+                                  **kw)  # fmt: skip
+    _assert_same(dist, clean)
+    rerun = fs.cached_flip_points(model, x, name="t", cache=tmp_path / "dist", shard_size=3, scheduler=cluster, **kw)
+    assert rerun.cache_info["cached"]
+    _assert_same(rerun, clean)

@@ -508,3 +508,52 @@ def test_bad_arguments_are_named_and_inputs_are_not_mutated(logreg):
         fs.flip_cache_key("not a model", x)
     with pytest.raises(ValueError, match="D must"):
         fs.pca_directions(np.zeros((0, 3)))
+
+
+def test_concat_flip_results_keeps_order_and_merges_every_field_also_new_ones(blob_mlp):
+    """Shards solved separately, concatenated: each field equals its explicit concatenation (tensors row by row,
+    status in order, shared tolerances kept); a FlipResult subclass with new fields (a per-point tensor, a
+    shared tensor, a dict of diagnostics) merges too; disagreeing parts are errors naming the field."""
+    from dataclasses import dataclass, field, replace
+
+    from flipfrag.flip import FlipResult
+
+    model, X, _ = blob_mlp
+    parts = [closest_flip_point(model, X[a:b], max_iter=50) for a, b in ((0, 3), (3, 4), (4, 9))]
+    out = fs.concat_flip_results(parts)
+    assert len(out) == 9
+    for name in ("x_flip", "x_attempt", "distance", "source", "target", "residual", "margin", "bound_violation",
+                 "kkt", "iterations", "converged", "start", "scores", "distances", "upper_bound"):  # fmt: skip
+        a, b = getattr(out, name), torch.cat([getattr(p, name) for p in parts])
+        assert a.dtype == b.dtype and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), name
+    assert out.status == parts[0].status + parts[1].status + parts[2].status
+    assert out.rounding_changed is None and (out.tol, out.kkt_tol, out.margin_param) == (1e-6, 1e-4, 0.0)
+    assert torch.equal(out.x_flip[3], parts[1].x_flip[0])  # order kept
+
+    @dataclass
+    class FlipResultPlus(FlipResult):
+        per_point: torch.Tensor | None = None
+        shared: torch.Tensor | None = None
+        extra: dict = field(default_factory=dict)
+
+    plus = [FlipResultPlus(**{f: getattr(p, f) for f in p.__dataclass_fields__},
+                           per_point=torch.arange(len(p)) + 10 * i, shared=torch.ones(2),
+                           extra={"rows": torch.full((len(p),), i), "note": "x"})
+            for i, p in enumerate(parts)]  # fmt: skip
+    merged = fs.concat_flip_results(plus)
+    assert isinstance(merged, FlipResultPlus)
+    assert merged.per_point.tolist() == [0, 1, 2, 10, 20, 21, 22, 23, 24]
+    assert torch.equal(merged.shared, torch.ones(2)) and merged.extra["note"] == "x"
+    assert merged.extra["rows"].tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2]
+    with pytest.raises(ValueError, match="tol"):
+        fs.concat_flip_results([parts[0], replace(parts[1], tol=1e-5)])
+    with pytest.raises(ValueError, match="distances"):
+        fs.concat_flip_results([parts[0], replace(parts[1], distances=None)])
+    with pytest.raises(ValueError, match="shared"):
+        fs.concat_flip_results([plus[0], replace(plus[1], shared=torch.zeros(2))])
+    with pytest.raises(ValueError, match="x_flip"):
+        fs.concat_flip_results([parts[0], replace(parts[1], x_flip=parts[1].x_flip.float())])
+    with pytest.raises(ValueError, match="parts"):
+        fs.concat_flip_results([])
+    with pytest.raises(TypeError, match=r"parts\[1\]"):
+        fs.concat_flip_results([parts[0], "no"])

@@ -22,6 +22,20 @@ def _notebook(path: Path, body: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _repo_build_untouched():
+    """The toy notebooks of these tests are executed into tmp_path, never into build/notebooks (which `make html`
+    publishes as the project's site)."""
+    build = runner.REPO_ROOT / "build" / "notebooks"
+
+    def snapshot():
+        return {p: p.stat().st_mtime_ns for p in build.rglob("*")} if build.exists() else {}
+
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a runner test wrote into build/notebooks"
+
+
 @pytest.fixture
 def nb_root(tmp_path):
     root = tmp_path / "notebooks"
@@ -61,12 +75,13 @@ def test_make_figures_fails_on_a_failing_notebook(nb_root, tmp_path, repo):
     env = {**os.environ, "MAKEFLAGS": ""}
     proc = subprocess.run(
         ["make", "-C", str(repo), "figures", f"VENV={venv}", "PROFILE=smoke", f"NOTEBOOK_ROOT={nb_root}",
-         f"FIGURES={tmp_path / 'figs'}"],
+         f"FIGURES={tmp_path / 'figs'}", f"EXECUTED={tmp_path / 'executed'}"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode != 0
     assert "02_fail.ipynb" in proc.stderr and "deliberate failure 42" in proc.stderr
     assert (tmp_path / "figs" / "ok-smoke-0").exists()  # the notebook before it ran
+    assert (tmp_path / "executed" / "a" / "01_ok.ipynb").exists()  # executed copies go to EXECUTED=
 
 
 def _scheduler_notebook(path: Path, declares: bool) -> Path:
