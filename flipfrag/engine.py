@@ -65,6 +65,11 @@ functions just compute on the device of their inputs. Each :class:`TaskResult` r
 task's stated compute dtype, or by default that of the first module's parameters / first floating tensor among the
 arguments). ``device="cpu"`` forces the CPU (bit-for-bit the in-process behaviour on any machine).
 
+The experiment drivers (the attack grid, the flip-point shards) default to :func:`default_device`: the environment
+variable ``FLIPFRAG_DEVICE`` (``make figures DEVICE=auto``, ``--device`` of the runner) or else ``"cpu"``, so that
+the quick profile's cached numbers never depend on whether the machine has a GPU, while a cluster of GPU workers is
+one setting away (``DEVICE=auto``: each task on the GPU its worker sees).
+
 Shard sizes
 -----------
 :func:`shard_size` gives the default number of items (images, points) per task for a model kind, bounded by half
@@ -110,6 +115,7 @@ from tqdm.auto import tqdm
 from ._io import cache_dir, sha256_files, verify_checksummed, write_checksummed
 
 __all__ = [
+    "DEVICE_ENV",
     "SCHEDULER_ENV",
     "SHARD_DEFAULTS",
     "SchedulerError",
@@ -123,6 +129,7 @@ __all__ = [
     "get_client",
     "close_clusters",
     "task_key",
+    "default_device",
     "task_device",
     "shard_size",
     "shards",
@@ -437,6 +444,23 @@ atexit.register(close_clusters)
 
 
 # ------------------------------------------------------------------------------------------------ devices
+
+
+DEVICE_ENV = "FLIPFRAG_DEVICE"
+
+
+def default_device(device: str | torch.device | None = None) -> str | torch.device:
+    """``device`` if given, else ``$FLIPFRAG_DEVICE`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``), else ``"cpu"``;
+    checked by :func:`task_device` (an unknown value, or a GPU asked for where there is none, is an error naming it)."""
+    if device is None:
+        device = os.environ.get(DEVICE_ENV, "").strip() or "cpu"
+        try:
+            task_device(device)
+        except (ValueError, RuntimeError) as err:
+            raise type(err)(f"${DEVICE_ENV}: {err}") from None
+        return device
+    task_device(device)
+    return device
 
 
 def task_device(device: str | torch.device = "auto") -> torch.device:

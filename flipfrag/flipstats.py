@@ -438,7 +438,7 @@ def cached_flip_points(
     refresh: bool = False,
     shard_size: int | None = None,
     scheduler: str | Any | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     progress: bool = False,
     **solver_kwargs: Any,
 ) -> FlipResult:
@@ -460,8 +460,9 @@ def cached_flip_points(
     :func:`flip_cache_key` of the shard — model weights, the shard's inputs, every solver setting and the solver's
     source — so notebooks asking for the same flip points share the solves, a changed model, input or solver never
     reads a stale file, and an interrupted run resumes from the shards it has. A corrupt shard is reported with a
-    warning and solved again; ``refresh=True`` solves every shard again. ``device`` (default "cpu", so that cached
-    numbers do not depend on the machine's GPU; "auto" = the GPU a worker sees) is where each shard computes.
+    warning and solved again; ``refresh=True`` solves every shard again. ``device`` (default None:
+    ``$FLIPFRAG_DEVICE``, else "cpu", so that cached numbers do not depend on the machine's GPU; "auto" = the GPU a
+    worker sees) is where each shard computes.
 
     When the free memory makes the default shard smaller than the kind's maximum, a warning says so (the shards'
     keys and the last bits depend on the shard size; pass ``shard_size=`` to pin it).
@@ -478,6 +479,7 @@ def cached_flip_points(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch of shape (N, *shape), got {getattr(x, 'shape', type(x))}")
+    device = _engine.default_device(device)
     if shard_size is None:
         kind = _model_kind(model)
         shard_size = _engine.shard_size(kind, device)

@@ -97,17 +97,19 @@ def run_notebook(
     progress: bool = False,
     scheduler: str | None = None,
     threads: int | None = None,
+    device: str | None = None,
 ) -> NotebookRun:
     """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the cell and the error.
 
     ``scheduler`` (None: leave ``$FLIPFRAG_SCHEDULER`` as it is) is set as the kernel's ``FLIPFRAG_SCHEDULER`` and
     passed as the parameter ``scheduler`` if the notebook's parameters cell declares it. ``threads``: torch threads
     in the kernel (passed as ``$FLIPFRAG_THREADS``); default: the caller's ``$FLIPFRAG_THREADS``, else
-    :data:`DEFAULT_THREADS`."""
+    :data:`DEFAULT_THREADS`. ``device`` (None: leave ``$FLIPFRAG_DEVICE`` as it is) is set as the kernel's
+    ``FLIPFRAG_DEVICE``: where the attack-grid cells and flip-point shards compute ("cpu", "cuda", "auto")."""
     import papermill as pm
 
     from . import THREADS_ENV
-    from .engine import SCHEDULER_ENV, parse_scheduler
+    from .engine import DEVICE_ENV, SCHEDULER_ENV, default_device, parse_scheduler
 
     path, root = Path(path).resolve(), Path(root).resolve()
     rel = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
@@ -115,6 +117,8 @@ def run_notebook(
     output.parent.mkdir(parents=True, exist_ok=True)
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
     params = {"profile": profile, "seed": int(seed), "figures_dir": str(Path(figures_dir).resolve())}
+    if device is not None:
+        device = str(default_device(device))
     if scheduler is not None:
         scheduler = parse_scheduler(scheduler)
         if "scheduler" in pm.inspect_notebook(str(path)):
@@ -126,7 +130,8 @@ def run_notebook(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"threads must be a positive integer (or ${THREADS_ENV}), got {threads!r}")
     try:
-        with _environment(SCHEDULER_ENV, scheduler), _environment(THREADS_ENV, str(n)):
+        with _environment(SCHEDULER_ENV, scheduler), _environment(THREADS_ENV, str(n)), \
+                _environment(DEVICE_ENV, device):
             pm.execute_notebook(
                 str(path), str(output), parameters=params, kernel_name=kernel, progress_bar=progress,
                 cwd=str(path.parent), log_output=False,
@@ -146,16 +151,20 @@ def run_all(
     root: str | Path = REPO_ROOT / "notebooks",
     scheduler: str | None = None,
     threads: int | None = None,
+    device: str | None = None,
 ) -> list[NotebookRun]:
     """Run the selected notebooks in order, stop at the first failure, then write REPRODUCTION.md.
 
     ``scheduler`` is checked first (:func:`flipfrag.engine.check_scheduler`), then passed to every notebook."""
-    from .engine import check_scheduler
+    from .engine import check_scheduler, default_device
     from .report import update_readme, write_reproduction
 
     if scheduler is not None:
         scheduler = check_scheduler(scheduler)
         print(f"scheduler: {scheduler}", flush=True)
+    if device is not None:  # checked before the first notebook starts
+        device = str(default_device(device))
+        print(f"device: {device}", flush=True)
 
     runs = []
     notebooks = find_notebooks(root, select)
@@ -164,7 +173,7 @@ def run_all(
         name = nb.relative_to(base) if nb.is_relative_to(base) else nb
         print(f"[{i}/{len(notebooks)}] {name} (profile={profile}, seed={seed}) ...", flush=True)
         run = run_notebook(nb, profile=profile, seed=seed, figures_dir=figures_dir, output_dir=output_dir, root=root,
-                           scheduler=scheduler, threads=threads)  # fmt: skip
+                           scheduler=scheduler, threads=threads, device=device)  # fmt: skip
         print(f"      done in {run.seconds:.1f} s -> {run.output}", flush=True)
         runs.append(run)
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
@@ -188,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where heavy work runs: serial, local:N or tcp://host:port (default $FLIPFRAG_SCHEDULER)",
     )
     parser.add_argument(
+        "--device",
+        default=os.environ.get("FLIPFRAG_DEVICE") or None,
+        help="where grid cells and flip-point shards compute: cpu (default), cuda or auto ($FLIPFRAG_DEVICE)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per notebook (default $FLIPFRAG_THREADS or 2)"
     )
     args = parser.parse_args(argv)
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = run_all(profile=args.profile, seed=args.seed, select=args.select or None, figures_dir=args.figures_dir,
                        output_dir=args.output_dir, root=args.root, scheduler=args.scheduler,
-                       threads=args.threads)  # fmt: skip
+                       threads=args.threads, device=args.device)  # fmt: skip
     except (NotebookFailed, ValueError, SchedulerError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1

@@ -687,3 +687,40 @@ def test_flip_solve_a_worker_killed_mid_run_leaves_no_partial_shard(cluster, tmp
     rerun = fs.cached_flip_points(model, x, name="t", cache=tmp_path / "dist", shard_size=3, scheduler=cluster, **kw)
     assert rerun.cache_info["cached"]
     _assert_same(rerun, clean)
+
+
+def test_default_device_reads_the_environment_and_names_a_bad_value(monkeypatch, tmp_path):
+    monkeypatch.delenv(engine.DEVICE_ENV, raising=False)
+    assert engine.default_device() == "cpu"  # the quick profile's numbers never depend on a GPU
+    assert engine.default_device("auto") == "auto"
+    monkeypatch.setenv(engine.DEVICE_ENV, "auto")
+    assert engine.default_device() == "auto"
+    assert engine.default_device("cpu") == "cpu"  # an explicit argument wins
+    monkeypatch.setenv(engine.DEVICE_ENV, "tpu")
+    with pytest.raises(ValueError, match=r"\$FLIPFRAG_DEVICE.*tpu"):
+        engine.default_device()
+    with pytest.raises(ValueError, match="tpu"):
+        engine.default_device("tpu")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv(engine.DEVICE_ENV, "cuda")
+        with pytest.raises(RuntimeError, match=r"\$FLIPFRAG_DEVICE.*no GPU"):
+            engine.default_device()
+        # the drivers read it: a flip-point solve asked to run on a missing GPU stops before solving anything
+        net = MLP(4, [5], 3, activation="erf").double().eval()
+        with pytest.raises(RuntimeError, match="no GPU"):
+            fs.cached_flip_points(net, torch.randn(3, 4, dtype=torch.float64), cache=tmp_path)
+        assert not list(tmp_path.iterdir())
+
+
+def test_device_auto_from_the_environment_is_recorded_per_shard(monkeypatch, tmp_path):
+    net = MLP(4, [5], 3, activation="erf").double().eval()
+    x = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv(engine.DEVICE_ENV, "auto")
+    res = fs.cached_flip_points(net, x, cache=tmp_path / "a", shard_size=2)
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert res.cache_info["devices"] == [expected]
+    monkeypatch.delenv(engine.DEVICE_ENV)
+    ref = fs.cached_flip_points(net, x, cache=tmp_path / "b", shard_size=2)
+    assert ref.cache_info["devices"] == ["cpu"]
+    if expected == "cpu":  # same device: the same numbers
+        torch.testing.assert_close(res.x_flip, ref.x_flip, rtol=0, atol=0, equal_nan=True)

@@ -194,3 +194,12 @@ def test_runner_passes_the_thread_count_to_the_kernel(tmp_path, monkeypatch):
     assert os.environ["FLIPFRAG_THREADS"] == "2"  # restored for the caller
     with pytest.raises(ValueError, match="threads"):
         runner.run_notebook(nb, profile="smoke", figures_dir=tmp_path / "f", output_dir=tmp_path / "o", threads=0)
+
+
+def test_a_bad_device_stops_the_run_before_any_notebook(tmp_path):
+    from flipfrag import runner
+
+    with pytest.raises(ValueError, match="tpu"):
+        runner.run_all(profile="smoke", figures_dir=tmp_path / "f", output_dir=tmp_path / "o", root=tmp_path,
+                       device="tpu")  # fmt: skip
+    assert not (tmp_path / "o").exists()

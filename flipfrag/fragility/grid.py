@@ -17,7 +17,7 @@ from torch import nn
 
 from .._io import atomic_write, cache_dir, sha256_files
 from ..attacks import _check_int
-from ..engine import EngineCacheError, Task, TaskCache, TaskResult, run_tasks
+from ..engine import EngineCacheError, Task, TaskCache, TaskResult, default_device, run_tasks
 from .paper import _LOWER_IS_MORE_CHANGE, ATTACKS, GRID_METHODS, METHODS, METRICS, paper_grid
 from .settings import ROLES, ImageSetting
 
@@ -313,7 +313,7 @@ def run_attack_grid(
     cache: bool | str | Path = True,
     progress: bool = False,
     scheduler: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     **spec_kwargs: Any,
 ) -> pd.DataFrame:
     """Ghorbani et al.'s attack grid (F3): every method x attack x epsilon of ``spec`` on the images ``x``.
@@ -337,8 +337,9 @@ def run_attack_grid(
     scheduler : str or None
         Where the cells run (:mod:`flipfrag.engine`): None reads ``$FLIPFRAG_SCHEDULER`` (unset = in this process),
         ``"local:N"`` a Dask LocalCluster of N workers, ``"tcp://host:port"`` an existing cluster.
-    device : "cpu", "cuda" or "auto"
-        Where each cell computes (default CPU, so that cached numbers do not depend on the machine's GPU).
+    device : "cpu", "cuda", "auto" or None
+        Where each cell computes. None (default): ``$FLIPFRAG_DEVICE`` (``make figures DEVICE=auto``), else the CPU,
+        so that cached numbers do not depend on the machine's GPU (:func:`flipfrag.engine.default_device`).
 
     Returns
     -------
@@ -369,6 +370,7 @@ def run_attack_grid(
         store = None
     else:
         store = GridCellCache(cache)
+    device = default_device(device)
     x, y = x.detach(), y.detach()
     code = _code_version()
     cells = spec.cells()
