@@ -148,3 +148,86 @@ def test_smooth_mlp_jacobian_matches_finite_differences(erf_problem):
     g_fd = torch.einsum("pk,pkj->pj", v, J_fd)
     assert _rel(g[good], g_fd[good]) <= 1e-4
     assert (g[~good] == 0).all()  # a zero cotangent contributes exactly zero, also at failed points
+
+
+def _halfway_box(x: torch.Tensor, x_flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-point bounds (loose, +-10 around x) that cut the largest move of the unbounded solution in half."""
+    lower, upper = x - 10.0, x + 10.0
+    step = x_flip - x
+    j = step.abs().argmax(1)
+    ar = torch.arange(len(x))
+    cut = x[ar, j] + 0.5 * step[ar, j]
+    up = step[ar, j] > 0
+    upper[ar[up], j[up]] = cut[up]
+    lower[ar[~up], j[~up]] = cut[~up]
+    return lower, upper
+
+
+def test_smooth_mlp_with_active_bounds_and_a_mask_matches_finite_differences(erf_problem):
+    model, x0, tgt = erf_problem
+    free0 = closest_flip_point(model, x0, target=tgt, **TIGHT)
+    keep = free0.converged
+    x0, tgt = x0[keep], tgt[keep]
+    lower, upper = _halfway_box(x0, free0.x_flip[keep])
+    mask = torch.tensor([True, True, True, False]).expand_as(x0)  # feature 3 stays at x_hat
+    lower[:, 3], upper[:, 3] = x0[:, 3] - 10.0, x0[:, 3] + 10.0  # the mask, not a bound, fixes feature 3
+    kw = dict(lower=lower, upper=upper, mask=mask, **TIGHT)
+    x = x0.clone().requires_grad_(True)
+    res = closest_flip_point(model, x, target=tgt, differentiable=True, **kw)
+    xf = res.x_flip.detach()
+    at_bound = (xf == lower) | (xf == upper)
+    good = torch.tensor([st == "ok" for st in res.grad_status])
+    assert (at_bound[:, :3].sum(1)[good] >= 1).all() and good.sum() >= 3, res.grad_status
+    J = _ift_jacobian(res.x_flip, x)
+    J_fd = torch.full_like(J, float("nan"))
+    J_fd[good], ok = _fd_jacobian(
+        model, x0[good], tgt[good], **{**kw, "lower": lower[good], "upper": upper[good], "mask": mask[good]}
+    )
+    good[good.clone()] = ok
+    assert good.sum() >= 3
+    errs = [_rel(J[i], J_fd[i]) for i in torch.nonzero(good)[:, 0].tolist()]
+    assert max(errs) <= 1e-4, errs
+    # structure: a feature at a bound does not move; the masked feature follows x_hat one to one
+    for i in torch.nonzero(good)[:, 0].tolist():
+        assert (J[i][at_bound[i]] == 0).all()
+        assert J[i, 3, 3] == 1.0 and (J[i, 3, :3] == 0).all()
+        assert J[i, :3, 3].abs().max() > 1e-3  # ... and moves the free features through the curvature
+
+
+def test_parameter_gradient_matches_finite_differences(erf_problem):
+    _, x0, tgt = erf_problem
+    model = _erf_mlp()  # parameters require grad
+    params = list(model.parameters())
+    v = torch.randn(len(x0), 4, dtype=F64, generator=torch.Generator().manual_seed(7))
+    first = closest_flip_point(model, x0, target=tgt, **TIGHT).converged
+    x0, tgt, v = x0[first], tgt[first], v[first]  # re-solve only the points the solver certifies (faster)
+    res = closest_flip_point(model, x0, target=tgt, differentiable=True, **TIGHT)
+    ok = torch.tensor([st == "ok" for st in res.grad_status])
+
+    def loss(shift: float, direction: list[torch.Tensor]) -> torch.Tensor:
+        """Per point v . x_flip at the shifted parameters (N,); clears ok where the solve was not certified."""
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.add_(shift * d)
+            r = closest_flip_point(model, x0, target=tgt, **TIGHT)
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(shift * d)
+        ok.mul_(r.converged)
+        return (r.x_flip * v).sum(1)
+
+    gen = torch.Generator().manual_seed(3)
+    h = 1e-4
+    directions = [[torch.randn(p.shape, dtype=F64, generator=gen) for p in params] for _ in range(2)]
+    for k in (0, 5):  # single entries: a first-layer weight, an output bias
+        directions.append([torch.zeros_like(p) for p in params])
+        directions[-1][k].view(-1)[1] = 1.0
+    fds = [(loss(h, d) - loss(-h, d)) / (2 * h) for d in directions]
+    assert ok.sum() >= 3
+    grads = torch.autograd.grad((res.x_flip * v * ok[:, None]).sum(), params)
+    assert all(torch.isfinite(g).all() for g in grads)
+    errs = []
+    for d, fd in zip(directions, fds, strict=True):
+        ift = sum(float((g * di).sum()) for g, di in zip(grads, d, strict=True))
+        fd = float(fd[ok].sum())
+        errs.append(abs(ift - fd) / max(abs(fd), 1e-3))
+    assert max(errs) <= 1e-4, errs
