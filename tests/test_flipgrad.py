@@ -231,3 +231,140 @@ def test_parameter_gradient_matches_finite_differences(erf_problem):
         fd = float(fd[ok].sum())
         errs.append(abs(ift - fd) / max(abs(fd), 1e-3))
     assert max(errs) <= 1e-4, errs
+
+
+# ----------------------------------------------------------------------------------------------- curved closed form
+
+
+class _Ball(nn.Module):
+    """Two classes split by the sphere |x| = rho: z = (rho^2 - |x|^2, 0). Closest flip point x* = rho x / |x|."""
+
+    def __init__(self, rho: float = 1.0):
+        super().__init__()
+        self.rho = nn.Parameter(torch.tensor(rho, dtype=F64))
+
+    def forward(self, x):
+        r2 = (x.flatten(1) ** 2).sum(1)
+        return torch.stack([self.rho**2 - r2, torch.zeros_like(r2)], 1)
+
+
+@pytest.mark.parametrize("dense_max", [64, 0])  # the dense reduced Hessian and the projected CG
+def test_sphere_jacobian_and_radius_gradient_match_the_closed_form(dense_max):
+    """x* = rho x/|x|: d x*/d x = rho (I - x x^T/|x|^2) / |x| (the curvature term makes it differ from the
+    tangent projection by the factor rho/|x|), and d x*/d rho = x/|x|."""
+    from flipfrag.flipgrad import attach_gradients
+
+    model = _Ball(1.3)
+    x0 = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x0 = x0 / x0.norm(dim=1, keepdim=True) * torch.tensor([0.3, 0.8, 1.1, 1.9, 2.5], dtype=F64)[:, None]
+    x = x0.clone().requires_grad_(True)
+    res = attach_gradients(closest_flip_point(model, x0), model, x, dense_max=dense_max)
+    assert res.converged.all() and res.grad_status == ["ok"] * 5
+    J = _ift_jacobian(res.x_flip, x)
+    r = x0.norm(dim=1)
+    u = x0 / r[:, None]
+    J_true = 1.3 * (torch.eye(3, dtype=F64) - u[:, :, None] * u[:, None, :]) / r[:, None, None]
+    for i in range(5):
+        assert _rel(J[i], J_true[i]) <= 1e-6
+    v = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    (g_rho,) = torch.autograd.grad((res.x_flip * v).sum(), model.rho)
+    assert abs(float(g_rho) - float((u * v).sum())) <= 1e-6 * float((u * v).abs().sum())
+
+
+def test_gradcheck_through_the_solver():
+    """torch.autograd.gradcheck: the analytic Jacobian against its own finite differences, which re-solve."""
+    model = _Ball(1.0)
+    model.rho.requires_grad_(False)
+    x = torch.tensor([[0.4, -0.3, 0.2]], dtype=F64, requires_grad=True)
+    fn = lambda t: closest_flip_point(model, t, differentiable=True, tol=1e-12, kkt_tol=1e-10).x_flip  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------- degenerate
+
+
+def _linear(weight, bias=None) -> nn.Module:
+    w = torch.tensor(weight, dtype=F64)
+    lin = nn.Linear(w.shape[1], w.shape[0]).to(F64)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(torch.zeros(w.shape[0]) if bias is None else torch.tensor(bias, dtype=F64))
+    return _frozen(lin)
+
+
+@pytest.mark.parametrize(
+    "case, weight, bias, lower, needle",
+    [
+        # z = (0, x1, x1 + x2): at x* = 0 the class-2 constraint is active with multiplier 0
+        ("weak inequality", [[0, 0], [1, 0], [1, 1]], None, None, "class 2 has multiplier ~0"),
+        # z = (0, x1): x* = 0 lies on the bound x2 >= 0 with multiplier 0
+        ("weak bound", [[0, 0], [1, 0]], None, [-10.0, 0.0], "feature 1 at its lower bound"),
+        # z = (0, x1, 2 x1): three scores meet at x* = 0 with parallel constraint gradients
+        ("dependent gradients", [[0, 0], [1, 0], [2, 0]], None, None, "LICQ fails"),
+        # class 2 can never win: no flip point toward it
+        ("no flip point", [[0, 0], [1, 0], [1, 0]], [0, 0, -1], None, "no flip point"),
+    ],
+)
+def test_degenerate_active_sets_give_nan_and_a_status(case, weight, bias, lower, needle):
+    model = _linear(weight, bias)
+    C = len(weight)
+    x = torch.tensor([[-1.0, 0.0], [-2.0, 3.0]], dtype=F64, requires_grad=True)  # point 1: a regular control
+    tgt = torch.tensor([C - 1 if case == "no flip point" else 1, 1])
+    lo = None if lower is None else torch.tensor([lower, [-10.0, -10.0]], dtype=F64)
+    res = closest_flip_point(model, x, target=tgt, lower=lo, differentiable=True)
+    assert needle in res.grad_status[0], res.grad_status
+    if case != "no flip point":
+        assert res.converged[0]  # a certified flip point, but without a derivative
+    (g,) = torch.autograd.grad(res.x_flip[:, 0].sum(), x, retain_graph=True)
+    assert torch.isnan(g[0]).all()
+    if case == "dependent gradients":  # every flip point of this model is the triple line x1 = 0
+        assert "LICQ fails" in res.grad_status[1]
+        return
+    assert res.grad_status[1] == "ok", res.grad_status
+    assert torch.isfinite(g[1]).all()
+    (g1,) = torch.autograd.grad(res.x_flip[1, 0], x)  # the degenerate point does not poison the others
+    assert torch.isfinite(g1).all() and (g1[0] == 0).all()
+
+
+@pytest.mark.parametrize("dense_max", [64, 0])
+def test_second_order_sufficiency_failure_gives_nan_and_a_status(dense_max):
+    """From the centre of the sphere every boundary point is closest: the reduced Hessian is singular."""
+    from flipfrag.flip import FlipResult
+    from flipfrag.flipgrad import attach_gradients
+
+    model = _Ball(1.0)
+    x = torch.zeros(2, 3, dtype=F64)
+    x[1, 0] = 0.5  # a regular control point
+    x.requires_grad_(True)
+    xf = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=F64)
+    z = model(xf).detach()
+    one = torch.ones(2, dtype=F64)
+    res = FlipResult(
+        x_flip=xf,
+        x_attempt=xf,
+        distance=one,
+        source=torch.zeros(2, dtype=torch.long),
+        target=torch.ones(2, dtype=torch.long),
+        residual=0 * one,
+        margin=torch.full((2,), float("inf"), dtype=F64),
+        bound_violation=0 * one,
+        kkt=0 * one,
+        iterations=torch.ones(2, dtype=torch.long),
+        converged=torch.ones(2, dtype=torch.bool),
+        status=["converged"] * 2,
+        start=torch.zeros(2, dtype=torch.long),
+        scores=z,
+    )
+    res = attach_gradients(res, model, x, dense_max=dense_max)
+    v = torch.zeros(2, 3, dtype=F64)
+    v[:, 1] = 1.0
+    if dense_max:  # found when the result is made
+        assert "second-order sufficiency fails" in res.grad_status[0] and res.grad_status[1] == "ok"
+        (g,) = torch.autograd.grad(res.x_flip, x, v)
+    else:  # found by CG in the backward pass, which rewrites the status and warns
+        assert res.grad_status == ["ok", "ok"]
+        with pytest.warns(UserWarning, match="grad_status"):
+            (g,) = torch.autograd.grad(res.x_flip, x, v)
+        assert "second-order sufficiency fails" in res.grad_status[0] and res.grad_status[1] == "ok"
+    assert torch.isnan(g[0]).all()
+    assert torch.allclose(g[1], torch.tensor([0.0, 2.0, 0.0], dtype=F64))  # d x*/d x = (I - e1 e1^T) / 0.5
