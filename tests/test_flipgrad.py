@@ -368,3 +368,101 @@ def test_second_order_sufficiency_failure_gives_nan_and_a_status(dense_max):
         assert "second-order sufficiency fails" in res.grad_status[0] and res.grad_status[1] == "ok"
     assert torch.isnan(g[0]).all()
     assert torch.allclose(g[1], torch.tensor([0.0, 2.0, 0.0], dtype=F64))  # d x*/d x = (I - e1 e1^T) / 0.5
+
+
+# ------------------------------------------------------------------------------------------ ReLU, Krylov, downstream
+
+
+def test_relu_net_derivative_is_the_scaled_projection():
+    """ReLU nets have no curvature a.e., so H = D^2 and d x*/d x_hat = I - D^-2 a a^T / (a^T D^-2 a) with
+    a = grad(z_s - z_t) at x* (one active constraint); the CG path stops after one iteration."""
+    from flipfrag.flipgrad import attach_gradients
+
+    model = _frozen(_erf_mlp(activation="relu", seed=2))
+    x0 = torch.randn(6, 4, dtype=F64, generator=torch.Generator().manual_seed(4))
+    scale = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=F64)
+    res0 = closest_flip_point(model, x0, scale=scale)
+    for dense_max in (64, 0):
+        x = x0.clone().requires_grad_(True)
+        res = attach_gradients(res0, model, x, scale=scale, dense_max=dense_max)
+        ok = torch.tensor([st == "ok" for st in res.grad_status])
+        assert ok.sum() >= 3, res.grad_status
+        J = _ift_jacobian(res.x_flip, x)
+        xs = res.x_flip.detach().clone().requires_grad_(True)
+        z = model(xs)
+        (a,) = torch.autograd.grad((z.gather(1, res.source[:, None]) - z.gather(1, res.target[:, None])).sum(), xs)
+        for i in torch.nonzero(ok & (res.margin > 1e-3))[:, 0].tolist():  # the other classes inactive
+            Da = a[i] / scale**2
+            assert _rel(J[i], torch.eye(4, dtype=F64) - torch.outer(Da, a[i]) / (a[i] @ Da)) <= 1e-10
+
+
+def test_krylov_path_matches_the_dense_path(erf_problem):
+    from flipfrag.flipgrad import attach_gradients
+
+    model, x0, tgt = erf_problem
+    model = _erf_mlp()  # with parameter gradients too
+    res0 = closest_flip_point(model, x0, target=tgt)
+    v = torch.randn(len(x0), 4, dtype=F64, generator=torch.Generator().manual_seed(9))
+    out = []
+    for dense_max in (64, 0):
+        x = x0.clone().requires_grad_(True)
+        res = attach_gradients(res0, model, x, dense_max=dense_max)
+        ok = torch.tensor([st == "ok" for st in res.grad_status])
+        out.append(torch.autograd.grad((res.x_flip * v * ok[:, None]).sum(), [x, *model.parameters()]))
+    assert ok.sum() >= 4
+    for a, b in zip(*out, strict=True):
+        assert _rel(b, a) <= 1e-8
+
+
+def _flip_map(x_flip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Paper 1's explanation as a saliency map: |x_flip - x| summed over channels, normalised to sum 1."""
+    m = (x_flip - x).abs().sum(1)
+    return m / m.flatten(1).sum(1)[:, None, None]
+
+
+def test_gradient_flows_through_the_flip_explanation_map():
+    """A downstream function of x_flip(x) and x (the normalised flip map, weighted like a top-k objective):
+    its autograd gradient against central differences of the whole pipeline along random directions."""
+    torch.manual_seed(1)
+    model = _frozen(MLP(2 * 3 * 3, [12], 3, activation="erf").to(F64).eval())  # images (N, 2, 3, 3)
+    x0 = torch.randn(8, 2, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    tgt = closest_flip_point(model, x0).target
+    weights = torch.rand(3, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+
+    def objective(x, **kw):
+        res = closest_flip_point(model, x, target=tgt, **TIGHT, **kw)
+        return (_flip_map(res.x_flip, x) * weights).flatten(1).sum(1), res
+
+    x = x0.clone().requires_grad_(True)
+    val, res = objective(x, differentiable=True)
+    ok = torch.tensor([st == "ok" for st in res.grad_status])
+    gen = torch.Generator().manual_seed(3)
+    h = 1e-3
+    for _ in range(2):
+        d = torch.randn(x0.shape, dtype=F64, generator=gen)
+        vp, rp = objective(x0 + h * d)
+        vm, rm = objective(x0 - h * d)
+        ok &= rp.converged & rm.converged
+        fd = (vp - vm) / (2 * h)
+        (g,) = torch.autograd.grad((val * ok).sum(), x, retain_graph=True)
+        ift = (g * d).flatten(1).sum(1)
+        assert ok.sum() >= 4
+        assert _rel(ift[ok], fd[ok]) <= 1e-4, (ift, fd)
+
+
+def test_bad_arguments_are_named():
+    from flipfrag.flipgrad import attach_gradients
+
+    model = _linear([[0, 0], [1, 0]])
+    x = torch.tensor([[-1.0, 0.5]], dtype=F64)
+    with pytest.raises(TypeError, match="differentiable"):
+        closest_flip_point(model, x, differentiable="yes")
+    res = closest_flip_point(model, x)
+    for kw, name in (
+        (dict(dense_max=-1), "dense_max"),
+        (dict(hess_tol=0), "hess_tol"),
+        (dict(krylov_iter=1.5), "krylov"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            attach_gradients(res, model, x, **kw)
+    assert res.grad_status is None  # only differentiable=True fills it
