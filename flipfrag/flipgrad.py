@@ -34,7 +34,10 @@ products (double backward, batched over the points) and its eigendecomposition i
 beyond that the projected conjugate-gradient method runs in the backward pass, one batched Hessian-vector product
 per iteration. For ReLU networks ``Hess_x c = 0`` almost everywhere, so ``H = D^2``, the projected system is the
 identity on the null space and CG stops after one iteration: the derivative is the projection
-``I - D^-2 A^T (A D^-2 A^T)^-1 A`` on the free coordinates (exactly the closed form of a linear model).
+``I - D^-2 A^T (A D^-2 A^T)^-1 A`` on the free coordinates (exactly the closed form of a linear model). But the
+closest flip point of a ReLU net often lies on a kink of its boundary (certified only by the gradient bundle), where
+``x*`` is not differentiable: such points are reported degenerate (see below); differentiate a smooth surrogate
+(:func:`flipfrag.smooth.softplus_surrogate`) instead, as paper 2 does for its attacks.
 
 Assumptions, and what happens otherwise
 ---------------------------------------
@@ -45,7 +48,9 @@ The derivative exists and is the one computed only if, at ``x*``:
   0 (contribution to the stationarity balance above ``kkt_tol * ||D (x* - x_hat)||``, the certificate's own
   resolution), so the active set does not change under small perturbations;
 * **smooth first-order conditions** — the plain (not gradient-bundle) KKT measure is within ``kkt_tol``: a point
-  certified only by the gradient bundle of a piecewise-linear network (a kink of the boundary) has no derivative;
+  certified only by the gradient bundle of a piecewise-linear network (a kink of the boundary) has no derivative.
+  Here ``kkt_tol`` is the solver's, capped at 1e-3 (``kkt_tol=math.inf`` certifies flip points that need not be
+  KKT points at all);
 * **second-order sufficiency** — the reduced Hessian of the Lagrangian (scaled) has all eigenvalues above
   ``hess_tol`` (it is then nonsingular and ``x*`` a strict local minimiser).
 
@@ -76,6 +81,7 @@ __all__ = ["GRAD_OK", "attach_gradients"]
 
 GRAD_OK = "ok"
 _F64 = torch.float64
+_KKT_CAP = 1e-3  # the stationarity / multiplier resolution used is min(kkt_tol, this)
 
 
 @dataclass
@@ -244,7 +250,7 @@ def _analyse(
     lam = torch.cholesky_solve(rhs[:, :, None], G_chol)[:, :, 0] * valid
     r = (grad_f + torch.einsum("pm,pmn->pn", lam, A)) * sw  # scaled Lagrangian gradient
     d = torch.sqrt((w * (xs - xh) ** 2).sum(1))
-    kkt_tol = float(res.kkt_tol)
+    kkt_tol = min(float(res.kkt_tol), _KKT_CAP)  # kkt_tol=inf certifies feasibility only: no KKT point
     eps = torch.finfo(md).eps if torch.finfo(md).eps > torch.finfo(x.dtype).eps else torch.finfo(x.dtype).eps
     floor = eps * torch.sqrt((w * xs**2).sum(1))
     kkt_plain = torch.sqrt((r**2 * free).sum(1))
@@ -255,8 +261,8 @@ def _analyse(
             status[i] = f"degenerate: active constraint gradients linearly dependent (LICQ fails, {sig[i]:.1e})"
         elif kkt_plain[i] > kkt_tol * d[i] + floor[i]:
             status[i] = (
-                f"degenerate: smooth KKT conditions fail (kkt {kkt_plain[i] / max(d[i], 1e-300):.1e}; "
-                "a kink of a piecewise-smooth model certified by the gradient bundle)"
+                f"degenerate: not a smooth KKT point (kkt {kkt_plain[i] / max(d[i], 1e-300):.1e} > {kkt_tol:.0e}; "
+                "a kink of a piecewise-smooth model, or certified with a looser kkt_tol)"
             )
         else:
             weak = [int(cls[i, j]) for j in range(1, m) if valid[i, j] and contrib[i, j] <= thr[i]]

@@ -4,6 +4,8 @@ parameters), and hand-built degenerate active sets."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -448,6 +450,19 @@ def test_gradient_flows_through_the_flip_explanation_map():
         ift = (g * d).flatten(1).sum(1)
         assert ok.sum() >= 4
         assert _rel(ift[ok], fd[ok]) <= 1e-4, (ift, fd)
+
+
+def test_points_certified_with_a_loose_kkt_tol_are_not_differentiated(erf_problem):
+    """kkt_tol=inf certifies flip points that need not be KKT points: only those within 1e-3 get a derivative."""
+    model, x0, _ = erf_problem
+    x = x0.clone().requires_grad_(True)
+    res = closest_flip_point(model, x, kkt_tol=math.inf, differentiable=True)
+    ok = torch.tensor([st == "ok" for st in res.grad_status])
+    assert res.converged.all() and (res.kkt[ok] <= 1e-3).all()
+    assert all("not a smooth KKT point" in st for st, k in zip(res.grad_status, res.kkt, strict=True) if k > 1.01e-3)
+    assert not ok.all()
+    (g,) = torch.autograd.grad(res.x_flip.sum(), x)
+    assert torch.isnan(g[~ok]).all() and torch.isfinite(g[ok]).all()
 
 
 def test_bad_arguments_are_named():
