@@ -128,8 +128,8 @@ def _scores(an_model: nn.Module, shape: tuple, x: torch.Tensor) -> torch.Tensor:
 
 
 def _active_rows(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, margin: float, tol: float):
-    """Rows (P, m, C) of the active constraints (slot 0: z_s - z_t; then z_k - z_t, h_k >= -tol_abs), the slot
-    validity (P, m), the class of each slot (-1: the equality), and the constraint values (P, m)."""
+    """Rows (P, m, C) of the active constraints (slot 0: z_s - z_t; then z_k - z_t for h_k >= -tol_abs, the
+    certificate's tolerance), the slot validity (P, m) and the class of each slot (P, m; -1 for the equality)."""
     P, C = z.shape
     ar = torch.arange(P)
     zs, zt = z[ar, src], z[ar, tgt]
@@ -251,7 +251,7 @@ def _analyse(
     r = (grad_f + torch.einsum("pm,pmn->pn", lam, A)) * sw  # scaled Lagrangian gradient
     d = torch.sqrt((w * (xs - xh) ** 2).sum(1))
     kkt_tol = min(float(res.kkt_tol), _KKT_CAP)  # kkt_tol=inf certifies feasibility only: no KKT point
-    eps = torch.finfo(md).eps if torch.finfo(md).eps > torch.finfo(x.dtype).eps else torch.finfo(x.dtype).eps
+    eps = max(torch.finfo(md).eps, torch.finfo(x.dtype).eps)  # the certificate's rounding floor
     floor = eps * torch.sqrt((w * xs**2).sum(1))
     kkt_plain = torch.sqrt((r**2 * free).sum(1))
     contrib = lam * torch.sqrt(At.pow(2).sum(2))  # signed share of each active row in the balance
@@ -280,24 +280,10 @@ def _analyse(
     bad = torch.tensor([s != GRAD_OK for s in status], dtype=torch.bool)
     params = [p for p in model.parameters() if p.requires_grad]
     an = _Analysis(
-        model,
-        shape,
-        params,
-        xs.to(md),
-        rows,
-        lam,
-        sw,
-        free,
-        masked,
-        At,
-        G_chol,
-        bad,
-        status,
-        None,
-        int(krylov_iter),
-        1e-10 if md == _F64 else 1e-5,
-        float(hess_tol),
-    )
+        model=model, shape=shape, params=params, xf=xs.to(md), rows=rows, lam=lam, sw=sw, free=free, masked=masked,
+        At=At, G_chol=G_chol, bad=bad, status=status, Minv=None, krylov_iter=int(krylov_iter),
+        krylov_rtol=1e-10 if md == _F64 else 1e-5, hess_tol=float(hess_tol),
+    )  # fmt: skip
     if n <= dense_max:
         _dense_system(an)
     return an

@@ -481,3 +481,28 @@ def test_bad_arguments_are_named():
         with pytest.raises(ValueError, match=name):
             attach_gradients(res, model, x, **kw)
     assert res.grad_status is None  # only differentiable=True fills it
+
+
+def test_float32_model_and_input(erf_problem):
+    """A float32 model and input: the derivative (float32 model evaluations, float64 linear algebra) agrees with
+    the float64 one to float32 accuracy, in x's dtype, on the dense and the CG path."""
+    import copy
+
+    from flipfrag.flipgrad import attach_gradients
+
+    model, x0, tgt = erf_problem
+    x = x0.clone().requires_grad_(True)
+    res = closest_flip_point(model, x, target=tgt, differentiable=True)
+    J64 = _ift_jacobian(res.x_flip, x)
+    model32 = copy.deepcopy(model).float()
+    x32 = x0.float()
+    res32 = closest_flip_point(model32, x32, target=tgt, tol=1e-5)
+    ok = torch.tensor([st == "ok" for st in res.grad_status]) & res32.converged
+    assert ok.sum() >= 4
+    for dense_max in (64, 0):
+        xr = x32.clone().requires_grad_(True)
+        r = attach_gradients(res32, model32, xr, dense_max=dense_max)
+        assert r.x_flip.dtype == torch.float32
+        J = torch.stack([torch.autograd.grad(r.x_flip[:, k].sum(), xr, retain_graph=True)[0] for k in range(4)], 1)
+        assert J.dtype == torch.float32
+        assert _rel(J[ok].double(), J64[ok]) <= 1e-3
