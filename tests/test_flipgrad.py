@@ -220,6 +220,7 @@ def test_parameter_gradient_matches_finite_differences(erf_problem):
     gen = torch.Generator().manual_seed(3)
     h = 1e-4
     directions = [[torch.randn(p.shape, dtype=F64, generator=gen) for p in params] for _ in range(2)]
+    directions = [[di / math.sqrt(sum(float((dj**2).sum()) for dj in d)) for di in d] for d in directions]  # unit
     for k in (0, 5):  # single entries: a first-layer weight, an output bias
         directions.append([torch.zeros_like(p) for p in params])
         directions[-1][k].view(-1)[1] = 1.0
