@@ -59,6 +59,9 @@ A point that violates one of them (or had no certified flip point) gets a NaN gr
 path finds a failure of second-order sufficiency (non-positive curvature met by CG) or of convergence only in the
 backward pass, and then rewrites that point's ``grad_status`` entry and warns. A point whose cotangent is exactly
 zero contributes exactly zero (not NaN), so ``loss = f(x_flip[ok])`` gives finite gradients for the other points.
+``attach_gradients(..., weak="active")`` instead keeps weakly active inequalities and bounds in the active set and
+returns the one-sided derivative of that branch (status ``"ok (one-sided: ...)"``): images with many pixels at a
+bound (MNIST background) often have one or two pixels whose bound multiplier is ~0.
 
 The returned ``x_flip`` is once differentiable (a second derivative through it raises).
 """
@@ -209,6 +212,7 @@ def _analyse(
     krylov_iter: int,
     hess_tol: float,
     rank_tol: float,
+    keep_weak: bool,
 ) -> _Analysis:
     N, shape = x.shape[0], tuple(x.shape[1:])
     n = math.prod(shape)
@@ -268,7 +272,12 @@ def _analyse(
             weak = [int(cls[i, j]) for j in range(1, m) if valid[i, j] and contrib[i, j] <= thr[i]]
             wlo = torch.nonzero(at_lo[i] & (r[i] <= thr[i]))[:, 0].tolist()
             whi = torch.nonzero(at_hi[i] & (r[i] >= -thr[i]))[:, 0].tolist()
-            if weak:
+            if (weak or wlo or whi) and keep_weak:
+                status[i] = (
+                    f"ok (one-sided: {len(weak)} weakly active class constraint(s), {len(wlo) + len(whi)} weakly "
+                    "active bound(s) kept active)"
+                )
+            elif weak:
                 status[i] = (
                     f"degenerate: active constraint of class {weak[0]} has multiplier ~0 (strict complementarity fails)"
                 )
@@ -277,7 +286,7 @@ def _analyse(
                 status[i] = (
                     f"degenerate: feature {j} at its {side} bound has multiplier ~0 (strict complementarity fails)"
                 )
-    bad = torch.tensor([s != GRAD_OK for s in status], dtype=torch.bool)
+    bad = torch.tensor([not s.startswith(GRAD_OK) for s in status], dtype=torch.bool)
     params = [p for p in model.parameters() if p.requires_grad]
     an = _Analysis(
         model=model, shape=shape, params=params, xf=xs.to(md), rows=rows, lam=lam, sw=sw, free=free, masked=masked,
@@ -425,6 +434,7 @@ def attach_gradients(
     krylov_iter: int = 200,
     hess_tol: float = 1e-6,
     rank_tol: float = 1e-6,
+    weak: str = "nan",
 ) -> FlipResult:
     """A copy of ``res`` whose ``x_flip`` carries the implicit derivative d x_flip / d (x, model parameters).
 
@@ -450,13 +460,22 @@ def attach_gradients(
         Smallest admissible eigenvalue / CG curvature of the scaled reduced Hessian (the objective's is 1).
     rank_tol : float
         Smallest admissible singular value of the row-normalised scaled active Jacobian (LICQ).
+    weak : {"nan", "active"}
+        Weakly active inequalities and bounds (multiplier ~0, strict complementarity fails): ``"nan"`` (default) —
+        no derivative; ``"active"`` — keep them in the active set and return the derivative of that branch (the
+        one-sided derivative for perturbations under which they stay active, an element of the generalised
+        Jacobian; like ReLU's gradient at 0). Such points get ``"ok (one-sided: ...)"``. Images with many pixels
+        at a bound of ``[0, 1]`` (MNIST background) often have a few pixels whose multiplier is ~0.
 
     Returns
     -------
     FlipResult
-        ``x_flip`` differentiable (a new tensor, same values), ``grad_status`` (list of N str): ``"ok"``, or why
-        the point has no derivative (its gradient is NaN).
+        ``x_flip`` differentiable (a new tensor, same values), ``grad_status`` (list of N str): ``"ok"`` (or, with
+        ``weak="active"``, ``"ok (one-sided: ...)"``; a point has a derivative iff its entry starts with ``"ok"``),
+        or why the point has no derivative (its gradient is NaN).
     """
+    if weak not in ("nan", "active"):
+        raise ValueError(f"weak must be 'nan' or 'active', got {weak!r}")
     for name, val in (("dense_max", dense_max), ("krylov_iter", krylov_iter)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {val!r}")
@@ -476,6 +495,7 @@ def attach_gradients(
         krylov_iter=krylov_iter,
         hess_tol=hess_tol,
         rank_tol=rank_tol,
+        keep_weak=weak == "active",
     )
     x_flip = _ImplicitFlip.apply(an, res.x_flip, x, *an.params)
     return replace(res, x_flip=x_flip, grad_status=an.status)

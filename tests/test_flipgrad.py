@@ -507,3 +507,34 @@ def test_float32_model_and_input(erf_problem):
         J = torch.stack([torch.autograd.grad(r.x_flip[:, k].sum(), xr, retain_graph=True)[0] for k in range(4)], 1)
         assert J.dtype == torch.float32
         assert _rel(J[ok].double(), J64[ok]) <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "weight, lower, side",
+    [([[0, 0], [1, 0], [1, 1]], None, 1.0), ([[0, 0], [1, 0]], [-10.0, 0.0], -1.0)],  # weak inequality, bound
+)
+def test_weak_constraints_kept_active_give_the_one_sided_derivative(weight, lower, side):
+    """weak="active": at x_hat = (-1, 0), x* = (0, 0) with a weakly active constraint (x_2 <= 0 via class 2, or
+    the bound x_2 >= 0). On the branch where it stays active (x_hat_2 moving by `side`) the derivative is 0, which
+    one-sided re-solves confirm; on the other branch x_2 would follow x_hat_2."""
+    from flipfrag.flipgrad import attach_gradients
+
+    model = _linear(weight)
+    x0 = torch.tensor([[-1.0, 0.0]], dtype=F64)
+    lo = None if lower is None else torch.tensor([lower], dtype=F64)
+    res0 = closest_flip_point(model, x0, target=torch.tensor([1]), lower=lo)
+    x = x0.clone().requires_grad_(True)
+    res = attach_gradients(res0, model, x, lower=lo, weak="active")
+    assert res.grad_status[0].startswith("ok (one-sided"), res.grad_status
+    J = _ift_jacobian(res.x_flip, x)[0]
+    h = 1e-3
+    cols = []
+    for e in (torch.tensor([[h, 0.0]]), torch.tensor([[0.0, side * h]])):  # x_hat_2 moves into the branch
+        r = closest_flip_point(model, x0 + e, target=torch.tensor([1]), lower=lo)
+        cols.append(((r.x_flip - res0.x_flip) / e.sum())[0])
+    J_fd = torch.stack(cols, 1)
+    assert torch.allclose(J, J_fd, atol=1e-9) and (J == 0).all()
+    other = closest_flip_point(model, x0 - torch.tensor([[0.0, side * h]]), target=torch.tensor([1]), lower=lo)
+    assert torch.allclose((other.x_flip - res0.x_flip)[0] / (-side * h), torch.tensor([0.0, 1.0], dtype=F64))
+    with pytest.raises(ValueError, match="weak"):
+        attach_gradients(res0, model, x0, lower=lo, weak="yes")
