@@ -538,3 +538,22 @@ def test_weak_constraints_kept_active_give_the_one_sided_derivative(weight, lowe
     assert torch.allclose((other.x_flip - res0.x_flip)[0] / (-side * h), torch.tensor([0.0, 1.0], dtype=F64))
     with pytest.raises(ValueError, match="weak"):
         attach_gradients(res0, model, x0, lower=lo, weak="yes")
+
+
+def test_one_hot_groups_are_fixed_and_the_rest_is_the_projection():
+    """With a one-hot block (groups), the rounded categories are fixed: their rows and columns of the Jacobian
+    vanish and the free features get the projection I - a_F a_F^T / |a_F|^2 of the linear model."""
+    torch.manual_seed(5)
+    lin = _frozen(nn.Linear(5, 2).to(F64))
+    x0 = torch.randn(3, 5, dtype=F64)
+    x0[:, 3:] = torch.tensor([1.0, 0.0], dtype=F64)
+    x = x0.clone().requires_grad_(True)
+    res = closest_flip_point(lin, x, groups=[[3, 4]], upper_bounds=False, differentiable=True)
+    assert res.converged.all() and res.grad_status == ["ok"] * 3
+    J = _ift_jacobian(res.x_flip, x)
+    a = (lin.weight[0] - lin.weight[1]).detach()[:3]
+    for i in range(3):
+        s = 1 if int(res.source[i]) == 0 else -1  # the sign of a does not matter
+        P = torch.eye(3, dtype=F64) - torch.outer(s * a, s * a) / (a @ a)
+        assert _rel(J[i, :3, :3], P) <= 1e-10
+        assert (J[i, 3:] == 0).all() and (J[i, :, 3:] == 0).all()
