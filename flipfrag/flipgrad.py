@@ -58,7 +58,9 @@ A point that violates one of them (or had no certified flip point) gets a NaN gr
 ``FlipResult.grad_status`` (``"ok"`` otherwise). The dense path checks all four when the result is made; the Krylov
 path finds a failure of second-order sufficiency (non-positive curvature met by CG) or of convergence only in the
 backward pass, and then rewrites that point's ``grad_status`` entry and warns. A point whose cotangent is exactly
-zero contributes exactly zero (not NaN), so ``loss = f(x_flip[ok])`` gives finite gradients for the other points.
+zero contributes exactly zero (not NaN), so ``loss = f(x_flip[ok])`` gives finite gradients for the other points;
+the model parameters' gradients (a sum over points) are NaN if any point without a derivative has a nonzero
+cotangent.
 ``attach_gradients(..., weak="active")`` instead keeps weakly active inequalities and bounds in the active set and
 returns the one-sided derivative of that branch (status ``"ok (one-sided: ...)"``): images with many pixels at a
 bound (MNIST background) often have one or two pixels whose bound multiplier is ~0.
