@@ -70,9 +70,17 @@ After solving, every point is re-evaluated with the *original* model in its own 
   machine epsilon of the coarser of x's and the model's dtype: the change of ``D^2 (x - x_hat)`` that rounding
   ``x_flip`` to that dtype alone causes (it matters only for float32 points very close to ``x_hat``). For a single
   active constraint and no active bounds ``kkt`` is ``tan`` of the angle between ``x - x_hat`` and the constraint
-  normal. For nonsmooth models a feasible point that fails it is re-measured against a bundle of gradients of ``g``
-  sampled within ``1e-3 * distance`` (Goldstein epsilon-stationarity: any same-sign combination of them may balance
-  ``D^2 (x - x_hat)``).
+  normal.
+* **piecewise-linear models** (ReLU, max-pooling; ``nonsmooth``): a feasible point that fails the plain test is
+  re-measured on its *activation region* (``_region_kkt``). Every ReLU input within ``1e-6`` x its layer's largest
+  |value| of 0, and every 2-D max-pooling window whose two largest inputs are that close, is a *kink* at x; its sign
+  condition (``u_j >= 0`` for an active unit, ``u_j <= 0`` for an inactive one — torch's relu'(0) = 0 —, ``u_a >= u_b``
+  for the pooling winner a) is one more inequality constraint, with a multiplier ``>= 0``, at most 64 per point.
+  On the closure of that region the scores are affine, so the restricted problem is a convex QP and its KKT
+  conditions are sufficient: **a certified point of a piecewise-linear model is the closest flip point within the
+  closure of the linear region autograd differentiates at x_flip** (up to ``kkt_tol``; kinks farther than the
+  tolerance from 0 are treated as strict). It is a local minimiser when the point lies inside that region's interior
+  (no kinks), and otherwise optimal on one of the regions meeting at x_flip — not a proof for the others.
 
 ``converged`` is True only when all four hold and the distance is within 1 % of ``upper_bound`` (step 6). A point
 that fails is never returned as a flip point: its ``x_flip`` and ``distance`` are NaN, the last iterate is kept in
@@ -115,7 +123,8 @@ _SOLVER_STATUS = {_RUNNING: "running", _CONVERGED: "converged", _MAX_ITER: "max_
                   _NO_PROGRESS: "no progress toward feasibility"}
 _TINY = 1e-30  # a floor for norms before dividing (representable in float32)
 _DUAL_EPS = 1e-14  # quadratic elastic penalty of the QP subproblem (normalised units; 1e-6 in float32)
-_BUNDLE_SAMPLES, _BUNDLE_RADIUS = 8, 1e-3  # nonsmooth KKT: gradients sampled at 1e-3 x distance
+_KINK_TOL = 1e-6  # a ReLU input / max-pool gap within 1e-6 x its layer's largest |value| is a kink at x
+_MAX_KINKS = 64  # region constraints the certificate represents per point (more: not certified)
 _PROGRESS_WINDOW = 25  # iterations over which an infeasible point must reduce its constraint violation by 10 %
 # start ids of the solves seeded by segment crossings (FlipResult.start); 0, 1, 2.. are direct, homotopy, restarts
 _START_DEEPFOOL, _START_CANDIDATES, _START_ITERATES = 100, 101, 102
@@ -144,8 +153,8 @@ class FlipResult:
     bound_violation : Tensor (N,)
         ``max(lower - x, x - upper, |x - x_hat| on masked features, 0)`` at ``x_attempt``.
     kkt : Tensor (N,)
-        First-order optimality measure (module docstring); 0 when ``x`` itself is a flip point. For nonsmooth
-        models, the gradient-bundle (Goldstein) measure where the plain one fails.
+        First-order optimality measure (module docstring); 0 when ``x`` itself is a flip point. For piecewise-linear
+        models, the measure on the point's activation region (kinks as constraints) where the plain one fails.
     iterations : LongTensor (N,)
         SQP iterations used by the returned candidate (summed over homotopy steps for the homotopy candidate).
     converged : BoolTensor (N,)
@@ -507,27 +516,119 @@ def _equality_gradient(fn: ScoreFn, x: torch.Tensor, src: torch.Tensor, tgt: tor
     return (z.detach() * rows).sum(1), grad
 
 
-def _equality_bundle(fn: ScoreFn, pr: _Problems, x: torch.Tensor, gen: torch.Generator, samples: int,
-                     radius: float) -> torch.Tensor:
-    """Gradients of g = z_s - z_t at `samples` random points of the scaled-norm sphere of radius
-    ``radius * max(||D (x - x_hat)||, 1e-12)`` around x, free coordinates only. Shape (P, samples, n)."""
+class _KinkRecorder(TorchFunctionMode):
+    """Records, during one forward pass, the inputs of every ReLU and 2-D max-pooling call (graph attached), so that
+    the kinks of a piecewise-linear model at x — pre-activations near 0, pooling windows with a near tie — can be
+    turned into the constraints of x's activation region (:func:`_region_rows`). Other pooling forms (padding,
+    dilation, ceil_mode, returned indices) set ``unsupported``."""
+
+    def __init__(self):
+        super().__init__()
+        self.relus: list[torch.Tensor] = []
+        self.pools: list[tuple[torch.Tensor, tuple, tuple]] = []
+        self.unsupported = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RELU_FUNCS:
+            self.relus.append(args[0].clone())  # a copy: in-place ReLUs overwrite their input
+        elif func is torch.nn.functional.max_pool2d or func is torch.max_pool2d:
+            self._pool(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _pool(self, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+        pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))  # noqa: E731
+        k, st = pair(kernel_size), pair(stride if stride not in (None, []) else kernel_size)
+        if pair(padding) != (0, 0) or pair(dilation) != (1, 1) or ceil_mode or return_indices or x.dim() != 4:
+            self.unsupported = True
+            return
+        self.pools.append((x.clone(), k, st))
+
+
+def _kink_tolerance(u: torch.Tensor, tol: float) -> torch.Tensor:
+    """The kink tolerance of one recorded layer (P,): ``tol`` times the largest |value| of the point's layer."""
+    return tol * u.detach().flatten(1).abs().amax(1).clamp(min=1.0)
+
+
+def _region_rows(fn: ScoreFn, x: torch.Tensor, kink_tol: float, max_kinks: int):
+    """The kinks of a piecewise-linear model at x (P, n) and the gradients of the constraints that bound x's
+    activation region there. Returns (rows (P, K, n), used (P, K), count (P,), supported).
+
+    A ReLU pre-activation u_j with |u_j| <= kink_tol * max(1, max |u| of its layer) is a kink; the region autograd
+    differentiates (torch's relu'(0) = 0) is {u_j >= 0} where u_j > 0 and {u_j <= 0} where u_j <= 0. A max-pooling
+    window whose two largest inputs a (the first maximum, which max-pooling routes the gradient to) and b differ by
+    at most the same tolerance gives {u_b - u_a <= 0}. Each row is the gradient of ``c(x) <= 0`` (one backward pass
+    per kink slot for the whole batch). Rows of gradient zero (e.g. a window of inactive units) bound nothing.
+    Points with more than ``max_kinks`` kinks get count > max_kinks (the caller then cannot certify them).
+    """
     P, n = x.shape
-    d = torch.sqrt((pr.w * (x - pr.xh) ** 2).sum(1)).clamp(min=1e-12)
-    u = torch.randn(P, samples, n, generator=gen, dtype=torch.float64).to(x.dtype) * (~pr.fixed)[:, None, :]
-    u = u / torch.sqrt(pr.w)[:, None, :]
-    u = u / torch.sqrt((pr.w[:, None, :] * u**2).sum(2, keepdim=True)).clamp(min=_TINY)
-    xs = (x[:, None, :] + radius * d[:, None, None] * u).reshape(P * samples, n)
-    xs = torch.minimum(torch.maximum(xs, pr.lo.repeat_interleave(samples, 0)), pr.hi.repeat_interleave(samples, 0))
-    _, grad = _equality_gradient(fn, xs, pr.src.repeat_interleave(samples), pr.tgt.repeat_interleave(samples))
-    return grad.reshape(P, samples, n)
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        rec = _KinkRecorder()
+        with rec:
+            fn(xg)
+        outs, sel = [], []  # per recorded tensor: the constrained quantity (P, m) and which entries are kinks
+        for u in rec.relus:
+            uf = u.flatten(1)
+            orient = torch.where(uf > 0, -torch.ones_like(uf), torch.ones_like(uf))
+            outs.append(orient * uf)
+            sel.append(uf.detach().abs() <= _kink_tolerance(u, kink_tol)[:, None])
+        for v, k, st in rec.pools:
+            N_, C_, H, W = v.shape
+            cols = torch.nn.functional.unfold(v, k, stride=st).reshape(N_, C_, k[0] * k[1], -1)
+            top, arg = cols.detach().topk(2, dim=2)
+            first = cols.detach().argmax(2, keepdim=True)  # the first maximum (where the pooling routes)
+            other = cols.detach().scatter(2, first, -math.inf).argmax(2, keepdim=True)
+            diff = (cols.gather(2, other) - cols.gather(2, first))[:, :, 0].flatten(1)
+            outs.append(diff)
+            sel.append((top[:, :, 0] - top[:, :, 1]).flatten(1) <= _kink_tolerance(v, kink_tol)[:, None])
+        count = sum((m.sum(1) for m in sel), torch.zeros(P, dtype=torch.long))
+        K = int(min(count.max(), max_kinks)) if len(sel) else 0
+        rows = torch.zeros(P, K, n, dtype=x.dtype)
+        if K == 0:
+            return rows, torch.zeros(P, 0, dtype=torch.bool), count, not rec.unsupported
+        # slot k of point p: its k-th kink in the order (tensor, entry)
+        flat = torch.cat(sel, 1)
+        rank = flat.long().cumsum(1) - 1
+        slot = torch.where(flat, rank, torch.full_like(rank, -1))
+        sizes = [m.shape[1] for m in sel]
+        slots = torch.split(slot, sizes, 1)
+        for k in range(K):
+            grads = [(sl == k).to(o.dtype) for sl, o in zip(slots, outs)]
+            pairs = [(o, gk) for o, gk in zip(outs, grads) if gk.any()]
+            if not pairs:
+                continue
+            (rows[:, k],) = torch.autograd.grad([o for o, _ in pairs], xg, [gk for _, gk in pairs],
+                                                retain_graph=k < K - 1, allow_unused=False)
+    used = torch.arange(K)[None, :] < count[:, None]
+    used &= rows.abs().amax(2) > 0
+    return rows, used, count, not rec.unsupported
+
+
+def _region_kkt(fn: ScoreFn, pr: _Problems, x, A, c, valid, is_eq, tol_abs, kink_tol: float,
+                max_kinks: int = _MAX_KINKS):
+    """KKT measure of the problem restricted to the closure of x's activation region (piecewise-linear models):
+    the constraints c_j(x) <= 0 of the kinks at x (:func:`_region_rows`) join the active rows, with multipliers
+    >= 0. Returns (kkt (P,), kinks (P,)); inf where the model has kinks this cannot represent or more than
+    ``max_kinks`` of them."""
+    rows, used, count, supported = _region_rows(fn, x, kink_tol, max_kinks)
+    P, K = used.shape
+    A2 = torch.cat([A, rows], 1)
+    c2 = torch.cat([c, torch.zeros(P, K, dtype=c.dtype)], 1)
+    v2 = torch.cat([valid, used], 1)
+    e2 = torch.cat([is_eq, torch.zeros(P, K, dtype=torch.bool)], 1)
+    kkt = _kkt_measure(pr, x, A2, c2, v2, e2, tol_abs)
+    bad = (count > max_kinks) | (not supported)
+    return torch.where(bad, torch.full_like(kkt, math.inf), kkt), count
 
 
 def _check(fn: ScoreFn, pr: _Problems, x: torch.Tensor, margin: float, tol: float, n_ineq: int,
-           bundle_gen: torch.Generator | None = None, kkt_tol: float = 0.0):
+           kkt_tol: float = 0.0, region: bool = False):
     """Recompute scores, residual, margin, bound violation and KKT at x. Returns a dict of (P,) tensors.
 
-    With ``bundle_gen`` (nonsmooth models), feasible points whose plain KKT measure exceeds ``kkt_tol`` get the
-    gradient-bundle measure instead (Goldstein stationarity, :func:`_kkt_measure`).
+    With ``region`` (piecewise-linear models), feasible points whose plain KKT measure exceeds ``kkt_tol`` get the
+    KKT measure of the problem restricted to the closure of their activation region (:func:`_region_kkt`);
+    ``kinks`` counts the kinks at x (0 for points not re-measured).
     """
     z, g, h, zs, zt, A, c, valid, _ = _scores_and_jacobian(fn, x, pr.src, pr.tgt, margin, n_ineq)
     tol_abs = _tol_abs(zs, zt, tol)
@@ -535,16 +636,16 @@ def _check(fn: ScoreFn, pr: _Problems, x: torch.Tensor, margin: float, tol: floa
     is_eq[:, 0] = True
     kkt = _kkt_measure(pr, x, A, c, valid, is_eq, tol_abs)
     marg = (-(h - margin)).amin(1) if z.shape[1] > 2 else torch.full_like(g, math.inf)
-    if bundle_gen is not None:
+    kinks = torch.zeros(len(x), dtype=torch.long)
+    if region:
         near = (g.abs() <= tol_abs) & (marg >= margin - tol_abs) & (kkt > kkt_tol)
         if near.any():
             i = torch.nonzero(near)[:, 0]
-            sub = pr.take(i)
-            bundle = _equality_bundle(fn, sub, x[i], bundle_gen, _BUNDLE_SAMPLES, _BUNDLE_RADIUS)
-            kb = _kkt_measure(sub, x[i], A[i], c[i], valid[i], is_eq[i], tol_abs[i], bundle=bundle)
-            kkt[i] = torch.minimum(kkt[i], kb)
+            kr, kinks[i] = _region_kkt(fn, pr.take(i), x[i], A[i], c[i], valid[i], is_eq[i], tol_abs[i], _KINK_TOL)
+            kkt[i] = torch.minimum(kkt[i], kr)
     bv = torch.maximum(pr.lo - x, x - pr.hi).clamp(min=0).amax(1)
-    return {"z": z, "residual": g.abs(), "margin": marg, "bound_violation": bv, "kkt": kkt, "tol_abs": tol_abs}
+    return {"z": z, "residual": g.abs(), "margin": marg, "bound_violation": bv, "kkt": kkt, "tol_abs": tol_abs,
+            "kinks": kinks}
 
 
 def _certified(chk: dict, margin: float, kkt_tol: float) -> torch.Tensor:
@@ -1237,10 +1338,10 @@ def _certify(ctx: _Ctx, pr: _Problems, x: torch.Tensor) -> dict:
     cd = ctx.cert_dtype
     prc = _Problems(pr.xh.to(cd), pr.lo.to(cd), pr.hi.to(cd), pr.w.to(cd), pr.src, pr.tgt, None)
     fn = _model_fn(ctx.orig, ctx.shape)
-    gen = torch.Generator().manual_seed(ctx.seed + 1) if ctx.nonsmooth else None
     outs = []
     for idx in _chunks(len(pr), ctx.chunk):
-        outs.append(_check(fn, prc.take(idx), x[idx].to(cd), ctx.margin, ctx.tol, ctx.n_ineq, gen, ctx.kkt_tol))
+        outs.append(_check(fn, prc.take(idx), x[idx].to(cd), ctx.margin, ctx.tol, ctx.n_ineq, ctx.kkt_tol,
+                           region=ctx.nonsmooth))
     chk = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
     # bounds and distance in the output dtype, against the bounds as given
     xo = x.to(torch.float64)
@@ -1498,9 +1599,8 @@ def closest_flip_point(
         Whether the scores are only piecewise smooth (ReLU, max-pooling). Default: True if the model makes a ReLU
         call (:func:`flipfrag.smooth.has_relu`). At a kink of the decision boundary — where the closest point of a
         ReLU net often lies — the autograd gradient is one-sided and the plain KKT measure fails; for nonsmooth
-        models a feasible point failing it is re-measured with a gradient bundle: gradients of ``z_s - z_t`` at 8
-        random points within ``1e-3 * distance`` (scaled norm), stationarity against any same-sign combination of
-        them (Goldstein epsilon-stationarity).
+        models a feasible point failing it is re-measured on its activation region, the kinks within tolerance
+        being sign-constrained constraints (module docstring, section Certification: what it then guarantees).
     screen : int or None
         With ``target=None``: solve only the ``screen`` targets of smallest linearised distance
         ``|z_s - z_t| / ||D^-1 grad(z_s - z_t)||`` at ``x`` (one Jacobian of all classes), plus the classes that
@@ -1526,8 +1626,9 @@ def closest_flip_point(
     * Failed points keep their diagnostics (``residual``, ``margin``, ``kkt``, ``status``, ``x_attempt``); raising
       ``max_iter``, adding ``restarts`` or ``homotopy=True`` are the remedies to try.
     * ReLU networks with many small linear pieces (e.g. CNNs with max-pooling) often have their closest flip point at
-      a kink where first-order optimality cannot be certified to ``kkt_tol = 1e-4`` even by the gradient bundle
-      (the pretrained CIFAR-10 CNN: none of 4 photos certified, KKT 6e-2 to 2e-1): such points are reported failed.
+      a kink where the solver does not reach a certifiable point (the shipped MNIST CNN and the pretrained CIFAR-10
+      CNN: none certified, the SQP stops with "no progress toward feasibility", KKT 6e-2 to 2e-1): such points are
+      reported failed.
       The feasibility part of the certificate still holds for ``x_attempt`` (it is restored exactly), and
       ``kkt_tol=math.inf`` accepts such points as certified *flip points* (not certified *closest* ones);
       ``upper_bound`` is the distance of an exact boundary point found by a segment crossing.
@@ -1694,6 +1795,34 @@ def _solve(ctx: _Ctx, fn: ScoreFn, points: _Problems, C: int, z: torch.Tensor, *
     """The algorithm: screen the targets, solve them from x_hat (and restarts / homotopy), start again from the
     boundary crossings of cheap label-changing points (DeepFool steps, given candidates) and of the solver's own
     iterates, certify everything. Returns the pool of certified candidates."""
+    with _solver_threads(ctx.orig):
+        return _solve_steps(ctx, fn, points, C, z, tgt=tgt, screen=screen, candidates=candidates,
+                            upper_bounds=upper_bounds, groups=groups, solve_kw=solve_kw)
+
+
+@contextlib.contextmanager
+def _solver_threads(model: nn.Module):
+    """One intra-op torch thread while solving on a model without convolutions (restored afterwards).
+
+    The solver's operations on dense models are small ((points x features) tensors, thousands of them): a second
+    thread saves little on a quiet machine and, when the cores are shared, every parallel region waits for a
+    descheduled thread — measured on the quick MNIST MLP solve of 400 points with the machine loaded: 3.5 s on one
+    thread, 5.3-17.5 s on two. Convolutional models keep the caller's setting (their convolutions do scale).
+    """
+    before = torch.get_num_threads()
+    dense = not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if dense and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _solve_steps(ctx: _Ctx, fn: ScoreFn, points: _Problems, C: int, z: torch.Tensor, *, tgt, screen, candidates,
+                 upper_bounds: bool, groups, solve_kw: dict) -> _Pool:
+    """The steps of :func:`_solve` (see there)."""
     N = len(points)
     pid, ptgt = _screen(ctx, fn, points, C, tgt, screen)
     pr = points.take(pid)
