@@ -542,12 +542,13 @@ class _KinkRecorder(TorchFunctionMode):
         if pair(padding) != (0, 0) or pair(dilation) != (1, 1) or ceil_mode or return_indices or x.dim() != 4:
             self.unsupported = True
             return
-        self.pools.append((x.clone(), k, st))
+        if k[0] * k[1] > 1:  # (a 1 x 1 window has no ties)
+            self.pools.append((x.clone(), k, st))
 
 
 def _kink_tolerance(u: torch.Tensor, tol: float) -> torch.Tensor:
     """The kink tolerance of one recorded layer (P,): ``tol`` times the largest |value| of the point's layer."""
-    return tol * u.detach().flatten(1).abs().amax(1).clamp(min=1.0)
+    return tol * u.detach().reshape(u.shape[0], -1).abs().amax(1).clamp(min=1.0)
 
 
 def _region_rows(fn: ScoreFn, x: torch.Tensor, kink_tol: float, max_kinks: int):
@@ -568,20 +569,23 @@ def _region_rows(fn: ScoreFn, x: torch.Tensor, kink_tol: float, max_kinks: int):
         with rec:
             fn(xg)
         outs, sel = [], []  # per recorded tensor: the constrained quantity (P, m) and which entries are kinks
+        if any(u.dim() == 0 or u.shape[0] != P for u in rec.relus):  # not one row per point: cannot attribute
+            rec.unsupported = True
+            rec.relus = [u for u in rec.relus if u.dim() and u.shape[0] == P]
         for u in rec.relus:
-            uf = u.flatten(1)
+            uf = u.reshape(P, -1)
             orient = torch.where(uf > 0, -torch.ones_like(uf), torch.ones_like(uf))
             outs.append(orient * uf)
             sel.append(uf.detach().abs() <= _kink_tolerance(u, kink_tol)[:, None])
         for v, k, st in rec.pools:
             N_, C_, H, W = v.shape
             cols = torch.nn.functional.unfold(v, k, stride=st).reshape(N_, C_, k[0] * k[1], -1)
-            top, arg = cols.detach().topk(2, dim=2)
+            top = cols.detach().topk(2, dim=2).values
             first = cols.detach().argmax(2, keepdim=True)  # the first maximum (where the pooling routes)
             other = cols.detach().scatter(2, first, -math.inf).argmax(2, keepdim=True)
-            diff = (cols.gather(2, other) - cols.gather(2, first))[:, :, 0].flatten(1)
+            diff = (cols.gather(2, other) - cols.gather(2, first))[:, :, 0].reshape(P, -1)
             outs.append(diff)
-            sel.append((top[:, :, 0] - top[:, :, 1]).flatten(1) <= _kink_tolerance(v, kink_tol)[:, None])
+            sel.append((top[:, :, 0] - top[:, :, 1]).reshape(P, -1) <= _kink_tolerance(v, kink_tol)[:, None])
         count = sum((m.sum(1) for m in sel), torch.zeros(P, dtype=torch.long))
         K = int(min(count.max(), max_kinks)) if len(sel) else 0
         rows = torch.zeros(P, K, n, dtype=x.dtype)

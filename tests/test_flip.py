@@ -402,6 +402,96 @@ def test_relu_cnn_feasible_flip_points():
     assert float(res.distance[i]) <= 1.1 * ref
 
 
+# ------------------------------------------------------------------ piecewise-linear certificate (activation regions)
+
+
+class _Corner(nn.Module):
+    """2 classes on R^2 with z_0 - z_1 = a relu(x_1) - x_2: the boundary x_2 = a relu(x_1) bends at x_1 = 0 (a corner
+    toward x_hat below it when a > 0, away from it when a < 0)."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x):
+        return torch.stack([self.a * torch.relu(x[:, 0]) - x[:, 1], torch.zeros_like(x[:, 0])], 1)
+
+
+class _PoolCorner(nn.Module):
+    """z_1 - z_0 = max-pool(x_1, x_2) - 1: the boundary {max(x_1, x_2) = 1} has its corner at (1, 1)."""
+
+    def forward(self, x):
+        m = nn.functional.max_pool2d(x.reshape(-1, 1, 1, 2), (1, 2)).reshape(-1)
+        return torch.stack([1 - m, torch.zeros_like(m)], 1)
+
+
+def _region_certificate(model, xh, x, kkt_tol=1e-4):
+    """The library's certificate (original model, activation-region KKT) of the candidate point x for x_hat."""
+    from flipfrag.flip import _certified, _check, _Problems
+
+    P, n = x.shape
+    with torch.no_grad():
+        src = model(xh).argmax(1)
+    pr = _Problems(xh, torch.full((P, n), -math.inf, dtype=F64), torch.full((P, n), math.inf, dtype=F64),
+                   torch.ones(P, n, dtype=F64), src, 1 - src)
+    chk = _check(model, pr, x, 0.0, 1e-6, 0, kkt_tol, region=True)
+    return _certified(chk, 0.0, kkt_tol), chk
+
+
+def test_relu_corner_is_certified_on_its_region_and_found():
+    # closed form: from (0.3, -1) the closest point of x_2 = relu(x_1) is the corner (0, 0) (the right piece's own
+    # projection, t = (0.3 - 1) / 2 < 0, falls outside it); the plain KKT test fails there (one-sided gradient)
+    model = _Corner(1.0)
+    xh = torch.tensor([[0.3, -1.0]], dtype=F64)
+    res = closest_flip_point(model, xh)
+    assert bool(res.converged[0]), res.status
+    assert torch.allclose(res.x_flip, torch.zeros(1, 2, dtype=F64), atol=1e-6)
+    assert abs(float(res.distance[0]) - math.sqrt(1.09)) < 1e-6
+    ok, chk = _region_certificate(model, xh, torch.zeros(1, 2, dtype=F64))
+    assert bool(ok[0]) and int(chk["kinks"][0]) == 1
+    # sabotaged: moved along the boundary off the corner (no kink there): fails the certificate
+    ok, chk = _region_certificate(model, xh, torch.tensor([[-0.1, 0.0]], dtype=F64))
+    assert not bool(ok[0]) and float(chk["kkt"][0]) > 0.1 and int(chk["kinks"][0]) == 0
+    # a point just beside the kink (beyond the 1e-6 tolerance) is not treated as one
+    ok, chk = _region_certificate(model, xh, torch.tensor([[-1e-3, 0.0]], dtype=F64))
+    assert not bool(ok[0])
+
+
+def test_relu_concave_corner_is_left_for_the_closer_piece():
+    # x_2 = -relu(x_1): the corner (0, 0) is the closest point of the left region's closure (the certificate's
+    # guarantee, a region at a time), but the right piece x_2 = -x_1 has (0.65, -0.65) at distance 0.495 < 1.044
+    model = _Corner(-1.0)
+    xh = torch.tensor([[0.3, -1.0]], dtype=F64)
+    ok, _ = _region_certificate(model, xh, torch.zeros(1, 2, dtype=F64))
+    assert bool(ok[0])
+    res = closest_flip_point(model, xh)
+    assert bool(res.converged[0]), res.status
+    assert torch.allclose(res.x_flip, torch.tensor([[0.65, -0.65]], dtype=F64), atol=1e-6)
+
+
+def test_max_pool_tie_is_a_region_constraint():
+    # from (2, 2) the closest point of {max(x_1, x_2) = 1} is the corner (1, 1), a tie of the pooling window
+    model = _PoolCorner()
+    xh = torch.tensor([[2.0, 2.0]], dtype=F64)
+    ok, chk = _region_certificate(model, xh, torch.ones(1, 2, dtype=F64))
+    assert bool(ok[0]) and int(chk["kinks"][0]) == 1
+    ok, _ = _region_certificate(model, xh, torch.tensor([[1.0, 0.9]], dtype=F64))  # sabotaged: not optimal
+    assert not bool(ok[0])
+    res = closest_flip_point(model, xh, nonsmooth=True)
+    assert bool(res.converged[0]), res.status
+    assert abs(float(res.distance[0]) - math.sqrt(2)) < 1e-6
+
+
+def test_certified_relu_points_never_farther_than_their_crossings():
+    model = _trained_mlp("relu", d=2, hidden=(12, 12), seed=3)
+    X, _ = _toy(d=2, seed=11)
+    res = closest_flip_point(model, X[:12].double())
+    ok = res.converged
+    assert ok.float().mean() >= 0.9, res.status
+    assert (res.distance[ok] <= 1.01 * res.upper_bound[ok]).all()
+    assert torch.isnan(res.x_flip[~ok]).all()
+
+
 # ------------------------------------------------------------------------- upper bounds from label-changing points
 
 
