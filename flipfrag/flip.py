@@ -34,26 +34,30 @@ The SQP iteration
 A batched SQP (sequential quadratic programming) method with a scalar-secant Hessian model, globalised by an l1
 merit line search:
 
-1. At the iterate ``x_k`` evaluate the scores and, by autograd, the gradients of the equality constraint and of the
-   ``max_ineq`` most nearly active other-class constraints (one backward pass per constraint *slot*, for the whole
-   batch at once; loops run over slots and iterations, never over points).
-2. QP step with Hessian ``gamma * D^2``: the point closest (scaled norm) to the anchor ``x_k + (x_hat - x_k) / gamma``
-   that satisfies the linearised constraints inside the box. ``gamma`` is a per-point Barzilai-Borwein secant
-   estimate of the Lagrangian's curvature along the last step (``gamma = 1`` is the plain "project onto the
-   linearised boundary" iteration, which converges only linearly on curved boundaries), with Powell-style damping.
-   The QP's dual is a concave, piecewise-quadratic problem in ``m <= 1 + max_ineq`` multipliers per point, because
-   for fixed multipliers ``lam`` the primal minimiser is explicit, ``x(lam) = clip(anchor - D^-2 A^T lam, lower,
-   upper)``; it is maximised by projected semismooth Newton on batched ``(P, m, m)`` systems. A tiny quadratic
-   elastic term keeps it well posed when the linearisation is infeasible (the step then minimises the violation).
-3. Line search on ``phi = 1/2 ||D(x - x_hat)||^2 + mu * (|g| + sum_k max(0, h_k))`` with a per-point penalty ``mu``
-   (kept above twice the multipliers, allowed to halve per step): full step, then a second-order correction (one
-   more QP with the constraints re-evaluated at the trial point — no new gradients), then backtracking.
-4. Points freeze as soon as they pass the convergence test; points whose constraint violation does not fall by
-   10 % in 25 iterations (e.g. a target class that can never win) stop as "no progress".
+1. **evaluate** (``_evaluate``): at the iterate ``x_k`` the scores and, by autograd, the gradients of the equality
+   constraint and of the ``max_ineq`` most nearly active other-class constraints (one backward pass per constraint
+   *slot*, for the whole batch at once; loops run over slots and iterations, never over points).
+2. **QP step** (``_secant_scale``, ``_linearise``, ``_qp_step``, ``_dual_qp``) with Hessian ``gamma * D^2``: the
+   point closest (scaled norm) to the anchor ``x_k + (x_hat - x_k) / gamma`` that satisfies the linearised
+   constraints inside the box. ``gamma`` is a per-point Barzilai-Borwein secant estimate of the Lagrangian's
+   curvature along the last step (``gamma = 1`` is the plain "project onto the linearised boundary" iteration, which
+   converges only linearly on curved boundaries), with Powell-style damping. The QP's dual is a concave,
+   piecewise-quadratic problem in ``m <= 1 + max_ineq`` multipliers per point, because for fixed multipliers ``lam``
+   the primal minimiser is explicit, ``x(lam) = clip(anchor - D^-2 A^T lam, lower, upper)``; it is maximised by
+   projected semismooth Newton on batched ``(P, m, m)`` systems. A tiny quadratic elastic term keeps it well posed
+   when the linearisation is infeasible (the step then minimises the violation).
+3. **line search** (``_merit_penalty``, ``_line_search_step``) on ``phi = 1/2 ||D(x - x_hat)||^2 + mu * (|g| + sum_k
+   max(0, h_k))`` with a per-point penalty ``mu`` (kept above twice the multipliers, allowed to halve per step):
+   full step, then a second-order correction (one more QP with the constraints re-evaluated at the trial point — no
+   new gradients), then backtracking.
+4. **freeze** (``_converged_now``, ``_drop_hopeless``): points freeze as soon as they pass the convergence test;
+   points whose constraint violation does not fall by 10 % in 25 iterations (e.g. a target class that can never win)
+   stop as "no progress".
 
 Nonsmooth (ReLU) models are detected (:func:`flipfrag.smooth.has_relu`): the secant is off (each linear piece has no
-curvature) and a *kink row* — the linearisation of ``g`` from just beyond a kink of the boundary — lets the QP move
-along the ridge where two linear pieces meet, where closest points of piecewise-linear boundaries often lie.
+curvature) and a *kink row* (``_probe_kinks``, ``_with_kink_row``) — the linearisation of ``g`` from just beyond a
+kink of the boundary — lets the QP move along the ridge where two linear pieces meet, where closest points of
+piecewise-linear boundaries often lie.
 
 Certification
 -------------
@@ -767,7 +771,12 @@ def _sqp(fn: ScoreFn, pr: _Problems, x0: torch.Tensor, *, margin: float, tol: fl
     """Batched SQP from x0 (P, n). Returns dict(x, iterations, status) — status codes _CONVERGED, ...
 
     Points leave the active set when they pass the (working-precision) certificate; the final certificate with
-    the original model is done by the caller.
+    the original model is done by the caller. One iteration, for the points still running: evaluate the
+    constraints (:func:`_evaluate`), freeze the converged (:func:`_converged_now`) and the hopeless
+    (:func:`_drop_hopeless`), update the secant curvature (:func:`_secant_scale`), linearise (:func:`_linearise`,
+    with the kink row of :func:`_with_kink_row`), solve the QP (:func:`_qp_step`), set the merit penalty
+    (:func:`_merit_penalty`), take the globalised step (:func:`_line_search_step`), probe for kinks
+    (:func:`_probe_kinks`) and remember the step (:func:`_SqpState.remember`).
 
     ``nonsmooth`` (ReLU nets): the scores are piecewise linear, so the secant curvature is switched off (each
     piece has none), and a *kink row* is added: when a full step is rejected, the gradient of g just beyond x
@@ -776,187 +785,291 @@ def _sqp(fn: ScoreFn, pr: _Problems, x0: torch.Tensor, *, margin: float, tol: fl
     of a piecewise-linear boundary often lies. The row is dropped when its multiplier takes the opposite sign to
     the equality's (a concave kink: the minimiser is on one face).
     """
-    P, n = x0.shape
-    secant = not nonsmooth
-    m = 1 + n_ineq + int(nonsmooth)
-    x = torch.minimum(torch.maximum(x0, pr.lo), pr.hi).clone()
-    iters = torch.zeros(P, dtype=torch.long)
-    status = torch.full((P,), _RUNNING, dtype=torch.long)
-    mu = torch.zeros(P, dtype=x.dtype)
-    lam_prev = torch.zeros(P, m, dtype=x.dtype)
-    stalls = torch.zeros(P, dtype=torch.long)
-    dist_scale = 1.0 + torch.sqrt((pr.w * pr.xh**2).sum(1))
-    # no box on the multipliers: the QP's quadratic elastic term (_DUAL_EPS) already bounds them
-    rho = torch.full((P,), math.inf, dtype=x.dtype)
-    # secant memory: last step s, the multipliers (true scale) and slot classes used, and a_j . s at the old point
-    s_prev = torch.zeros(P, n, dtype=x.dtype)
-    lamu_prev = torch.zeros(P, m, dtype=x.dtype)
-    cls_prev = torch.full((P, m), -1, dtype=torch.long)
-    as_prev = torch.zeros(P, m, dtype=x.dtype)
-    have_s = torch.zeros(P, dtype=torch.bool)
-    gamma = torch.ones(P, dtype=x.dtype)
-    v_ref = torch.full((P,), math.inf, dtype=x.dtype)  # violation at the start of the current progress window
-    if nonsmooth:  # the kink memory: a point beyond the kink, the gradient of g there and g there
-        kink_x = torch.zeros(P, n, dtype=x.dtype)
-        kink_a = torch.zeros(P, n, dtype=x.dtype)
-        kink_g = torch.zeros(P, dtype=x.dtype)
-        has_kink = torch.zeros(P, dtype=torch.bool)
+    st = _SqpState.start(pr, x0, 1 + n_ineq + int(nonsmooth), nonsmooth)
     bar = tqdm(range(max_iter + 1), desc=desc, disable=not progress, leave=False)
     for it in bar:
-        act = torch.nonzero(status == _RUNNING)[:, 0]
+        act = torch.nonzero(st.status == _RUNNING)[:, 0]
         if act.numel() == 0:
             break
         sub = pr.take(act)
-        xa = x[act]
-        z, g, h, zs, zt, A, c, valid, cls = _scores_and_jacobian(_offset_fn(fn, sub.offset), xa, sub.src, sub.tgt,
-                                                                 margin, n_ineq, relevant_only=not nonsmooth)
-        tol_abs = _tol_abs(zs, zt, tol)
-        is_eq = torch.zeros_like(valid)
-        is_eq[:, 0] = True
-        marg = (-(h - margin)).amin(1) if z.shape[1] > 2 else torch.full_like(g, math.inf)
-        feas = (g.abs() <= tol_abs) & (marg >= margin - tol_abs) & torch.isfinite(z).all(1)
-        done = feas.clone()
-        if feas.any():  # the optimality measure only where it can decide
-            f_idx = torch.nonzero(feas)[:, 0]
-            kkt = _kkt_measure(sub.take(f_idx), xa[f_idx], A[f_idx], c[f_idx], valid[f_idx], is_eq[f_idx],
-                               tol_abs[f_idx])
-            if nonsmooth:  # stationarity against the combination of both sides' gradients
-                bundle = (kink_a[act[f_idx]] * has_kink[act[f_idx], None])[:, None, :]
-                kb = _kkt_measure(sub.take(f_idx), xa[f_idx], A[f_idx], c[f_idx], valid[f_idx], is_eq[f_idx],
-                                  tol_abs[f_idx], bundle=bundle)
-                kkt = torch.minimum(kkt, kb)
-            done[f_idx] = kkt <= kkt_tol
-        status[act[done]] = _CONVERGED
+        ev = _evaluate(fn, sub, st.x[act], margin, tol, n_ineq, relevant_only=not nonsmooth)
+        done = _converged_now(st, act, sub, ev, kkt_tol, margin)
+        st.status[act[done]] = _CONVERGED
         if it == max_iter:
-            status[act[~done]] = _MAX_ITER
+            st.status[act[~done]] = _MAX_ITER
             break
         bar.set_postfix(active=int((~done).sum()))
-        keep = ~done
-        if not keep.any():
+        if done.all():
             break
-        act, sub, xa = act[keep], sub.take(keep), xa[keep]
-        z, g, h, A, c, valid, cls = z[keep], g[keep], h[keep], A[keep], c[keep], valid[keep], cls[keep]
-        is_eq = is_eq[keep]
-        iters[act] += 1
-        # give up on points that do not approach feasibility (e.g. a target class that can never win)
-        V = _violation(g, h)
-        window = iters[act] % _PROGRESS_WINDOW == 1
-        hopeless = window & (V > 0.9 * v_ref[act]) & (V > 10 * tol_abs[keep])
-        v_ref[act] = torch.where(window, V, v_ref[act])
-        if hopeless.any():
-            status[act[hopeless]] = _NO_PROGRESS
-            go = ~hopeless
-            act, sub, xa = act[go], sub.take(go), xa[go]
-            z, g, h, A, c, valid, cls, is_eq = z[go], g[go], h[go], A[go], c[go], valid[go], cls[go], is_eq[go]
-            if act.numel() == 0:
-                continue
-        if secant:
-            # scalar secant (Barzilai-Borwein) model of the Lagrangian Hessian, gamma * D^2: s.y / s.D^2.s with
-            # y the change of the Lagrangian gradient over the last step, for constraint slots present both times
-            hs = have_s[act]
-            s = s_prev[act]
-            sWs = (sub.w * s * s).sum(1)
-            a_new = torch.bmm(A, s[:, :, None])[:, :, 0]  # a_j(x_k) . s for the current slots
-            match = cls[:, None, :] == cls_prev[act][:, :, None]  # (P, m_old, m_new)
-            curv = (lamu_prev[act][:, :, None] * (a_new[:, None, :] - as_prev[act][:, :, None]) * match).sum((1, 2))
-            gnew = (sWs + curv) / sWs.clamp(min=_TINY)
-            # Powell damping: the model curvature falls at most 5x per step (a secant along a step dominated by
-            # the normal component says little about the tangent space)
-            gnew = torch.maximum(gnew, 0.2 * gamma[act])
-            gnew = torch.where(hs & (sWs > 0), gnew.clamp(0.05, 20.0), torch.ones_like(gnew))
-            gamma[act] = gnew
-        ga = gamma[act]
-        in_merit = torch.ones_like(valid)
-        if nonsmooth:  # append the kink row: g_k + a_k . (y - x_k) = 0, i.e. c = g_k + a_k . (x - x_k)
-            hk = has_kink[act]
-            ck = kink_g[act] + (kink_a[act] * (xa - kink_x[act])).sum(1)
-            A = torch.cat([A, (kink_a[act] * hk[:, None])[:, None, :]], 1)
-            c = torch.cat([c, torch.where(hk, ck, torch.zeros_like(ck))[:, None]], 1)
-            valid = torch.cat([valid, hk[:, None]], 1)
-            is_eq = torch.cat([is_eq, torch.ones_like(hk)[:, None]], 1)
-            cls = torch.cat([cls, torch.full_like(cls[:, :1], -3)], 1)
-            in_merit = torch.ones_like(valid)
-            in_merit[:, -1] = False  # a model of g, not a constraint of its own
-        # normalise every row to unit length in the scaled norm (multipliers then have distance units)
-        free = ~sub.fixed
-        nrm = torch.sqrt(torch.einsum("pmn,pn->pm", A**2, free / sub.w))
-        ok_row = valid & (nrm > 0)
-        An = torch.where(ok_row[:, :, None], A / nrm.clamp(min=_TINY)[:, :, None], torch.zeros_like(A))
-        An = An * free[:, None, :]
-        cn = torch.where(ok_row, c / nrm.clamp(min=_TINY), torch.zeros_like(c))
-        # linearisation: c + a.(y - x) (=, <=) 0  ->  a.y (=, <=) a.x - c ; a row with no gradient is dropped
-        # (an equality with zero gradient cannot be linearised: the elastic dual then leaves x unchanged)
-        b = torch.einsum("pmn,pn->pm", An, xa) - cn
-        b = torch.where(ok_row | is_eq, b, torch.full_like(b, 1.0))
-        b = torch.where(valid | ~is_eq | (torch.arange(b.shape[1]) == 0), b, torch.zeros_like(b))  # unused kink row
-        lp = _Linearised(An, b, c, cn, nrm, ok_row, valid, is_eq, cls, ga, xa + (sub.xh - xa) / ga[:, None],
-                         in_merit)
-        # the QP step; its multipliers set the merit penalty
-        mc = An.shape[1]  # slots this iteration (fewer than m when few classes are within reach)
-        y0, lam = _dual_qp(sub, An, b, is_eq, rho[act], lam_prev[act][:, :mc], anchor=lp.anchor)
-        if nonsmooth:  # a kink row whose multiplier opposes the equality's: a concave kink, solve without it
-            opp = valid[:, -1] & (lam[:, -1] * lam[:, 0] < 0)
-            if opp.any():
-                o = torch.nonzero(opp)[:, 0]
-                An[o, -1] = 0.0
-                b[o, -1] = 0.0
-                ok_row[o, -1] = False
-                valid[o, -1] = False
-                y0[o], lam[o] = _dual_qp(sub.take(o), An[o], b[o], is_eq[o], rho[act][o], None, anchor=lp.anchor[o])
-                lp = _Linearised(An, b, c, cn, nrm, ok_row, valid, is_eq, cls, ga, lp.anchor, in_merit)
-        lam_prev[act] = _pad_slots(lam, m)
-        lam_true = ga[:, None] * lam / nrm.clamp(min=_TINY) * ok_row
-        # an infeasible linearisation (the QP returned its least-violation point): keep the penalty high
-        res_qp = torch.einsum("pmn,pn->pm", An, y0) - b
-        res_qp = torch.where(is_eq, res_qp.abs(), res_qp.clamp(min=0)) * ok_row
-        elastic = res_qp.amax(1) > 1e-6 * (1 + b.abs().amax(1))
-        lam_prev[act[elastic]] = 0.0  # do not warm-start the next QP from the huge least-violation multipliers
-        mu_new = torch.maximum(0.5 * mu[act], 2.0 * lam_true.abs().amax(1) + 1e-12)
-        # steering: while infeasible, mu must make the step's predicted merit decrease come at least half from the
-        # violation (else a weak penalty lets the distance term veto every step toward the boundary)
-        p0 = y0 - xa
-        quad = (sub.w * (xa - sub.xh) * p0).sum(1) + 0.5 * ga * (sub.w * p0 * p0).sum(1)
-        V0 = _violation(g, h)
-        steer = torch.where((V0 > 0) & (quad > 0), 2 * quad / V0.clamp(min=_TINY),
-                            torch.zeros_like(quad))
-        mu_new = torch.maximum(mu_new, steer)
-        mu_new = torch.where(elastic, torch.maximum(mu[act], 1e3 * dist_scale[act]), mu_new)
-        mu[act] = mu_new
-        lam_true = torch.where(elastic[:, None], torch.zeros_like(lam_true), lam_true)  # no secant from those
-        xnew, accepted, full = _line_search_step(fn, sub, xa, g, h, lp, mu_new, y0, lam, rho[act], margin, elastic)
-        stalls[act] = torch.where(accepted, torch.zeros_like(stalls[act]), stalls[act] + 1)
+        act, sub, ev = act[~done], sub.take(~done), ev.take(~done)
+        st.iters[act] += 1
+        act, sub, ev = _drop_hopeless(st, act, sub, ev)
+        if act.numel() == 0:
+            continue
+        if not nonsmooth:
+            _secant_scale(st, act, sub, ev)
+        if nonsmooth:
+            ev = _with_kink_row(st, act, ev)
+        lp = _linearise(sub, ev, st.gamma[act])
+        y0, lam, lp = _qp_step(st, act, sub, lp, nonsmooth)
+        mu_new, elastic, lam_true = _merit_penalty(st, act, sub, ev, lp, y0, lam)
+        xnew, accepted, full = _line_search_step(fn, sub, ev.x, ev.g, ev.h, lp, mu_new, y0, lam, st.rho[act],
+                                                 margin, elastic)
+        st.stalls[act] = torch.where(accepted, torch.zeros_like(st.stalls[act]), st.stalls[act] + 1)
         if nonsmooth and (~full).any():
-            # sample the gradient of g just beyond x on both sides along the rejected step
-            o = torch.nonzero(~full)[:, 0]
-            po = y0[o] - xa[o]
-            pn = torch.sqrt((sub.w[o] * po**2).sum(1)).clamp(min=_TINY)
-            dn = torch.sqrt((sub.w[o] * (xa[o] - sub.xh[o]) ** 2).sum(1))
-            eps = 1e-4 * torch.maximum(dn, pn)
-            step = po * (eps / pn)[:, None]
-            probe = torch.cat([xa[o] + step, xa[o] - step])
-            probe = torch.minimum(torch.maximum(probe, sub.lo[o].repeat(2, 1)), sub.hi[o].repeat(2, 1))
-            pg, pa = _equality_gradient(_offset_fn(fn, None if sub.offset is None else sub.offset[o].repeat(2, 1)),
-                                        probe, sub.src[o].repeat(2), sub.tgt[o].repeat(2))
-            a0 = A[o, 0]
-            unit = lambda v: v / v.norm(dim=-1, keepdim=True).clamp(min=_TINY)  # noqa: E731
-            diff = (unit(pa) - unit(a0).repeat(2, 1)).norm(dim=1).reshape(2, -1)
-            side = diff.argmax(0)
-            k = side * len(o) + torch.arange(len(o))
-            new_kink = diff.amax(0) > 1e-6
-            tgt_idx = act[o[new_kink]]
-            kink_x[tgt_idx], kink_a[tgt_idx], kink_g[tgt_idx] = probe[k][new_kink], pa[k][new_kink], pg[k][new_kink]
-            has_kink[tgt_idx] = True
-        s = xnew - xa
-        s_prev[act] = s
-        have_s[act] = accepted
-        lamu_prev[act] = _pad_slots(lam_true, m)
-        cls_prev[act] = _pad_slots(torch.where(ok_row, cls, torch.full_like(cls, -2)), m, -2)
-        as_prev[act] = _pad_slots(torch.bmm(A, s[:, :, None])[:, :, 0], m)
-        x[act] = xnew
-        status[act[stalls[act] >= 3]] = _STALLED
+            _probe_kinks(fn, st, act, sub, ev, y0, ~full)
+        st.remember(act, ev, lp, xnew, accepted, lam_true)
     bar.close()
-    status[status == _RUNNING] = _MAX_ITER
-    return {"x": x, "iterations": iters, "status": status}
+    st.status[st.status == _RUNNING] = _MAX_ITER
+    return {"x": st.x, "iterations": st.iters, "status": st.status}
+
+
+@dataclass
+class _SqpState:
+    """Per-problem memory of the SQP (P rows): iterate, counters, penalty, multipliers, the secant memory (last step
+    s, multipliers in true scale and slot classes used, a_j . s at the old point) and, for nonsmooth models, the
+    kink memory (a point beyond the kink, the gradient of g there and g there)."""
+
+    x: torch.Tensor
+    iters: torch.Tensor
+    status: torch.Tensor
+    mu: torch.Tensor
+    lam_prev: torch.Tensor
+    stalls: torch.Tensor
+    dist_scale: torch.Tensor
+    rho: torch.Tensor
+    s_prev: torch.Tensor
+    lamu_prev: torch.Tensor
+    cls_prev: torch.Tensor
+    as_prev: torch.Tensor
+    have_s: torch.Tensor
+    gamma: torch.Tensor
+    v_ref: torch.Tensor  # violation at the start of the current progress window
+    m: int
+    kink_x: torch.Tensor | None = None
+    kink_a: torch.Tensor | None = None
+    kink_g: torch.Tensor | None = None
+    has_kink: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, pr: _Problems, x0: torch.Tensor, m: int, nonsmooth: bool) -> _SqpState:
+        P, n = x0.shape
+        dt = x0.dtype
+        kink = ([torch.zeros(P, n, dtype=dt), torch.zeros(P, n, dtype=dt), torch.zeros(P, dtype=dt),
+                 torch.zeros(P, dtype=torch.bool)] if nonsmooth else [None] * 4)
+        return cls(
+            x=torch.minimum(torch.maximum(x0, pr.lo), pr.hi).clone(),
+            iters=torch.zeros(P, dtype=torch.long),
+            status=torch.full((P,), _RUNNING, dtype=torch.long),
+            mu=torch.zeros(P, dtype=dt),
+            lam_prev=torch.zeros(P, m, dtype=dt),
+            stalls=torch.zeros(P, dtype=torch.long),
+            dist_scale=1.0 + torch.sqrt((pr.w * pr.xh**2).sum(1)),
+            # no box on the multipliers: the QP's quadratic elastic term (_DUAL_EPS) already bounds them
+            rho=torch.full((P,), math.inf, dtype=dt),
+            s_prev=torch.zeros(P, n, dtype=dt),
+            lamu_prev=torch.zeros(P, m, dtype=dt),
+            cls_prev=torch.full((P, m), -1, dtype=torch.long),
+            as_prev=torch.zeros(P, m, dtype=dt),
+            have_s=torch.zeros(P, dtype=torch.bool),
+            gamma=torch.ones(P, dtype=dt),
+            v_ref=torch.full((P,), math.inf, dtype=dt),
+            m=m,
+            kink_x=kink[0], kink_a=kink[1], kink_g=kink[2], has_kink=kink[3],
+        )  # fmt: skip
+
+    def remember(self, act, ev: _Evaluation, lp: _Linearised, xnew, accepted, lam_true) -> None:
+        """Store the step just taken (and what the next secant needs), move the iterate, flag stalled points."""
+        m = self.m
+        s = xnew - ev.x
+        self.s_prev[act] = s
+        self.have_s[act] = accepted
+        self.lamu_prev[act] = _pad_slots(lam_true, m)
+        self.cls_prev[act] = _pad_slots(torch.where(lp.ok_row, lp.cls, torch.full_like(lp.cls, -2)), m, -2)
+        self.as_prev[act] = _pad_slots(torch.bmm(ev.A, s[:, :, None])[:, :, 0], m)
+        self.x[act] = xnew
+        self.status[act[self.stalls[act] >= 3]] = _STALLED
+
+
+@dataclass
+class _Evaluation:
+    """The running points' iterate x (P, n), scores z, constraint values g, h, rows A (P, m, n) with values c,
+    slot masks, slot classes, which slot is the equality, and the feasibility tolerance."""
+
+    x: torch.Tensor
+    z: torch.Tensor
+    g: torch.Tensor
+    h: torch.Tensor
+    A: torch.Tensor
+    c: torch.Tensor
+    valid: torch.Tensor
+    cls: torch.Tensor
+    is_eq: torch.Tensor
+    tol_abs: torch.Tensor
+    in_merit: torch.Tensor | None = None  # rows that are constraints of the problem (not the kink row)
+
+    def take(self, idx: torch.Tensor) -> _Evaluation:
+        return _Evaluation(*(None if getattr(self, f) is None else getattr(self, f)[idx]
+                             for f in self.__dataclass_fields__))
+
+
+def _evaluate(fn: ScoreFn, sub: _Problems, x: torch.Tensor, margin: float, tol: float, n_ineq: int,
+              relevant_only: bool) -> _Evaluation:
+    """Scores and constraint rows at the running points (the one autograd pass of the iteration)."""
+    z, g, h, zs, zt, A, c, valid, cls = _scores_and_jacobian(_offset_fn(fn, sub.offset), x, sub.src, sub.tgt, margin,
+                                                             n_ineq, relevant_only=relevant_only)
+    is_eq = torch.zeros_like(valid)
+    is_eq[:, 0] = True
+    return _Evaluation(x, z, g, h, A, c, valid, cls, is_eq, _tol_abs(zs, zt, tol))
+
+
+def _converged_now(st: _SqpState, act, sub: _Problems, ev: _Evaluation, kkt_tol: float, margin: float):
+    """Feasible points whose KKT measure passes (nonsmooth: also against the kink row's gradient). (P,) bool"""
+    g, h, z, tol_abs = ev.g, ev.h, ev.z, ev.tol_abs
+    marg = (-(h - margin)).amin(1) if z.shape[1] > 2 else torch.full_like(g, math.inf)
+    feas = (g.abs() <= tol_abs) & (marg >= margin - tol_abs) & torch.isfinite(z).all(1)
+    done = feas.clone()
+    if feas.any():  # the optimality measure only where it can decide
+        f = torch.nonzero(feas)[:, 0]
+        args = (sub.take(f), ev.x[f], ev.A[f], ev.c[f], ev.valid[f], ev.is_eq[f], tol_abs[f])
+        kkt = _kkt_measure(*args)
+        if st.kink_a is not None:  # stationarity against the combination of both sides' gradients
+            bundle = (st.kink_a[act[f]] * st.has_kink[act[f], None])[:, None, :]
+            kkt = torch.minimum(kkt, _kkt_measure(*args, bundle=bundle))
+        done[f] = kkt <= kkt_tol
+    return done
+
+
+def _drop_hopeless(st: _SqpState, act, sub: _Problems, ev: _Evaluation):
+    """Stop points whose violation did not fall by 10 % over the last progress window (e.g. a target class that
+    can never win): status no progress. Returns the remaining (act, sub, ev)."""
+    V = _violation(ev.g, ev.h)
+    window = st.iters[act] % _PROGRESS_WINDOW == 1
+    hopeless = window & (V > 0.9 * st.v_ref[act]) & (V > 10 * ev.tol_abs)
+    st.v_ref[act] = torch.where(window, V, st.v_ref[act])
+    if not hopeless.any():
+        return act, sub, ev
+    st.status[act[hopeless]] = _NO_PROGRESS
+    go = ~hopeless
+    return act[go], sub.take(go), ev.take(go)
+
+
+def _secant_scale(st: _SqpState, act, sub: _Problems, ev: _Evaluation) -> None:
+    """Scalar secant (Barzilai-Borwein) model of the Lagrangian Hessian, gamma * D^2: s.y / s.D^2.s with y the
+    change of the Lagrangian gradient over the last step, for constraint slots present both times (in place)."""
+    hs = st.have_s[act]
+    s = st.s_prev[act]
+    sWs = (sub.w * s * s).sum(1)
+    a_new = torch.bmm(ev.A, s[:, :, None])[:, :, 0]  # a_j(x_k) . s for the current slots
+    match = ev.cls[:, None, :] == st.cls_prev[act][:, :, None]  # (P, m_old, m_new)
+    curv = (st.lamu_prev[act][:, :, None] * (a_new[:, None, :] - st.as_prev[act][:, :, None]) * match).sum((1, 2))
+    gnew = (sWs + curv) / sWs.clamp(min=_TINY)
+    # Powell damping: the model curvature falls at most 5x per step (a secant along a step dominated by the normal
+    # component says little about the tangent space)
+    gnew = torch.maximum(gnew, 0.2 * st.gamma[act])
+    st.gamma[act] = torch.where(hs & (sWs > 0), gnew.clamp(0.05, 20.0), torch.ones_like(gnew))
+
+
+def _with_kink_row(st: _SqpState, act, ev: _Evaluation) -> _Evaluation:
+    """Append the kink row g_k + a_k . (y - x_k) = 0, i.e. c = g_k + a_k . (x - x_k): a model of g from beyond the
+    kink, an equality of the QP but not a constraint of its own (out of the merit)."""
+    hk = st.has_kink[act]
+    ck = st.kink_g[act] + (st.kink_a[act] * (ev.x - st.kink_x[act])).sum(1)
+    A = torch.cat([ev.A, (st.kink_a[act] * hk[:, None])[:, None, :]], 1)
+    c = torch.cat([ev.c, torch.where(hk, ck, torch.zeros_like(ck))[:, None]], 1)
+    valid = torch.cat([ev.valid, hk[:, None]], 1)
+    is_eq = torch.cat([ev.is_eq, torch.ones_like(hk)[:, None]], 1)
+    cls = torch.cat([ev.cls, torch.full_like(ev.cls[:, :1], -3)], 1)
+    in_merit = torch.ones_like(valid)
+    in_merit[:, -1] = False
+    return _Evaluation(ev.x, ev.z, ev.g, ev.h, A, c, valid, cls, is_eq, ev.tol_abs, in_merit)
+
+
+def _linearise(sub: _Problems, ev: _Evaluation, ga: torch.Tensor) -> _Linearised:
+    """The QP data: every row normalised to unit length in the scaled norm (multipliers then have distance
+    units), right-hand sides of c + a.(y - x) (=, <=) 0, and the anchor x + (x_hat - x) / gamma."""
+    A, c, valid, is_eq, xa = ev.A, ev.c, ev.valid, ev.is_eq, ev.x
+    in_merit = torch.ones_like(valid) if ev.in_merit is None else ev.in_merit
+    free = ~sub.fixed
+    nrm = torch.sqrt(torch.einsum("pmn,pn->pm", A**2, free / sub.w))
+    ok_row = valid & (nrm > 0)
+    An = torch.where(ok_row[:, :, None], A / nrm.clamp(min=_TINY)[:, :, None], torch.zeros_like(A))
+    An = An * free[:, None, :]
+    cn = torch.where(ok_row, c / nrm.clamp(min=_TINY), torch.zeros_like(c))
+    # a.y (=, <=) a.x - c ; a row with no gradient is dropped (an equality with zero gradient cannot be
+    # linearised: the elastic dual then leaves x unchanged)
+    b = torch.einsum("pmn,pn->pm", An, xa) - cn
+    b = torch.where(ok_row | is_eq, b, torch.full_like(b, 1.0))
+    b = torch.where(valid | ~is_eq | (torch.arange(b.shape[1]) == 0), b, torch.zeros_like(b))  # unused kink row
+    return _Linearised(An, b, c, cn, nrm, ok_row, valid.clone(), is_eq, ev.cls, ga, xa + (sub.xh - xa) / ga[:, None],
+                       in_merit)
+
+
+def _qp_step(st: _SqpState, act, sub: _Problems, lp: _Linearised, nonsmooth: bool):
+    """The QP step y0 and its multipliers (warm-started); a kink row whose multiplier opposes the equality's (a
+    concave kink) is dropped and the QP re-solved without it. Returns (y0, lam, lp)."""
+    mc = lp.An.shape[1]  # slots this iteration (fewer than m when few classes are within reach)
+    y0, lam = _dual_qp(sub, lp.An, lp.b, lp.is_eq, st.rho[act], st.lam_prev[act][:, :mc], anchor=lp.anchor)
+    if nonsmooth:
+        opp = lp.valid[:, -1] & (lam[:, -1] * lam[:, 0] < 0)
+        if opp.any():
+            o = torch.nonzero(opp)[:, 0]
+            lp.An[o, -1] = 0.0
+            lp.b[o, -1] = 0.0
+            lp.ok_row[o, -1] = False
+            lp.valid[o, -1] = False
+            y0[o], lam[o] = _dual_qp(sub.take(o), lp.An[o], lp.b[o], lp.is_eq[o], st.rho[act][o], None,
+                                     anchor=lp.anchor[o])
+    st.lam_prev[act] = _pad_slots(lam, st.m)
+    return y0, lam, lp
+
+
+def _merit_penalty(st: _SqpState, act, sub: _Problems, ev: _Evaluation, lp: _Linearised, y0, lam):
+    """The l1 merit penalty mu (kept above twice the multipliers, allowed to halve per step, steered so that an
+    infeasible point's predicted decrease comes at least half from the violation; high where the linearisation
+    was infeasible). Returns (mu (P,), elastic (P,), true-scale multipliers for the secant (P, m))."""
+    ga, nrm, ok_row, An, b, is_eq = lp.gamma, lp.nrm, lp.ok_row, lp.An, lp.b, lp.is_eq
+    lam_true = ga[:, None] * lam / nrm.clamp(min=_TINY) * ok_row
+    # an infeasible linearisation (the QP returned its least-violation point): keep the penalty high
+    res_qp = torch.einsum("pmn,pn->pm", An, y0) - b
+    res_qp = torch.where(is_eq, res_qp.abs(), res_qp.clamp(min=0)) * ok_row
+    elastic = res_qp.amax(1) > 1e-6 * (1 + b.abs().amax(1))
+    st.lam_prev[act[elastic]] = 0.0  # do not warm-start the next QP from the huge least-violation multipliers
+    mu_new = torch.maximum(0.5 * st.mu[act], 2.0 * lam_true.abs().amax(1) + 1e-12)
+    p0 = y0 - ev.x
+    quad = (sub.w * (ev.x - sub.xh) * p0).sum(1) + 0.5 * ga * (sub.w * p0 * p0).sum(1)
+    V0 = _violation(ev.g, ev.h)
+    steer = torch.where((V0 > 0) & (quad > 0), 2 * quad / V0.clamp(min=_TINY), torch.zeros_like(quad))
+    mu_new = torch.maximum(mu_new, steer)
+    mu_new = torch.where(elastic, torch.maximum(st.mu[act], 1e3 * st.dist_scale[act]), mu_new)
+    st.mu[act] = mu_new
+    lam_true = torch.where(elastic[:, None], torch.zeros_like(lam_true), lam_true)  # no secant from those
+    return mu_new, elastic, lam_true
+
+
+def _probe_kinks(fn: ScoreFn, st: _SqpState, act, sub: _Problems, ev: _Evaluation, y0, rejected) -> None:
+    """Where the full step was rejected, sample the gradient of g just beyond x on both sides along the step; a
+    gradient that differs from x's marks a kink and becomes the kink memory (in place)."""
+    o = torch.nonzero(rejected)[:, 0]
+    xa = ev.x
+    po = y0[o] - xa[o]
+    pn = torch.sqrt((sub.w[o] * po**2).sum(1)).clamp(min=_TINY)
+    dn = torch.sqrt((sub.w[o] * (xa[o] - sub.xh[o]) ** 2).sum(1))
+    eps = 1e-4 * torch.maximum(dn, pn)
+    step = po * (eps / pn)[:, None]
+    probe = torch.cat([xa[o] + step, xa[o] - step])
+    probe = torch.minimum(torch.maximum(probe, sub.lo[o].repeat(2, 1)), sub.hi[o].repeat(2, 1))
+    pg, pa = _equality_gradient(_offset_fn(fn, None if sub.offset is None else sub.offset[o].repeat(2, 1)),
+                                probe, sub.src[o].repeat(2), sub.tgt[o].repeat(2))
+    a0 = ev.A[o, 0]
+    unit = lambda v: v / v.norm(dim=-1, keepdim=True).clamp(min=_TINY)  # noqa: E731
+    diff = (unit(pa) - unit(a0).repeat(2, 1)).norm(dim=1).reshape(2, -1)
+    side = diff.argmax(0)
+    k = side * len(o) + torch.arange(len(o))
+    new_kink = diff.amax(0) > 1e-6
+    tgt_idx = act[o[new_kink]]
+    st.kink_x[tgt_idx], st.kink_a[tgt_idx], st.kink_g[tgt_idx] = probe[k][new_kink], pa[k][new_kink], pg[k][new_kink]
+    st.has_kink[tgt_idx] = True
 
 
 def _pad_slots(t: torch.Tensor, m: int, value: float = 0) -> torch.Tensor:
