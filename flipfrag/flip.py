@@ -84,7 +84,10 @@ After solving, every point is re-evaluated with the *original* model in its own 
   conditions are sufficient: **a certified point of a piecewise-linear model is the closest flip point within the
   closure of the linear region autograd differentiates at x_flip** (up to ``kkt_tol``; kinks farther than the
   tolerance from 0 are treated as strict). It is a local minimiser when the point lies inside that region's interior
-  (no kinks), and otherwise optimal on one of the regions meeting at x_flip — not a proof for the others.
+  (no kinks), and otherwise optimal on one of the regions meeting at x_flip — not a proof for the others. This
+  holds for nets whose only nonlinearities are ReLU and 2-D max-pooling; with other nonlinearities as well (e.g. a
+  smooth activation beside the ReLUs) it is a KKT point of the problem on that region, not its minimiser. Kinks of
+  other operations are not represented, which can only make the test stricter (fewer multipliers to balance).
 
 ``converged`` is True only when all four hold and the distance is within 1 % of ``upper_bound`` (step 6). A point
 that fails is never returned as a flip point: its ``x_flip`` and ``distance`` are NaN, the last iterate is kept in
@@ -1750,6 +1753,8 @@ def closest_flip_point(
       ``kkt_tol=math.inf`` accepts such points as certified *flip points* (not certified *closest* ones);
       ``upper_bound`` is the distance of an exact boundary point found by a segment crossing.
       ``homotopy=True`` (softplus and log-sum-exp pooling continuation) gives the best such points.
+    * On models without convolutions the solve runs on one intra-op torch thread (restored afterwards): its many
+      small operations gain nothing from more, and lose much when the cores are shared.
     * Screening (``screen``) and the segment-crossing bounds are heuristics for the non-convex global problem: the
       result is certified locally optimal and no farther than 1.01 x every crossing found, not globally closest.
 
