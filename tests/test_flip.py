@@ -836,3 +836,31 @@ def test_inputs_not_mutated_and_deterministic():
     assert r1.converged.any()
     assert torch.equal(r1.x_flip[r1.converged][:, 2], x[r1.converged][:, 2])  # masked feature fixed
     _recompute_certificate(model, x, r1, lower=lower, upper=upper, mask=mask, scale=scale)  # bounds, mask, homotopy
+
+
+class _ThreadSpy(nn.Module):
+    """A linear 2-class model that records torch's intra-op thread count at every forward call."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1) if conv else None
+        self.lin = nn.Linear(4, 2).double()
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen.append(torch.get_num_threads())
+        return self.lin(x.reshape(len(x), 4))
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_dense_models_are_solved_on_one_thread_and_the_setting_restored(conv):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        spy = _ThreadSpy(conv).double()
+        res = closest_flip_point(spy, torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(0)))
+        assert res.converged.all()
+        assert torch.get_num_threads() == 2
+        assert set(spy.seen[2:]) == ({2} if conv else {1})  # (the argument checks run before the solve)
+    finally:
+        torch.set_num_threads(before)
