@@ -584,7 +584,14 @@ def _region_rows(fn: ScoreFn, x: torch.Tensor, kink_tol: float, max_kinks: int):
             orient = torch.where(uf > 0, -torch.ones_like(uf), torch.ones_like(uf))
             outs.append(orient * uf)
             sel.append(uf.detach().abs() <= _kink_tolerance(u, kink_tol)[:, None])
-        for v, k, st in rec.pools:
+        moved = None
+        if rec.pools:  # the pooling inputs after a tiny random move of x: which entries depend on x at all
+            gen = torch.Generator().manual_seed(0)
+            step = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+            with torch.no_grad(), _KinkRecorder() as rec2:
+                fn(x.detach() + 1e-7 * (1 + x.detach().abs()) * step)
+            moved = [p[0] for p in rec2.pools]
+        for (v, k, st), v2 in zip(rec.pools, moved or []):
             N_, C_, H, W = v.shape
             cols = torch.nn.functional.unfold(v, k, stride=st).reshape(N_, C_, k[0] * k[1], -1)
             top = cols.detach().topk(2, dim=2).values
@@ -592,7 +599,13 @@ def _region_rows(fn: ScoreFn, x: torch.Tensor, kink_tol: float, max_kinks: int):
             other = cols.detach().scatter(2, first, -math.inf).argmax(2, keepdim=True)
             diff = (cols.gather(2, other) - cols.gather(2, first))[:, :, 0].reshape(P, -1)
             outs.append(diff)
-            sel.append((top[:, :, 0] - top[:, :, 1]).reshape(P, -1) <= _kink_tolerance(v, kink_tol)[:, None])
+            gap = (top[:, :, 0] - top[:, :, 1]).reshape(P, -1)
+            # an exact tie of two inputs that do not depend on x (a window of inactive units, constant while they
+            # stay inactive) bounds nothing: left out (leaving a constraint out can only make the test stricter)
+            cols2 = torch.nn.functional.unfold(v2, k, stride=st).reshape(N_, C_, k[0] * k[1], -1)
+            live = ((cols2.gather(2, first) != cols.detach().gather(2, first))
+                    | (cols2.gather(2, other) != cols.detach().gather(2, other)))[:, :, 0].reshape(P, -1)
+            sel.append((gap <= _kink_tolerance(v, kink_tol)[:, None]) & ((gap > 0) | live))
         count = sum((m.sum(1) for m in sel), torch.zeros(P, dtype=torch.long))
         K = int(min(count.max(), max_kinks)) if len(sel) else 0
         rows = torch.zeros(P, K, n, dtype=x.dtype)
