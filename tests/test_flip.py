@@ -864,3 +864,33 @@ def test_dense_models_are_solved_on_one_thread_and_the_setting_restored(conv):
         assert set(spy.seen[2:]) == ({2} if conv else {1})  # (the argument checks run before the solve)
     finally:
         torch.set_num_threads(before)
+
+
+def test_region_gap_is_the_weak_duality_bound():
+    # (-0.1, 0) on the flat piece of x_2 = relu(x_1), no kink within tolerance: its region's linearised problem is
+    # {x_2 = 0, x_1 <= 0 not represented}, whose closest point to (0.3, -1) is (0.3, 0) at distance exactly 1
+    model = _Corner(1.0)
+    xh = torch.tensor([[0.3, -1.0]], dtype=F64)
+    ok, chk = _region_certificate(model, xh, torch.tensor([[-0.1, 0.0]], dtype=F64))
+    assert not bool(ok[0])
+    assert abs(float(chk["gap"][0]) - (math.sqrt(0.16 + 1.0) - 1.0)) < 1e-9
+    # from (-0.5, -1) the flat piece's closest point is (-0.5, 0): (-0.52, 0) is 0.02 % farther, within the 1 % the
+    # gap allows, although its KKT measure (tan of the angle, 0.02) fails
+    xh = torch.tensor([[-0.5, -1.0]], dtype=F64)
+    ok, chk = _region_certificate(model, xh, torch.tensor([[-0.52, 0.0]], dtype=F64))
+    assert abs(float(chk["gap"][0]) - (math.sqrt(1.0004) - 1.0)) < 1e-9
+    assert float(chk["kkt"][0]) > 1e-4 and float(chk["gap"][0]) < 1e-3 and bool(ok[0])
+
+
+def test_shipped_mnist_cnn_certified_by_region_gap():
+    from flipfrag.models import trained_model
+
+    net, ds, _ = trained_model("mnist-cnn", "quick", seed=0)
+    x = ds.X_test[:4]
+    res = closest_flip_point(net.eval(), x, lower=0.0, upper=1.0)
+    assert res.success_rate >= 0.75, res.status
+    ok = res.converged
+    assert (res.distance[ok] <= 1.01 * res.upper_bound[ok]).all()
+    assert ((res.region_gap[ok] <= 0.01) | torch.isnan(res.region_gap[ok])).all()
+    resid, scale, marg, _ = _recompute_certificate(net, x, res, lower=0.0, upper=1.0)
+    assert (resid <= 1e-6 * scale).all() and (marg >= -1e-6 * scale).all()  # (over the certified points)
