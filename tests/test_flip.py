@@ -402,6 +402,96 @@ def test_relu_cnn_feasible_flip_points():
     assert float(res.distance[i]) <= 1.1 * ref
 
 
+# ------------------------------------------------------------------ piecewise-linear certificate (activation regions)
+
+
+class _Corner(nn.Module):
+    """2 classes on R^2 with z_0 - z_1 = a relu(x_1) - x_2: the boundary x_2 = a relu(x_1) bends at x_1 = 0 (a corner
+    toward x_hat below it when a > 0, away from it when a < 0)."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x):
+        return torch.stack([self.a * torch.relu(x[:, 0]) - x[:, 1], torch.zeros_like(x[:, 0])], 1)
+
+
+class _PoolCorner(nn.Module):
+    """z_1 - z_0 = max-pool(x_1, x_2) - 1: the boundary {max(x_1, x_2) = 1} has its corner at (1, 1)."""
+
+    def forward(self, x):
+        m = nn.functional.max_pool2d(x.reshape(-1, 1, 1, 2), (1, 2)).reshape(-1)
+        return torch.stack([1 - m, torch.zeros_like(m)], 1)
+
+
+def _region_certificate(model, xh, x, kkt_tol=1e-4):
+    """The library's certificate (original model, activation-region KKT) of the candidate point x for x_hat."""
+    from flipfrag.flip import _certified, _check, _Problems
+
+    P, n = x.shape
+    with torch.no_grad():
+        src = model(xh).argmax(1)
+    pr = _Problems(xh, torch.full((P, n), -math.inf, dtype=F64), torch.full((P, n), math.inf, dtype=F64),
+                   torch.ones(P, n, dtype=F64), src, 1 - src)
+    chk = _check(model, pr, x, 0.0, 1e-6, 0, kkt_tol, region=True)
+    return _certified(chk, 0.0, kkt_tol), chk
+
+
+def test_relu_corner_is_certified_on_its_region_and_found():
+    # closed form: from (0.3, -1) the closest point of x_2 = relu(x_1) is the corner (0, 0) (the right piece's own
+    # projection, t = (0.3 - 1) / 2 < 0, falls outside it); the plain KKT test fails there (one-sided gradient)
+    model = _Corner(1.0)
+    xh = torch.tensor([[0.3, -1.0]], dtype=F64)
+    res = closest_flip_point(model, xh)
+    assert bool(res.converged[0]), res.status
+    assert torch.allclose(res.x_flip, torch.zeros(1, 2, dtype=F64), atol=1e-6)
+    assert abs(float(res.distance[0]) - math.sqrt(1.09)) < 1e-6
+    ok, chk = _region_certificate(model, xh, torch.zeros(1, 2, dtype=F64))
+    assert bool(ok[0]) and int(chk["kinks"][0]) == 1
+    # sabotaged: moved along the boundary off the corner (no kink there): fails the certificate
+    ok, chk = _region_certificate(model, xh, torch.tensor([[-0.1, 0.0]], dtype=F64))
+    assert not bool(ok[0]) and float(chk["kkt"][0]) > 0.1 and int(chk["kinks"][0]) == 0
+    # a point just beside the kink (beyond the 1e-6 tolerance) is not treated as one
+    ok, chk = _region_certificate(model, xh, torch.tensor([[-1e-3, 0.0]], dtype=F64))
+    assert not bool(ok[0])
+
+
+def test_relu_concave_corner_is_left_for_the_closer_piece():
+    # x_2 = -relu(x_1): the corner (0, 0) is the closest point of the left region's closure (the certificate's
+    # guarantee, a region at a time), but the right piece x_2 = -x_1 has (0.65, -0.65) at distance 0.495 < 1.044
+    model = _Corner(-1.0)
+    xh = torch.tensor([[0.3, -1.0]], dtype=F64)
+    ok, _ = _region_certificate(model, xh, torch.zeros(1, 2, dtype=F64))
+    assert bool(ok[0])
+    res = closest_flip_point(model, xh)
+    assert bool(res.converged[0]), res.status
+    assert torch.allclose(res.x_flip, torch.tensor([[0.65, -0.65]], dtype=F64), atol=1e-6)
+
+
+def test_max_pool_tie_is_a_region_constraint():
+    # from (2, 2) the closest point of {max(x_1, x_2) = 1} is the corner (1, 1), a tie of the pooling window
+    model = _PoolCorner()
+    xh = torch.tensor([[2.0, 2.0]], dtype=F64)
+    ok, chk = _region_certificate(model, xh, torch.ones(1, 2, dtype=F64))
+    assert bool(ok[0]) and int(chk["kinks"][0]) == 1
+    ok, _ = _region_certificate(model, xh, torch.tensor([[1.0, 0.9]], dtype=F64))  # sabotaged: not optimal
+    assert not bool(ok[0])
+    res = closest_flip_point(model, xh, nonsmooth=True)
+    assert bool(res.converged[0]), res.status
+    assert abs(float(res.distance[0]) - math.sqrt(2)) < 1e-6
+
+
+def test_certified_relu_points_never_farther_than_their_crossings():
+    model = _trained_mlp("relu", d=2, hidden=(12, 12), seed=3)
+    X, _ = _toy(d=2, seed=11)
+    res = closest_flip_point(model, X[:12].double())
+    ok = res.converged
+    assert ok.float().mean() >= 0.9, res.status
+    assert (res.distance[ok] <= 1.01 * res.upper_bound[ok]).all()
+    assert torch.isnan(res.x_flip[~ok]).all()
+
+
 # ------------------------------------------------------------------------- upper bounds from label-changing points
 
 
@@ -746,3 +836,61 @@ def test_inputs_not_mutated_and_deterministic():
     assert r1.converged.any()
     assert torch.equal(r1.x_flip[r1.converged][:, 2], x[r1.converged][:, 2])  # masked feature fixed
     _recompute_certificate(model, x, r1, lower=lower, upper=upper, mask=mask, scale=scale)  # bounds, mask, homotopy
+
+
+class _ThreadSpy(nn.Module):
+    """A linear 2-class model that records torch's intra-op thread count at every forward call."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1) if conv else None
+        self.lin = nn.Linear(4, 2).double()
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen.append(torch.get_num_threads())
+        return self.lin(x.reshape(len(x), 4))
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_dense_models_are_solved_on_one_thread_and_the_setting_restored(conv):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        spy = _ThreadSpy(conv).double()
+        res = closest_flip_point(spy, torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(0)))
+        assert res.converged.all()
+        assert torch.get_num_threads() == 2
+        assert set(spy.seen[2:]) == ({2} if conv else {1})  # (the argument checks run before the solve)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_region_gap_is_the_weak_duality_bound():
+    # (-0.1, 0) on the flat piece of x_2 = relu(x_1), no kink within tolerance: its region's linearised problem is
+    # {x_2 = 0, x_1 <= 0 not represented}, whose closest point to (0.3, -1) is (0.3, 0) at distance exactly 1
+    model = _Corner(1.0)
+    xh = torch.tensor([[0.3, -1.0]], dtype=F64)
+    ok, chk = _region_certificate(model, xh, torch.tensor([[-0.1, 0.0]], dtype=F64))
+    assert not bool(ok[0])
+    assert abs(float(chk["gap"][0]) - (math.sqrt(0.16 + 1.0) - 1.0)) < 1e-9
+    # from (-0.5, -1) the flat piece's closest point is (-0.5, 0): (-0.52, 0) is 0.02 % farther, within the 1 % the
+    # gap allows, although its KKT measure (tan of the angle, 0.02) fails
+    xh = torch.tensor([[-0.5, -1.0]], dtype=F64)
+    ok, chk = _region_certificate(model, xh, torch.tensor([[-0.52, 0.0]], dtype=F64))
+    assert abs(float(chk["gap"][0]) - (math.sqrt(1.0004) - 1.0)) < 1e-9
+    assert float(chk["kkt"][0]) > 1e-4 and float(chk["gap"][0]) < 1e-3 and bool(ok[0])
+
+
+def test_shipped_mnist_cnn_certified_by_region_gap():
+    from flipfrag.models import trained_model
+
+    net, ds, _ = trained_model("mnist-cnn", "quick", seed=0)
+    x = ds.X_test[:4]
+    res = closest_flip_point(net.eval(), x, lower=0.0, upper=1.0)
+    assert res.success_rate >= 0.75, res.status
+    ok = res.converged
+    assert (res.distance[ok] <= 1.01 * res.upper_bound[ok]).all()
+    assert ((res.region_gap[ok] <= 0.01) | torch.isnan(res.region_gap[ok])).all()
+    resid, scale, marg, _ = _recompute_certificate(net, x, res, lower=0.0, upper=1.0)
+    assert (resid <= 1e-6 * scale).all() and (marg >= -1e-6 * scale).all()  # (over the certified points)
