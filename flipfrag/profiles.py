@@ -78,6 +78,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dim_iters": 3,
         "convergence_iters": 4,
         "convergence_n_images": 2,
+        # beyond (notebooks/beyond): study 1 (distance to the closest flip point vs fragility) and study 2 (the
+        # flip-explanation map attacked); per network: images, flip points, attack iterations
+        "beyond_mnist_n": 8,
+        "beyond_cifar_n": 2,
+        "beyond_cifar_flip_n": 1,
+        "beyond_cifar_flip_iters": 5,
+        "beyond_attack_iters": 2,
+        "beyond_flip_n": 4,
+        "beyond_flip_iters": 2,
+        "beyond_n_boot": 200,
     },
     "quick": {
         **_COMMON,
@@ -118,6 +128,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dim_iters": 30,
         "convergence_iters": 100,
         "convergence_n_images": 4,
+        # beyond: sized to <= ~90 s per notebook on 2 cores (the quick build's budget is full); the ReLU CIFAR-10 CNN's
+        # flip points cost tens of seconds each, so only a few of its images get one
+        "beyond_mnist_n": 40,
+        "beyond_cifar_n": 6,
+        "beyond_cifar_flip_n": 2,
+        "beyond_cifar_flip_iters": 40,
+        "beyond_attack_iters": 20,
+        "beyond_flip_n": 8,
+        "beyond_flip_iters": 10,
+        "beyond_n_boot": 2000,
     },
     "paper": {
         **_COMMON,
@@ -156,6 +176,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dim_iters": 300,
         "convergence_iters": 300,
         "convergence_n_images": 16,
+        "beyond_mnist_n": 500,
+        "beyond_cifar_n": 100,
+        "beyond_cifar_flip_n": 100,
+        "beyond_cifar_flip_iters": 300,
+        "beyond_attack_iters": 300,
+        "beyond_flip_n": 100,
+        "beyond_flip_iters": 100,
+        "beyond_n_boot": 10000,
     },
 }
 
