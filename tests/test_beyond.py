@@ -201,3 +201,20 @@ def test_certified_distance_never_replaces_an_uncertified_point():
     assert not res.converged.any()  # the boundary sum(x) = 10 lies outside the box
     d = beyond.certified_distance(res, 3)
     assert np.isnan(d).all()
+
+
+def test_claims_of_a_constructed_relation_follow_its_intervals():
+    d = np.linspace(0.2, 2.0, 12)
+    frame = pd.DataFrame({"model": "m", "method": "gradient", "image": range(12), "distance": d, "curvature": 1 / d,
+                          "topk_attack": d / 3, "spearman_attack": d, "topk_random": d})  # fmt: skip
+    corr = beyond.boundary_correlations(frame, n_boot=100)
+    flips = {"m": {"n_solved": 12, "n_certified": 12, "seconds": 1.0}}
+    rows = {r["claim_id"]: r for r in beyond.boundary_claims(corr, flips, deviation="test", n_boot=100)}
+    cond = rows["beyond/boundary_curvature_mediator"]["conditions"]
+    assert list(cond.values()) == [True]  # curvature = 1/d: rho = -1, interval below 0
+    assert "+1.00 [+1.00, +1.00] (positive)" in rows["beyond/boundary_fragility_corr"]["ours"]
+    frame["curvature"] = d  # now curved images are the robust ones: the Hessian prediction fails
+    corr = beyond.boundary_correlations(frame, n_boot=100)
+    rows = {r["claim_id"]: r for r in beyond.boundary_claims(corr, flips, deviation="test", n_boot=100)}
+    assert list(rows["beyond/boundary_curvature_mediator"]["conditions"].values()) == [False]
+    assert "12 of 12 certified" in rows["beyond/flip_points_certified"]["ours"]
