@@ -84,7 +84,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_cifar_n": 2,
         "beyond_cifar_flip_n": 1,
         "beyond_cifar_flip_iters": 5,
-        "beyond_attack_iters": 2,
+        "beyond_lanczos_iters": 4,
         "beyond_flip_n": 4,
         "beyond_flip_iters": 2,
         "beyond_n_boot": 200,
@@ -131,10 +131,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         # beyond: sized to <= ~90 s per notebook on 2 cores (the quick build's budget is full); the ReLU CIFAR-10 CNN's
         # flip points cost tens of seconds each, so only a few of its images get one
         "beyond_mnist_n": 40,
-        "beyond_cifar_n": 6,
+        "beyond_cifar_n": 12,  # = grid_n_images: the saliency attacks are 04_cifar_grid's cached cells
         "beyond_cifar_flip_n": 2,
         "beyond_cifar_flip_iters": 40,
-        "beyond_attack_iters": 20,
+        "beyond_lanczos_iters": 12,
         "beyond_flip_n": 8,
         "beyond_flip_iters": 10,
         "beyond_n_boot": 2000,
@@ -180,7 +180,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_cifar_n": 100,
         "beyond_cifar_flip_n": 100,
         "beyond_cifar_flip_iters": 300,
-        "beyond_attack_iters": 300,
+        "beyond_lanczos_iters": 30,
         "beyond_flip_n": 100,
         "beyond_flip_iters": 100,
         "beyond_n_boot": 10000,

@@ -135,7 +135,7 @@ def _tiny_setting():
 
 
 def _tiny_profile():
-    return get_profile("smoke", epsilons=[0, 8 / 255], beyond_attack_iters=3, flip_max_iter=100)
+    return get_profile("smoke", epsilons=[0, 8 / 255], grid_iters=3, flip_max_iter=100)
 
 
 def test_transfer_rows_use_exactly_the_simple_gradient_attacks_perturbation(tmp_path, monkeypatch):
@@ -149,8 +149,7 @@ def test_transfer_rows_use_exactly_the_simple_gradient_attacks_perturbation(tmp_
     res0 = closest_flip_point(st.model, st.x, **solver)
     ok = res0.converged
     x, y = st.x[ok], st.y[ok]
-    spec = grid_spec(st, prof, methods=("gradient",), epsilons=(8 / 255,),
-                     iters=int(prof["beyond_attack_iters"]), method_iters={})  # fmt: skip
+    spec = grid_spec(st, prof, methods=("gradient",), epsilons=(8 / 255,))
     sg = beyond.sg_attack(spec, st.model, "topk", 8 / 255)(x, y)
     map0 = beyond.flip_explanation_map(x, res0.x_flip[ok])
     maps, res = beyond.flip_explanation(st.model, sg.x_adv, solver)

@@ -179,3 +179,12 @@ def test_runner_passes_the_thread_count_to_the_kernel(tmp_path, monkeypatch):
     assert os.environ["FLIPFRAG_THREADS"] == "2"  # restored for the caller
     with pytest.raises(ValueError, match="threads"):
         runner.run_notebook(nb, profile="smoke", figures_dir=tmp_path / "f", output_dir=tmp_path / "o", threads=0)
+
+
+def test_the_beyond_notebooks_run_last(tmp_path):
+    """They read the fragility notebooks' cached attack cells, so they come after every other folder."""
+    for rel in ("00_top.ipynb", "beyond/01_a.ipynb", "fragility/04_b.ipynb", "zeta/01_c.ipynb"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        _notebook(tmp_path / rel, "x = 1")
+    names = [str(p.relative_to(tmp_path)) for p in runner.find_notebooks(tmp_path)]
+    assert names == ["00_top.ipynb", "fragility/04_b.ipynb", "zeta/01_c.ipynb", "beyond/01_a.ipynb"]

@@ -60,24 +60,24 @@ def certified_distance(res: FlipResult, n: int) -> np.ndarray:
 
 
 def curvature(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0) -> np.ndarray:
-    """(N,) ``|λ_max|`` of the input Hessian of the class logit at each image (Lanczos, ``prof["lanczos_k"]`` pairs
-    for accuracy of the top one; the model itself if smooth, else its softplus(``softplus_beta``) surrogate)."""
+    """(N,) ``|λ_max|`` of the input Hessian of the class logit at each image (Lanczos with
+    ``prof["beyond_lanczos_iters"]`` steps; the model itself if smooth, else its softplus(``softplus_beta``)
+    surrogate)."""
     model = setting.model
     if has_relu(model, setting.x[:1]):
         model = softplus_surrogate(model, float(prof["softplus_beta"]))
     fn = score_fn(model, setting.y)
-    eig = top_eigenpairs(fn, setting.x, k=min(int(prof["lanczos_k"]), setting.x[0].numel()), seed=seed)
+    eig = top_eigenpairs(fn, setting.x, k=1, iters=int(prof["beyond_lanczos_iters"]), seed=seed)
     return eig.eigenvalues[:, 0].abs().detach().cpu().double().numpy()
 
 
 def fragility_cells(setting: ImageSetting, prof: dict[str, Any], *, methods: Sequence[str], seed: int = 0,
                     eps: float = 8 / 255) -> pd.DataFrame:  # fmt: skip
     """Per-image top-k ∩ and Spearman ρ after the random sign perturbation and the top-k attack at ``eps``: the
-    cells of :func:`flipfrag.fragility.grid_for` (cached; the fragility notebooks' settings, with the profile's
-    ``beyond_attack_iters`` iterations for every method)."""
-    iters = int(prof["beyond_attack_iters"])
-    return grid_for(setting, prof, seed=seed, methods=methods, attacks=("random", "topk"), epsilons=(float(eps),),
-                    iters=iters, method_iters={})  # fmt: skip
+    cells of :func:`flipfrag.fragility.grid_for` with the fragility notebooks' settings unchanged (``grid_iters``
+    iterations, IG ``grid_ig_iters`` with ``grid_ig_steps`` steps), so that the CIFAR-10 cells are the very cells
+    ``notebooks/fragility/04_cifar_grid`` computes and caches (same images, same keys)."""
+    return grid_for(setting, prof, seed=seed, methods=methods, attacks=("random", "topk"), epsilons=(float(eps),))
 
 
 def boundary_frame(setting: ImageSetting, prof: dict[str, Any], *, methods: Sequence[str], seed: int = 0,

@@ -217,7 +217,7 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
                         progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
     """Study 2 on one network: per-image rows (model, method, attack, eps, eps255, image, topk, spearman, center,
     label_kept, flip_certified, target_kept, available) for the saliency ``methods`` (the cached attack-grid cells of
-    :func:`flipfrag.fragility.run_attack_grid`, with ``prof["beyond_attack_iters"]`` iterations for every method)
+    :func:`flipfrag.fragility.grid_for`, the fragility notebooks' settings)
     and for the flip explanation (``method="flip"``): its own random / top-k / center attacks
     (``prof["beyond_flip_iters"]`` iterations; rows with ``available=False`` and NaN metrics where the differentiable
     solver is missing) and ``transfer-topk`` / ``transfer-center``: the simple-gradient attacks' perturbations.
@@ -248,12 +248,11 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     x, y, n = sub.x, sub.y, int(ok.sum())
     map0 = flip_explanation_map(x, res0.x_flip[ok].to(x.dtype))
     target0 = res0.target[ok]
-    iters = int(prof["beyond_attack_iters"])
     spec = grid_spec(sub, prof, seed=seed, methods=methods, attacks=tuple(dict.fromkeys([*attacks, *transfer])),
-                     epsilons=eps_grid, iters=iters, method_iters={})  # fmt: skip
+                     epsilons=eps_grid)  # fmt: skip
     t = time.perf_counter()
-    grid = grid_for(sub, prof, seed=seed, methods=methods, attacks=spec.attacks, epsilons=eps_grid, iters=iters,
-                    method_iters={}, progress=progress)  # fmt: skip
+    grid = grid_for(sub, prof, seed=seed, methods=methods, attacks=spec.attacks, epsilons=eps_grid,
+                    progress=progress)  # fmt: skip
     info["seconds"]["saliency grid"] = time.perf_counter() - t
     grid = grid.assign(model=setting.model_name, flip_certified=None, target_kept=None, available=True)
     rows: list[dict[str, Any]] = []
