@@ -168,6 +168,9 @@ class FlipResult:
         The distance of the closest boundary point found by segment crossings toward label-changing points (the
         DeepFool-style steps, ``candidates``, the solver's own iterates): an upper bound on the closest flip
         point's distance; ``inf`` where none was found. ``converged`` requires ``distance <= 1.01 * upper_bound``.
+    grad_status : list of str (N,) or None
+        With ``differentiable=True``: ``"ok"`` where ``x_flip`` has a derivative, else why not (NaN gradient there;
+        :mod:`flipfrag.flipgrad`). None otherwise.
     """
 
     x_flip: torch.Tensor
@@ -190,6 +193,7 @@ class FlipResult:
     kkt_tol: float = 1e-4
     margin_param: float = 0.0
     upper_bound: torch.Tensor | None = None
+    grad_status: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.distance.shape[0])
@@ -1428,6 +1432,7 @@ def closest_flip_point(
     candidates: torch.Tensor | None = None,
     upper_bounds: bool = True,
     progress: bool = False,
+    differentiable: bool = False,
 ) -> FlipResult:
     """Closest flip point of every input of a batch, certified per point (see the module docstring).
 
@@ -1515,6 +1520,11 @@ def closest_flip_point(
         toward the solver's own last iterates (default True); see ``upper_bound``.
     progress : bool
         Show tqdm bars.
+    differentiable : bool
+        Return an ``x_flip`` that carries gradients with respect to ``x`` and the model's parameters that require
+        grad, by the implicit function theorem at the certified KKT point (:mod:`flipfrag.flipgrad`); points
+        without a derivative (degenerate active set, not certified) get NaN gradients and say why in
+        ``grad_status``.
 
     Returns
     -------
@@ -1654,7 +1664,14 @@ def closest_flip_point(
     pool = _solve(ctx, fn, points, C, z, tgt=tgt, screen=screen, candidates=cand, upper_bounds=upper_bounds,
                   groups=grp, solve_kw=dict(homotopy=homotopy, homotopy_steps=homotopy_steps,
                                             homotopy_tau=homotopy_tau, restarts=restarts, gen=gen))
-    return _choose(ctx, pool, z, N, C, given_target=tgt is not None)
+    res = _choose(ctx, pool, z, N, C, given_target=tgt is not None)
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"differentiable must be a bool, got {type(differentiable).__name__}")
+    if differentiable:
+        from flipfrag.flipgrad import attach_gradients  # lazy: flipgrad is only needed here
+
+        res = attach_gradients(res, model, x, lower=lower, upper=upper, scale=scale, mask=mask, groups=groups)
+    return res
 
 
 # ------------------------------------------------------------------------------------------------- the steps
