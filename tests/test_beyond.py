@@ -217,3 +217,20 @@ def test_claims_of_a_constructed_relation_follow_its_intervals():
     rows = {r["claim_id"]: r for r in beyond.boundary_claims(corr, flips, deviation="test", n_boot=100)}
     assert list(rows["beyond/boundary_curvature_mediator"]["conditions"].values()) == [False]
     assert "12 of 12 certified" in rows["beyond/flip_points_certified"]["ours"]
+
+
+def test_the_top_k_attack_through_the_differentiable_solver_stays_in_budget_and_never_worsens(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    st = _tiny_setting()
+    solver = {"max_ineq": 2}  # no box: the flip points of this net have a derivative
+    eps = 8 / 255
+    atk = beyond.FlipTopKAttack(st.model, solver=solver, eps=eps, iters=4, k=st.k, progress=False)
+    out = atk(st.x, st.y)
+    assert bool(atk.derivative_seen.any())
+    assert float((out.x_adv - st.x).abs().max()) <= eps + 1e-12
+    assert bool(out.label_kept.all())
+    assert bool((out.metrics["topk"] <= 1.0).all()) and bool((out.metrics["topk"][out.success] < 1.0).all())
+    maps, _ = beyond.flip_explanation(st.model, out.x_adv, solver)
+    torch.testing.assert_close(out.saliency_adv, maps)  # the reported map is the flip map at the returned image

@@ -39,13 +39,14 @@ PAIRS = (
 )
 
 
-def boundary_flips(setting: ImageSetting, prof: dict[str, Any], *, n: int | None = None) -> FlipResult:
+def boundary_flips(setting: ImageSetting, prof: dict[str, Any], *, n: int | None = None,
+                   box: bool = True) -> FlipResult:  # fmt: skip
     """Closest flip points (toward the closest other class) of the first ``n`` images of a setting (default all),
     with :func:`flipfrag.beyond.cases.flip_solver_settings`; solved once and cached
     (:func:`flipfrag.flipstats.cached_flip_points`, shared by both beyond notebooks)."""
     x = setting.x if n is None else setting.x[:n]
     return cached_flip_points(setting.model, x, name=f"beyond-{setting.model_name}",
-                              **flip_solver_settings(setting, prof))  # fmt: skip
+                              **flip_solver_settings(setting, prof, box=box))  # fmt: skip
 
 
 def certified_distance(res: FlipResult, n: int) -> np.ndarray:

@@ -50,13 +50,17 @@ def beyond_setting(case: str, prof: dict[str, Any], *, n: int, seed: int = 0) ->
     return image_setting("cifar", prof, seed=seed, n=min(n, 20))
 
 
-def flip_solver_settings(setting: ImageSetting, prof: dict[str, Any]) -> dict[str, Any]:
-    """Settings of :func:`flipfrag.flip.closest_flip_point` for a case: the pixel box [0, 1], the profile's
+def flip_solver_settings(setting: ImageSetting, prof: dict[str, Any], *, box: bool = True) -> dict[str, Any]:
+    """Settings of :func:`flipfrag.flip.closest_flip_point` for a case: the pixel box [0, 1] (``box=False``: no
+    bounds, a labelled variant: boxed MNIST flip points have no derivative, see :mod:`flipfrag.beyond.flipmap`), the
+    profile's
     ``flip_tol`` / ``flip_max_iter``, ``max_ineq=2`` (as ``flipstats.flip_settings`` for images). The float32 ReLU
     CIFAR-10 CNN: relative tolerance 1e-5 (its float32 scores carry rounding errors of that order, see the solver's
     ``tol``), ``screen=1`` target and ``beyond_cifar_flip_iters`` iterations (its solves cost tens of seconds)."""
     s: dict[str, Any] = {"lower": 0.0, "upper": 1.0, "tol": float(prof["flip_tol"]),
                          "max_iter": int(prof["flip_max_iter"]), "max_ineq": 2}  # fmt: skip
+    if not box:
+        del s["lower"], s["upper"]
     if setting.model_name == "cifar10-cnn":
         s.update(tol=max(float(prof["flip_tol"]), 1e-5), screen=1, max_iter=int(prof["beyond_cifar_flip_iters"]))
     return s

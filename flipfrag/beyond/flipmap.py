@@ -99,6 +99,12 @@ class _FlipMap:
         if "differentiable" in self.solver:
             raise ValueError("solver: differentiable is set by the attack, do not pass it")
         self.last_flip: FlipResult | None = None
+        #: (N,) bool after a call: whether x_flip had a derivative at some iterate where a direction was computed
+        self.derivative_seen: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, y: Any = None, **kwargs: Any):
+        self.derivative_seen = None
+        return super().__call__(x, y, **kwargs)
 
     def _direction_model(self, x: torch.Tensor) -> nn.Module:
         return self.model  # the flip solver works on the network itself (smooth or ReLU)
@@ -120,7 +126,13 @@ class _FlipMap:
     def _direction(self, dmodel, obj, x, y):
         g, value, maps, logits = super()._direction(dmodel, obj, x, y)
         ok = self.last_flip.converged.to(x.device)
-        g = torch.nan_to_num(torch.where(ok.view(-1, 1, 1, 1), g, torch.zeros_like(g)), nan=0.0)
+        status = self.last_flip.grad_status
+        has_derivative = ok & torch.tensor([st == "ok" for st in status] if status is not None else [False] * len(ok),
+                                           dtype=torch.bool, device=x.device)  # fmt: skip
+        seen = self.derivative_seen
+        self.derivative_seen = has_derivative if seen is None else seen | has_derivative
+        # no derivative (degenerate active set: NaN gradient): no step for that image
+        g = torch.nan_to_num(torch.where(has_derivative.view(-1, 1, 1, 1), g, torch.zeros_like(g)), nan=0.0)
         if maps is not None:
             maps = torch.where(ok.view(-1, 1, 1), maps, torch.full_like(maps, _NAN))
         return g, value, maps, logits
@@ -183,18 +195,19 @@ _ROW_METRICS = ("topk", "spearman", "center")
 
 
 def _rows(model_name: str, method: str, attack: str, eps: float, values: dict[str, Any], n: int,
-          available: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+          available: bool | torch.Tensor = True) -> list[dict[str, Any]]:  # fmt: skip
     def get(name: str, i: int):
         v = values.get(name)
         if v is None:
             return None
         return v[i].item() if isinstance(v, torch.Tensor) else v[i]
 
+    avail = [bool(available[i]) if isinstance(available, torch.Tensor) else bool(available) for i in range(n)]
     return [{"model": model_name, "method": method, "attack": attack, "eps": float(eps),
              "eps255": round(float(eps) * 255, 6), "image": i,
-             **{m: (float(get(m, i)) if available else _NAN) for m in _ROW_METRICS},
-             "label_kept": get("label_kept", i), "flip_certified": get("certified", i),
-             "target_kept": get("target_kept", i), "available": bool(available)}
+             **{m: (float(get(m, i)) if avail[i] else _NAN) for m in _ROW_METRICS},
+             "label_kept": get("label_kept", i) if avail[i] else None, "flip_certified": get("certified", i),
+             "target_kept": get("target_kept", i) if avail[i] else None, "available": avail[i]}
             for i in range(n)]  # fmt: skip
 
 
@@ -213,18 +226,23 @@ def _flip_attack_values(atk, x: torch.Tensor, y: torch.Tensor, target0: torch.Te
 def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0,
                         epsilons: Sequence[float] | None = None, methods: Sequence[str] = METHODS,
                         attacks: Sequence[str] = ("random", "topk", "center"),
-                        transfer: Sequence[str] = ("topk", "center"), n_flip: int | None = None,
+                        transfer: Sequence[str] = ("topk", "center"), n_flip: int | None = None, box: bool = True,
+                        differentiated_eps: Sequence[float] | None = None,
                         progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
     """Study 2 on one network: per-image rows (model, method, attack, eps, eps255, image, topk, spearman, center,
     label_kept, flip_certified, target_kept, available) for the saliency ``methods`` (the cached attack-grid cells of
     :func:`flipfrag.fragility.grid_for`, the fragility notebooks' settings)
     and for the flip explanation (``method="flip"``): its own random / top-k / center attacks
-    (``prof["beyond_flip_iters"]`` iterations; rows with ``available=False`` and NaN metrics where the differentiable
-    solver is missing) and ``transfer-topk`` / ``transfer-center``: the simple-gradient attacks' perturbations.
+    (``prof["beyond_flip_iters"]`` iterations, at the ``differentiated_eps`` (default: every ε); rows with
+    ``available=False`` and NaN metrics where the differentiable solver is missing or x_flip has no derivative at
+    the image — degenerate active set, ``info["grad_status"]``) and ``transfer-topk`` / ``transfer-center``: the
+    simple-gradient attacks' perturbations. ``box=False``: flip points without the pixel box (a labelled variant,
+    model name ``"<name> (no box)"``).
 
     Only the images (of the first ``n_flip``) whose closest flip point is certified are used — for every method, so
     all rows are on the same images. ``epsilons`` default: ``prof["epsilons"]``. Returns ``(rows, info)``, info:
-    ``n_images``, ``n_certified``, ``differentiable`` (bool), ``seconds`` per part.
+    ``model``, ``n_images``, ``n_certified``, ``differentiable`` (bool), ``n_derivative`` (certified images where
+    x_flip has a derivative), ``grad_status``, ``seconds`` per part.
     """
     import time
 
@@ -235,12 +253,14 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     for a in transfer:
         if a not in ("topk", "center"):
             raise ValueError(f"transfer: unknown attack {a!r}")
-    solver = flip_solver_settings(setting, prof)
-    res0 = boundary_flips(setting, prof, n=n_flip)
+    solver = flip_solver_settings(setting, prof, box=box)
+    res0 = boundary_flips(setting, prof, n=n_flip, box=box)
     ok = res0.converged.to(setting.x.device)
     n_solved = len(res0)
-    info: dict[str, Any] = {"n_images": n_solved, "n_certified": int(ok.sum()),
-                            "differentiable": differentiable_available(), "seconds": {}}  # fmt: skip
+    name = setting.model_name + ("" if box else " (no box)")
+    info: dict[str, Any] = {"model": name, "n_images": n_solved, "n_certified": int(ok.sum()), "box": box,
+                            "differentiable": differentiable_available(),
+                            "seconds": {}}  # fmt: skip
     if not ok.any():
         return pd.DataFrame(columns=["model", "method", "attack", "eps", "eps255", "image", *_ROW_METRICS,
                                      "label_kept", "flip_certified", "target_kept", "available"]), info  # fmt: skip
@@ -254,9 +274,17 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     grid = grid_for(sub, prof, seed=seed, methods=methods, attacks=spec.attacks, epsilons=eps_grid,
                     progress=progress)  # fmt: skip
     info["seconds"]["saliency grid"] = time.perf_counter() - t
-    grid = grid.assign(model=setting.model_name, flip_certified=None, target_kept=None, available=True)
+    grid = grid.assign(model=name, flip_certified=None, target_kept=None, available=True)
     rows: list[dict[str, Any]] = []
     common = dict(solver=solver, k=spec.k, floor_center=spec.floor_center, progress=False)
+    diff_eps = eps_grid if differentiated_eps is None else tuple(float(e) for e in differentiated_eps)
+    has_d = torch.zeros(n, dtype=torch.bool, device=x.device)
+    if info["differentiable"] and any(a in ("topk", "center") for a in attacks):
+        res_d = closest_flip_point(sub.model, x, differentiable=True, **solver)
+        status = res_d.grad_status or ["not differentiable"] * n
+        has_d = res_d.converged.to(x.device) & torch.tensor([st == "ok" for st in status], device=x.device)
+        info["grad_status"] = list(status)
+    info["n_derivative"] = int(has_d.sum())
     t = time.perf_counter()
     for eps in eps_grid:
         for a in attacks:
@@ -265,21 +293,31 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
             if a == "random":
                 atk = FlipRandomSignAttack(sub.model, eps=eps, seed=spec.seed, tries=spec.random_tries, **common)
                 vals = _flip_attack_values(atk, x, y, target0)
-            elif not info["differentiable"]:
-                rows += _rows(setting.model_name, FLIP_METHOD, a, eps, {}, n, available=False)
+            elif not info["differentiable"] or not has_d.any() or eps not in diff_eps:
+                rows += _rows(name, FLIP_METHOD, a, eps, {}, n, available=False)
                 continue
             else:
+                # only images where x_flip has a derivative at x: elsewhere the direction is 0 and x never moves
                 cls = FlipTopKAttack if a == "topk" else FlipCenterAttack
                 atk = cls(sub.model, eps=eps, step=spec.step, iters=int(prof["beyond_flip_iters"]), **common)
-                vals = _flip_attack_values(atk, x, y, target0)
-            rows += _rows(setting.model_name, FLIP_METHOD, "none" if eps == 0 else a, eps, vals, n)
+                part = _flip_attack_values(atk, x[has_d], y[has_d], target0[has_d])
+                avail = torch.zeros(n, dtype=torch.bool)
+                avail[has_d.cpu()] = atk.derivative_seen.cpu()
+                vals = {}
+                for key, v in part.items():
+                    full = torch.zeros(n, dtype=v.dtype, device=v.device)
+                    full[has_d] = v
+                    vals[key] = full
+                rows += _rows(name, FLIP_METHOD, a, eps, vals, n, available=avail)
+                continue
+            rows += _rows(name, FLIP_METHOD, "none" if eps == 0 else a, eps, vals, n)
         if eps == 0:
             continue
         for a in transfer:
             sg_out = sg_attack(spec, sub.model, a, eps)(x, y)
             vals = transfer_attack(sub.model, sg_out.x_adv, y, map0, target0, k=spec.k, solver=solver,
                                    floor_center=spec.floor_center)  # fmt: skip
-            rows += _rows(setting.model_name, FLIP_METHOD, f"transfer-{a}", eps, vals, n)
+            rows += _rows(name, FLIP_METHOD, f"transfer-{a}", eps, vals, n)
     info["seconds"]["flip explanation"] = time.perf_counter() - t
     flip_rows = pd.DataFrame(rows)
     keep = [c for c in flip_rows.columns if c in grid.columns]
@@ -290,16 +328,27 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
 
 def summarize_flip_fragility(rows: pd.DataFrame) -> pd.DataFrame:
     """Means over images per (model, method, attack, eps255): topk, spearman, center (over images with a value),
-    ``n`` images, ``n_missing`` (no certified flip point at the returned image), ``label_kept`` and ``target_kept``
-    (fraction; flip rows only), ``available``."""
+    ``n`` images, ``n_missing`` (no value: no certified flip point at the returned image, or — own attacks on the
+    flip map — no derivative of x_flip at any iterate), ``label_kept`` and ``target_kept`` (fraction; flip rows
+    only), ``available`` (some image has a value)."""
     out = []
     for key, g in rows.groupby(["model", "method", "attack", "eps255"], sort=False):
-        avail = bool(g.available.all())
+        avail = bool(g.available.any())
+        g = g[g.available.astype(bool)]
         rec = dict(zip(("model", "method", "attack", "eps255"), key))
-        rec.update({m: (float(np.nanmean(g[m])) if avail and g[m].notna().any() else _NAN) for m in _ROW_METRICS})
-        rec.update(n=len(g), n_missing=int(g.topk.isna().sum()) if avail else len(g),
-                   label_kept=float(g.label_kept.astype(float).mean()),
-                   target_kept=(float(g.target_kept.astype(float).mean()) if g.target_kept.notna().any() else _NAN),
-                   available=avail)  # fmt: skip
+        rec.update({m: (float(np.nanmean(g[m])) if g[m].notna().any() else _NAN) for m in _ROW_METRICS})
+        kept = g.target_kept.dropna()
+        rec.update(
+            n=len(
+                rows[
+                    (rows.model == key[0]) & (rows.method == key[1]) & (rows.attack == key[2]) & (rows.eps255 == key[3])
+                ]
+            ),
+            n_missing=0,
+            label_kept=float(g.label_kept.astype(float).mean()) if len(g) else _NAN,
+            target_kept=float(kept.astype(float).mean()) if len(kept) else _NAN,
+            available=avail,
+        )
+        rec["n_missing"] = rec["n"] - int(g.topk.notna().sum())  # fmt: skip
         out.append(rec)
     return pd.DataFrame(out)
