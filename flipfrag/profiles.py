@@ -87,6 +87,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_lanczos_iters": 4,
         "beyond_flip_n": 4,
         "beyond_flip_iters": 2,
+        "beyond_diff_eps255": [8],  # eps (0-255) of the flip-map attacks differentiated through the solver
         "beyond_n_boot": 200,
     },
     "quick": {
@@ -136,7 +137,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_cifar_flip_iters": 40,
         "beyond_lanczos_iters": 12,
         "beyond_flip_n": 8,
-        "beyond_flip_iters": 10,
+        "beyond_flip_iters": 6,  # each iteration is a differentiable flip solve (~1 s for 8 digits)
+        "beyond_diff_eps255": [2, 8],
         "beyond_n_boot": 2000,
     },
     "paper": {
@@ -183,6 +185,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_lanczos_iters": 30,
         "beyond_flip_n": 100,
         "beyond_flip_iters": 100,
+        "beyond_diff_eps255": [1, 2, 4, 8],
         "beyond_n_boot": 10000,
     },
 }

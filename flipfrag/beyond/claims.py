@@ -121,7 +121,8 @@ def flip_claims(summary: pd.DataFrame, info: Mapping[str, Mapping[str, Any]], *,
             for m in dict.fromkeys(summary[summary.model == model].method)
             if m != FLIP_METHOD
         )
-        parts.append(f"{model} (n = {inf['n_certified']}): flip map {fl}; saliency maps, top-k attack: {sal}")
+        deriv = f"x_flip differentiable at {inf.get('n_derivative', 0)} of {inf['n_certified']}"
+        parts.append(f"{model} (n = {inf['n_certified']}; {deriv}): flip map {fl}; saliency maps, top-k attack: {sal}")
         survive.append(
             f"{model}: "
             + ", ".join(f"{a} {_fmt(_at(summary, model, FLIP_METHOD, a, eps255, 'target_kept'))}" for a in flip_attacks)
