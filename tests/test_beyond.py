@@ -234,3 +234,22 @@ def test_the_top_k_attack_through_the_differentiable_solver_stays_in_budget_and_
     assert bool((out.metrics["topk"] <= 1.0).all()) and bool((out.metrics["topk"][out.success] < 1.0).all())
     maps, _ = beyond.flip_explanation(st.model, out.x_adv, solver)
     torch.testing.assert_close(out.saliency_adv, maps)  # the reported map is the flip map at the returned image
+
+
+def test_the_cifar_saliency_cells_are_the_cifar_grid_notebooks_cells():
+    """fragility_cells asks the grid for a subset of 04_cifar_grid's cells with unchanged settings, so every cell key
+    (and with it the cached result) is the same; the quick profile uses the same photos."""
+    from flipfrag.fragility import METHODS, grid_cache_key, image_setting
+
+    prof = get_profile("quick")
+    assert prof["beyond_cifar_n"] == prof["grid_n_images"]
+    st = beyond.beyond_setting("cifar10-cnn", prof, n=int(prof["beyond_cifar_n"]))
+    ref = image_setting("cifar", prof, n=min(20, int(prof["grid_n_images"])))  # 04_cifar_grid's call
+    torch.testing.assert_close(st.x, ref.x)
+    assert beyond.cases.grid_overrides(st, prof) == {}
+    full = grid_spec(ref, prof, methods=METHODS)
+    ours = grid_spec(st, prof, methods=METHODS, attacks=("random", "topk"), epsilons=(8 / 255,))
+    for cell in ours.cells():
+        assert grid_cache_key(st.model, st.x, st.y, ours.cell_settings(*cell)) == grid_cache_key(
+            ref.model, ref.x, ref.y, full.cell_settings(*cell)
+        )

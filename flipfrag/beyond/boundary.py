@@ -23,7 +23,7 @@ from ..fragility.grid import grid_for
 from ..fragility.settings import ImageSetting
 from ..hessian import score_fn, top_eigenpairs
 from ..smooth import has_relu, softplus_surrogate
-from .cases import flip_solver_settings
+from .cases import flip_solver_settings, grid_overrides
 from .correlation import spearman_ci
 
 __all__ = ["boundary_flips", "certified_distance", "curvature", "fragility_cells", "boundary_frame",
@@ -75,10 +75,12 @@ def curvature(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0) -> 
 def fragility_cells(setting: ImageSetting, prof: dict[str, Any], *, methods: Sequence[str], seed: int = 0,
                     eps: float = 8 / 255) -> pd.DataFrame:  # fmt: skip
     """Per-image top-k ∩ and Spearman ρ after the random sign perturbation and the top-k attack at ``eps``: the
-    cells of :func:`flipfrag.fragility.grid_for` with the fragility notebooks' settings unchanged (``grid_iters``
-    iterations, IG ``grid_ig_iters`` with ``grid_ig_steps`` steps), so that the CIFAR-10 cells are the very cells
-    ``notebooks/fragility/04_cifar_grid`` computes and caches (same images, same keys)."""
-    return grid_for(setting, prof, seed=seed, methods=methods, attacks=("random", "topk"), epsilons=(float(eps),))
+    cells of :func:`flipfrag.fragility.grid_for` with the fragility notebooks' settings (``grid_iters`` iterations,
+    IG ``grid_ig_iters`` with ``grid_ig_steps`` steps; :func:`~flipfrag.beyond.cases.grid_overrides`), so that the
+    CIFAR-10 cells are the very cells ``notebooks/fragility/04_cifar_grid`` computes and caches (same images, same
+    keys)."""
+    return grid_for(setting, prof, seed=seed, methods=methods, attacks=("random", "topk"), epsilons=(float(eps),),
+                    **grid_overrides(setting, prof))  # fmt: skip
 
 
 def boundary_frame(setting: ImageSetting, prof: dict[str, Any], *, methods: Sequence[str], seed: int = 0,

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..fragility.settings import ImageSetting, image_setting, prepare_setting
 
-__all__ = ["CASES", "beyond_setting", "flip_solver_settings"]
+__all__ = ["CASES", "beyond_setting", "flip_solver_settings", "grid_overrides"]
 
 CASES = ("mnist-erf", "cifar10-cnn")
 
@@ -64,3 +64,12 @@ def flip_solver_settings(setting: ImageSetting, prof: dict[str, Any], *, box: bo
     if setting.model_name == "cifar10-cnn":
         s.update(tol=max(float(prof["flip_tol"]), 1e-5), screen=1, max_iter=int(prof["beyond_cifar_flip_iters"]))
     return s
+
+
+def grid_overrides(setting: ImageSetting, prof: dict[str, Any]) -> dict[str, Any]:
+    """Changes to the fragility grid's settings (:func:`flipfrag.fragility.grid_spec`) for a case's saliency attacks.
+    The CIFAR-10 CNN: none, so its cells are those of ``notebooks/fragility/04_cifar_grid`` (same keys, read from its
+    cache). The MNIST erf MLP: ``beyond_mnist_iters`` iterations for every method (the quick budget)."""
+    if setting.model_name == "cifar10-cnn":
+        return {}
+    return {"iters": int(prof["beyond_mnist_iters"]), "method_iters": {}}

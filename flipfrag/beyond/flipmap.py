@@ -40,7 +40,7 @@ from ..fragility.settings import ImageSetting
 from ..metrics import ReferenceMaps
 from ..saliency import saliency_map
 from .boundary import boundary_flips
-from .cases import flip_solver_settings
+from .cases import flip_solver_settings, grid_overrides
 
 __all__ = [
     "FLIP_METHOD",
@@ -268,11 +268,12 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     x, y, n = sub.x, sub.y, int(ok.sum())
     map0 = flip_explanation_map(x, res0.x_flip[ok].to(x.dtype))
     target0 = res0.target[ok]
+    over = grid_overrides(setting, prof)
     spec = grid_spec(sub, prof, seed=seed, methods=methods, attacks=tuple(dict.fromkeys([*attacks, *transfer])),
-                     epsilons=eps_grid)  # fmt: skip
+                     epsilons=eps_grid, **over)  # fmt: skip
     t = time.perf_counter()
     grid = grid_for(sub, prof, seed=seed, methods=methods, attacks=spec.attacks, epsilons=eps_grid,
-                    progress=progress)  # fmt: skip
+                    progress=progress, **over)  # fmt: skip
     info["seconds"]["saliency grid"] = time.perf_counter() - t
     grid = grid.assign(model=name, flip_certified=None, target_kept=None, available=True)
     rows: list[dict[str, Any]] = []
