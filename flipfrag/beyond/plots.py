@@ -118,7 +118,7 @@ def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[s
               "transfer-center": ("--", "v")}  # fmt: skip
     has_data = [not summary[summary.model == m].empty for m in models]
     heights = [1.0 if h else 0.25 for h in has_data]
-    fig, axes = subplots(len(models), 3, figsize=(15, 4.2 * sum(heights) + 1.4), squeeze=False,
+    fig, axes = subplots(len(models), 3, figsize=(15, 4.2 * sum(heights) + 2.0), squeeze=False,
                          gridspec_kw={"height_ratios": heights})  # fmt: skip
     for r, model in enumerate(models):
         s = summary[summary.model == model]
