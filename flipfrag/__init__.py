@@ -1,8 +1,9 @@
 """flipfrag — closest flip points and the fragility of interpretations, reproduced in PyTorch.
 
-Modules (one concept each): ``profiles``, ``datasets``, ``models``, ``smooth``, ``flip``, ``flipstats``,
-``saliency``, ``attacks``, ``metrics``, ``influence``, ``hessian``, ``plotting``; ``engine`` runs the heavy work
-(in process or on a Dask cluster, ``FLIPFRAG_SCHEDULER``) with resumable, checksummed caches.
+Modules (one concept each): ``profiles``, ``datasets``, ``models``, ``smooth``, ``flip``, ``flipgrad`` (its
+implicit derivative), ``flipstats``, ``saliency``, ``attacks``, ``metrics``, ``influence``, ``hessian``,
+``plotting``; ``engine`` runs the heavy work (in process or on a Dask cluster, ``FLIPFRAG_SCHEDULER``) with
+resumable, checksummed caches.
 
 ``import flipfrag`` changes no global state. :func:`set_threads` sets torch's thread count when asked: the runner
 (``python -m flipfrag.runner``, ``make figures``) and ``make test`` pass ``FLIPFRAG_THREADS`` and every notebook's

@@ -34,7 +34,10 @@ products (double backward, batched over the points) and its eigendecomposition i
 beyond that the projected conjugate-gradient method runs in the backward pass, one batched Hessian-vector product
 per iteration. For ReLU networks ``Hess_x c = 0`` almost everywhere, so ``H = D^2``, the projected system is the
 identity on the null space and CG stops after one iteration: the derivative is the projection
-``I - D^-2 A^T (A D^-2 A^T)^-1 A`` on the free coordinates (exactly the closed form of a linear model).
+``I - D^-2 A^T (A D^-2 A^T)^-1 A`` on the free coordinates (exactly the closed form of a linear model). But the
+closest flip point of a ReLU net often lies on a kink of its boundary (certified only by the gradient bundle), where
+``x*`` is not differentiable: such points are reported degenerate (see below); differentiate a smooth surrogate
+(:func:`flipfrag.smooth.softplus_surrogate`) instead, as paper 2 does for its attacks.
 
 Assumptions, and what happens otherwise
 ---------------------------------------
@@ -45,7 +48,9 @@ The derivative exists and is the one computed only if, at ``x*``:
   0 (contribution to the stationarity balance above ``kkt_tol * ||D (x* - x_hat)||``, the certificate's own
   resolution), so the active set does not change under small perturbations;
 * **smooth first-order conditions** — the plain (not gradient-bundle) KKT measure is within ``kkt_tol``: a point
-  certified only by the gradient bundle of a piecewise-linear network (a kink of the boundary) has no derivative;
+  certified only by the gradient bundle of a piecewise-linear network (a kink of the boundary) has no derivative.
+  Here ``kkt_tol`` is the solver's, capped at 1e-3 (``kkt_tol=math.inf`` certifies flip points that need not be
+  KKT points at all);
 * **second-order sufficiency** — the reduced Hessian of the Lagrangian (scaled) has all eigenvalues above
   ``hess_tol`` (it is then nonsingular and ``x*`` a strict local minimiser).
 
@@ -53,7 +58,12 @@ A point that violates one of them (or had no certified flip point) gets a NaN gr
 ``FlipResult.grad_status`` (``"ok"`` otherwise). The dense path checks all four when the result is made; the Krylov
 path finds a failure of second-order sufficiency (non-positive curvature met by CG) or of convergence only in the
 backward pass, and then rewrites that point's ``grad_status`` entry and warns. A point whose cotangent is exactly
-zero contributes exactly zero (not NaN), so ``loss = f(x_flip[ok])`` gives finite gradients for the other points.
+zero contributes exactly zero (not NaN), so ``loss = f(x_flip[ok])`` gives finite gradients for the other points;
+the model parameters' gradients (a sum over points) are NaN if any point without a derivative has a nonzero
+cotangent.
+``attach_gradients(..., weak="active")`` instead keeps weakly active inequalities and bounds in the active set and
+returns the one-sided derivative of that branch (status ``"ok (one-sided: ...)"``): images with many pixels at a
+bound (MNIST background) often have one or two pixels whose bound multiplier is ~0.
 
 The returned ``x_flip`` is once differentiable (a second derivative through it raises).
 """
@@ -76,6 +86,7 @@ __all__ = ["GRAD_OK", "attach_gradients"]
 
 GRAD_OK = "ok"
 _F64 = torch.float64
+_KKT_CAP = 1e-3  # the stationarity / multiplier resolution used is min(kkt_tol, this)
 
 
 @dataclass
@@ -122,8 +133,8 @@ def _scores(an_model: nn.Module, shape: tuple, x: torch.Tensor) -> torch.Tensor:
 
 
 def _active_rows(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, margin: float, tol: float):
-    """Rows (P, m, C) of the active constraints (slot 0: z_s - z_t; then z_k - z_t, h_k >= -tol_abs), the slot
-    validity (P, m), the class of each slot (-1: the equality), and the constraint values (P, m)."""
+    """Rows (P, m, C) of the active constraints (slot 0: z_s - z_t; then z_k - z_t for h_k >= -tol_abs, the
+    certificate's tolerance), the slot validity (P, m) and the class of each slot (P, m; -1 for the equality)."""
     P, C = z.shape
     ar = torch.arange(P)
     zs, zt = z[ar, src], z[ar, tgt]
@@ -203,6 +214,7 @@ def _analyse(
     krylov_iter: int,
     hess_tol: float,
     rank_tol: float,
+    keep_weak: bool,
 ) -> _Analysis:
     N, shape = x.shape[0], tuple(x.shape[1:])
     n = math.prod(shape)
@@ -244,8 +256,8 @@ def _analyse(
     lam = torch.cholesky_solve(rhs[:, :, None], G_chol)[:, :, 0] * valid
     r = (grad_f + torch.einsum("pm,pmn->pn", lam, A)) * sw  # scaled Lagrangian gradient
     d = torch.sqrt((w * (xs - xh) ** 2).sum(1))
-    kkt_tol = float(res.kkt_tol)
-    eps = torch.finfo(md).eps if torch.finfo(md).eps > torch.finfo(x.dtype).eps else torch.finfo(x.dtype).eps
+    kkt_tol = min(float(res.kkt_tol), _KKT_CAP)  # kkt_tol=inf certifies feasibility only: no KKT point
+    eps = max(torch.finfo(md).eps, torch.finfo(x.dtype).eps)  # the certificate's rounding floor
     floor = eps * torch.sqrt((w * xs**2).sum(1))
     kkt_plain = torch.sqrt((r**2 * free).sum(1))
     contrib = lam * torch.sqrt(At.pow(2).sum(2))  # signed share of each active row in the balance
@@ -255,14 +267,19 @@ def _analyse(
             status[i] = f"degenerate: active constraint gradients linearly dependent (LICQ fails, {sig[i]:.1e})"
         elif kkt_plain[i] > kkt_tol * d[i] + floor[i]:
             status[i] = (
-                f"degenerate: smooth KKT conditions fail (kkt {kkt_plain[i] / max(d[i], 1e-300):.1e}; "
-                "a kink of a piecewise-smooth model certified by the gradient bundle)"
+                f"degenerate: not a smooth KKT point (kkt {kkt_plain[i] / max(d[i], 1e-300):.1e} > {kkt_tol:.0e}; "
+                "a kink of a piecewise-smooth model, or certified with a looser kkt_tol)"
             )
         else:
             weak = [int(cls[i, j]) for j in range(1, m) if valid[i, j] and contrib[i, j] <= thr[i]]
             wlo = torch.nonzero(at_lo[i] & (r[i] <= thr[i]))[:, 0].tolist()
             whi = torch.nonzero(at_hi[i] & (r[i] >= -thr[i]))[:, 0].tolist()
-            if weak:
+            if (weak or wlo or whi) and keep_weak:
+                status[i] = (
+                    f"ok (one-sided: {len(weak)} weakly active class constraint(s), {len(wlo) + len(whi)} weakly "
+                    "active bound(s) kept active)"
+                )
+            elif weak:
                 status[i] = (
                     f"degenerate: active constraint of class {weak[0]} has multiplier ~0 (strict complementarity fails)"
                 )
@@ -271,27 +288,13 @@ def _analyse(
                 status[i] = (
                     f"degenerate: feature {j} at its {side} bound has multiplier ~0 (strict complementarity fails)"
                 )
-    bad = torch.tensor([s != GRAD_OK for s in status], dtype=torch.bool)
+    bad = torch.tensor([not s.startswith(GRAD_OK) for s in status], dtype=torch.bool)
     params = [p for p in model.parameters() if p.requires_grad]
     an = _Analysis(
-        model,
-        shape,
-        params,
-        xs.to(md),
-        rows,
-        lam,
-        sw,
-        free,
-        masked,
-        At,
-        G_chol,
-        bad,
-        status,
-        None,
-        int(krylov_iter),
-        1e-10 if md == _F64 else 1e-5,
-        float(hess_tol),
-    )
+        model=model, shape=shape, params=params, xf=xs.to(md), rows=rows, lam=lam, sw=sw, free=free, masked=masked,
+        At=At, G_chol=G_chol, bad=bad, status=status, Minv=None, krylov_iter=int(krylov_iter),
+        krylov_rtol=1e-10 if md == _F64 else 1e-5, hess_tol=float(hess_tol),
+    )  # fmt: skip
     if n <= dense_max:
         _dense_system(an)
     return an
@@ -433,6 +436,7 @@ def attach_gradients(
     krylov_iter: int = 200,
     hess_tol: float = 1e-6,
     rank_tol: float = 1e-6,
+    weak: str = "nan",
 ) -> FlipResult:
     """A copy of ``res`` whose ``x_flip`` carries the implicit derivative d x_flip / d (x, model parameters).
 
@@ -458,13 +462,22 @@ def attach_gradients(
         Smallest admissible eigenvalue / CG curvature of the scaled reduced Hessian (the objective's is 1).
     rank_tol : float
         Smallest admissible singular value of the row-normalised scaled active Jacobian (LICQ).
+    weak : {"nan", "active"}
+        Weakly active inequalities and bounds (multiplier ~0, strict complementarity fails): ``"nan"`` (default) —
+        no derivative; ``"active"`` — keep them in the active set and return the derivative of that branch (the
+        one-sided derivative for perturbations under which they stay active, an element of the generalised
+        Jacobian; like ReLU's gradient at 0). Such points get ``"ok (one-sided: ...)"``. Images with many pixels
+        at a bound of ``[0, 1]`` (MNIST background) often have a few pixels whose multiplier is ~0.
 
     Returns
     -------
     FlipResult
-        ``x_flip`` differentiable (a new tensor, same values), ``grad_status`` (list of N str): ``"ok"``, or why
-        the point has no derivative (its gradient is NaN).
+        ``x_flip`` differentiable (a new tensor, same values), ``grad_status`` (list of N str): ``"ok"`` (or, with
+        ``weak="active"``, ``"ok (one-sided: ...)"``; a point has a derivative iff its entry starts with ``"ok"``),
+        or why the point has no derivative (its gradient is NaN).
     """
+    if weak not in ("nan", "active"):
+        raise ValueError(f"weak must be 'nan' or 'active', got {weak!r}")
     for name, val in (("dense_max", dense_max), ("krylov_iter", krylov_iter)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {val!r}")
@@ -484,6 +497,7 @@ def attach_gradients(
         krylov_iter=krylov_iter,
         hess_tol=hess_tol,
         rank_tol=rank_tol,
+        keep_weak=weak == "active",
     )
     x_flip = _ImplicitFlip.apply(an, res.x_flip, x, *an.params)
     return replace(res, x_flip=x_flip, grad_status=an.status)

@@ -4,6 +4,8 @@ parameters), and hand-built degenerate active sets."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -218,6 +220,7 @@ def test_parameter_gradient_matches_finite_differences(erf_problem):
     gen = torch.Generator().manual_seed(3)
     h = 1e-4
     directions = [[torch.randn(p.shape, dtype=F64, generator=gen) for p in params] for _ in range(2)]
+    directions = [[di / math.sqrt(sum(float((dj**2).sum()) for dj in d)) for di in d] for d in directions]  # unit
     for k in (0, 5):  # single entries: a first-layer weight, an output bias
         directions.append([torch.zeros_like(p) for p in params])
         directions[-1][k].view(-1)[1] = 1.0
@@ -450,6 +453,19 @@ def test_gradient_flows_through_the_flip_explanation_map():
         assert _rel(ift[ok], fd[ok]) <= 1e-4, (ift, fd)
 
 
+def test_points_certified_with_a_loose_kkt_tol_are_not_differentiated(erf_problem):
+    """kkt_tol=inf certifies flip points that need not be KKT points: only those within 1e-3 get a derivative."""
+    model, x0, _ = erf_problem
+    x = x0.clone().requires_grad_(True)
+    res = closest_flip_point(model, x, kkt_tol=math.inf, differentiable=True)
+    ok = torch.tensor([st == "ok" for st in res.grad_status])
+    assert res.converged.all() and (res.kkt[ok] <= 1e-3).all()
+    assert all("not a smooth KKT point" in st for st, k in zip(res.grad_status, res.kkt, strict=True) if k > 1.01e-3)
+    assert not ok.all()
+    (g,) = torch.autograd.grad(res.x_flip.sum(), x)
+    assert torch.isnan(g[~ok]).all() and torch.isfinite(g[ok]).all()
+
+
 def test_bad_arguments_are_named():
     from flipfrag.flipgrad import attach_gradients
 
@@ -466,3 +482,78 @@ def test_bad_arguments_are_named():
         with pytest.raises(ValueError, match=name):
             attach_gradients(res, model, x, **kw)
     assert res.grad_status is None  # only differentiable=True fills it
+
+
+def test_float32_model_and_input(erf_problem):
+    """A float32 model and input: the derivative (float32 model evaluations, float64 linear algebra) agrees with
+    the float64 one to float32 accuracy, in x's dtype, on the dense and the CG path."""
+    import copy
+
+    from flipfrag.flipgrad import attach_gradients
+
+    model, x0, tgt = erf_problem
+    x = x0.clone().requires_grad_(True)
+    res = closest_flip_point(model, x, target=tgt, differentiable=True)
+    J64 = _ift_jacobian(res.x_flip, x)
+    model32 = copy.deepcopy(model).float()
+    x32 = x0.float()
+    res32 = closest_flip_point(model32, x32, target=tgt, tol=1e-5)
+    ok = torch.tensor([st == "ok" for st in res.grad_status]) & res32.converged
+    assert ok.sum() >= 4
+    for dense_max in (64, 0):
+        xr = x32.clone().requires_grad_(True)
+        r = attach_gradients(res32, model32, xr, dense_max=dense_max)
+        assert r.x_flip.dtype == torch.float32
+        J = torch.stack([torch.autograd.grad(r.x_flip[:, k].sum(), xr, retain_graph=True)[0] for k in range(4)], 1)
+        assert J.dtype == torch.float32
+        assert _rel(J[ok].double(), J64[ok]) <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "weight, lower, side",
+    [([[0, 0], [1, 0], [1, 1]], None, 1.0), ([[0, 0], [1, 0]], [-10.0, 0.0], -1.0)],  # weak inequality, bound
+)
+def test_weak_constraints_kept_active_give_the_one_sided_derivative(weight, lower, side):
+    """weak="active": at x_hat = (-1, 0), x* = (0, 0) with a weakly active constraint (x_2 <= 0 via class 2, or
+    the bound x_2 >= 0). On the branch where it stays active (x_hat_2 moving by `side`) the derivative is 0, which
+    one-sided re-solves confirm; on the other branch x_2 would follow x_hat_2."""
+    from flipfrag.flipgrad import attach_gradients
+
+    model = _linear(weight)
+    x0 = torch.tensor([[-1.0, 0.0]], dtype=F64)
+    lo = None if lower is None else torch.tensor([lower], dtype=F64)
+    res0 = closest_flip_point(model, x0, target=torch.tensor([1]), lower=lo)
+    x = x0.clone().requires_grad_(True)
+    res = attach_gradients(res0, model, x, lower=lo, weak="active")
+    assert res.grad_status[0].startswith("ok (one-sided"), res.grad_status
+    J = _ift_jacobian(res.x_flip, x)[0]
+    h = 1e-3
+    cols = []
+    for e in (torch.tensor([[h, 0.0]]), torch.tensor([[0.0, side * h]])):  # x_hat_2 moves into the branch
+        r = closest_flip_point(model, x0 + e, target=torch.tensor([1]), lower=lo)
+        cols.append(((r.x_flip - res0.x_flip) / e.sum())[0])
+    J_fd = torch.stack(cols, 1)
+    assert torch.allclose(J, J_fd, atol=1e-9) and (J == 0).all()
+    other = closest_flip_point(model, x0 - torch.tensor([[0.0, side * h]]), target=torch.tensor([1]), lower=lo)
+    assert torch.allclose((other.x_flip - res0.x_flip)[0] / (-side * h), torch.tensor([0.0, 1.0], dtype=F64))
+    with pytest.raises(ValueError, match="weak"):
+        attach_gradients(res0, model, x0, lower=lo, weak="yes")
+
+
+def test_one_hot_groups_are_fixed_and_the_rest_is_the_projection():
+    """With a one-hot block (groups), the rounded categories are fixed: their rows and columns of the Jacobian
+    vanish and the free features get the projection I - a_F a_F^T / |a_F|^2 of the linear model."""
+    torch.manual_seed(5)
+    lin = _frozen(nn.Linear(5, 2).to(F64))
+    x0 = torch.randn(3, 5, dtype=F64)
+    x0[:, 3:] = torch.tensor([1.0, 0.0], dtype=F64)
+    x = x0.clone().requires_grad_(True)
+    res = closest_flip_point(lin, x, groups=[[3, 4]], upper_bounds=False, differentiable=True)
+    assert res.converged.all() and res.grad_status == ["ok"] * 3
+    J = _ift_jacobian(res.x_flip, x)
+    a = (lin.weight[0] - lin.weight[1]).detach()[:3]
+    for i in range(3):
+        s = 1 if int(res.source[i]) == 0 else -1  # the sign of a does not matter
+        P = torch.eye(3, dtype=F64) - torch.outer(s * a, s * a) / (a @ a)
+        assert _rel(J[i, :3, :3], P) <= 1e-10
+        assert (J[i, 3:] == 0).all() and (J[i, :, 3:] == 0).all()
