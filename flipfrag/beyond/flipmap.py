@@ -90,7 +90,7 @@ def flip_explanation(model: nn.Module, x: torch.Tensor, solver: dict[str, Any]) 
 class _FlipMap:
     """Mixin: the attacked "saliency method" is the flip explanation (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, *, solver: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, model: nn.Module, *, solver: dict[str, Any] | None = None, weak: str = "nan", **kwargs: Any):
         if "method" in kwargs or "method_kwargs" in kwargs:
             raise TypeError("the flip-explanation attacks take no method / method_kwargs (the map is the flip map)")
         super().__init__(model, "gradient", **kwargs)  # validates the shared budget; the method is replaced below
@@ -98,6 +98,9 @@ class _FlipMap:
         self.solver = dict(solver or {})
         if "differentiable" in self.solver:
             raise ValueError("solver: differentiable is set by the attack, do not pass it")
+        if weak not in ("nan", "active"):
+            raise ValueError(f"weak must be 'nan' or 'active', got {weak!r}")
+        self.weak = weak
         self.last_flip: FlipResult | None = None
         #: (N,) bool after a call: whether x_flip had a derivative at some iterate where a direction was computed
         self.derivative_seen: torch.Tensor | None = None
@@ -115,8 +118,7 @@ class _FlipMap:
             if not differentiable_available():
                 raise NotImplementedError("closest_flip_point(..., differentiable=True) is not available in this "
                                           "flipfrag: the differentiated flip-map attacks cannot run")  # fmt: skip
-            kw["differentiable"] = True
-        res = closest_flip_point(model, x, **kw)
+        res = _flip_with_derivative(model, x, kw, self.weak) if create_graph else closest_flip_point(model, x, **kw)
         self.last_flip = res
         ok = res.converged.to(x.device).view(-1, 1, 1, 1)
         # the direction path fills uncertified rows with 0 (no step; their maps are set to NaN in _direction)
@@ -127,8 +129,7 @@ class _FlipMap:
         g, value, maps, logits = super()._direction(dmodel, obj, x, y)
         ok = self.last_flip.converged.to(x.device)
         status = self.last_flip.grad_status
-        has_derivative = ok & torch.tensor([st == "ok" for st in status] if status is not None else [False] * len(ok),
-                                           dtype=torch.bool, device=x.device)  # fmt: skip
+        has_derivative = ok & _derivative_ok(status, len(ok), x.device)
         seen = self.derivative_seen
         self.derivative_seen = has_derivative if seen is None else seen | has_derivative
         # no derivative (degenerate active set: NaN gradient): no step for that image
@@ -136,6 +137,23 @@ class _FlipMap:
         if maps is not None:
             maps = torch.where(ok.view(-1, 1, 1), maps, torch.full_like(maps, _NAN))
         return g, value, maps, logits
+
+
+def _derivative_ok(status: list[str] | None, n: int, device) -> torch.Tensor:
+    """(n,) bool: ``grad_status`` says x_flip has a derivative (``"ok"`` or ``"ok (one-sided: ...)"``)."""
+    return torch.tensor([st.startswith("ok") for st in status] if status is not None else [False] * n,
+                        dtype=torch.bool, device=device)  # fmt: skip
+
+
+def _flip_with_derivative(model: nn.Module, x: torch.Tensor, solver: dict[str, Any], weak: str) -> FlipResult:
+    """``closest_flip_point(..., differentiable=True)``; ``weak="active"``: weakly active bounds / inequalities kept
+    active (:func:`flipfrag.flipgrad.attach_gradients`, the one-sided derivative of that branch)."""
+    if weak == "nan":
+        return closest_flip_point(model, x, differentiable=True, **solver)
+    from ..flipgrad import attach_gradients
+
+    res = closest_flip_point(model, x.detach(), **solver)
+    return attach_gradients(res, model, x, lower=solver.get("lower"), upper=solver.get("upper"), weak=weak)
 
 
 class FlipRandomSignAttack(_FlipMap, RandomSignAttack):
@@ -227,7 +245,7 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
                         epsilons: Sequence[float] | None = None, methods: Sequence[str] = METHODS,
                         attacks: Sequence[str] = ("random", "topk", "center"),
                         transfer: Sequence[str] = ("topk", "center"), n_flip: int | None = None, box: bool = True,
-                        differentiated_eps: Sequence[float] | None = None,
+                        differentiated_eps: Sequence[float] | None = None, weak: str = "nan",
                         progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
     """Study 2 on one network: per-image rows (model, method, attack, eps, eps255, image, topk, spearman, center,
     label_kept, flip_certified, target_kept, available) for the saliency ``methods`` (the cached attack-grid cells of
@@ -237,7 +255,8 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     ``available=False`` and NaN metrics where the differentiable solver is missing or x_flip has no derivative at
     the image — degenerate active set, ``info["grad_status"]``) and ``transfer-topk`` / ``transfer-center``: the
     simple-gradient attacks' perturbations. ``box=False``: flip points without the pixel box (a labelled variant,
-    model name ``"<name> (no box)"``).
+    model name ``"<name> (no box)"``); ``weak="active"``: the one-sided derivative where bounds are weakly active
+    (:func:`flipfrag.flipgrad.attach_gradients`; model name ``"<name> (one-sided derivative)"``).
 
     Only the images (of the first ``n_flip``) whose closest flip point is certified are used — for every method, so
     all rows are on the same images. ``epsilons`` default: ``prof["epsilons"]``. Returns ``(rows, info)``, info:
@@ -257,7 +276,7 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     res0 = boundary_flips(setting, prof, n=n_flip, box=box)
     ok = res0.converged.to(setting.x.device)
     n_solved = len(res0)
-    name = setting.model_name + ("" if box else " (no box)")
+    name = setting.model_name + ("" if box else " (no box)") + (" (one-sided derivative)" if weak == "active" else "")
     info: dict[str, Any] = {"model": name, "n_images": n_solved, "n_certified": int(ok.sum()), "box": box,
                             "differentiable": differentiable_available(),
                             "seconds": {}}  # fmt: skip
@@ -281,9 +300,9 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     diff_eps = eps_grid if differentiated_eps is None else tuple(float(e) for e in differentiated_eps)
     has_d = torch.zeros(n, dtype=torch.bool, device=x.device)
     if info["differentiable"] and any(a in ("topk", "center") for a in attacks):
-        res_d = closest_flip_point(sub.model, x, differentiable=True, **solver)
+        res_d = _flip_with_derivative(sub.model, x, solver, weak)
         status = res_d.grad_status or ["not differentiable"] * n
-        has_d = res_d.converged.to(x.device) & torch.tensor([st == "ok" for st in status], device=x.device)
+        has_d = res_d.converged.to(x.device) & _derivative_ok(status, n, x.device)
         info["grad_status"] = list(status)
     info["n_derivative"] = int(has_d.sum())
     t = time.perf_counter()
@@ -300,7 +319,8 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
             else:
                 # only images where x_flip has a derivative at x: elsewhere the direction is 0 and x never moves
                 cls = FlipTopKAttack if a == "topk" else FlipCenterAttack
-                atk = cls(sub.model, eps=eps, step=spec.step, iters=int(prof["beyond_flip_iters"]), **common)
+                atk = cls(sub.model, eps=eps, step=spec.step, iters=int(prof["beyond_flip_iters"]), weak=weak,
+                          **common)  # fmt: skip
                 part = _flip_attack_values(atk, x[has_d], y[has_d], target0[has_d])
                 avail = torch.zeros(n, dtype=torch.bool)
                 avail[has_d.cpu()] = atk.derivative_seen.cpu()
