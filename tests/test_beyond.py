@@ -253,3 +253,26 @@ def test_the_cifar_saliency_cells_are_the_cifar_grid_notebooks_cells():
         assert grid_cache_key(st.model, st.x, st.y, ours.cell_settings(*cell)) == grid_cache_key(
             ref.model, ref.x, ref.y, full.cell_settings(*cell)
         )
+
+
+def test_the_one_sided_derivative_moves_boxed_images_the_strict_one_refuses(tmp_path, monkeypatch):
+    """weak='active' (flipgrad): weakly active pixel bounds kept active, so a boxed flip point gets a derivative
+    where the strict rule says none; both attacks stay in the budget and keep the label."""
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    st = _tiny_setting()
+    solver = {"lower": 0.0, "upper": 1.0, "max_ineq": 2}
+    x = st.x.clone()
+    x[:, :, :2] = 0.0  # pixels at the lower bound, as MNIST's background
+    with torch.no_grad():
+        keep = st.model(x).argmax(1) == st.y
+    x, y = x[keep], st.y[keep]
+    for weak in ("nan", "active"):
+        atk = beyond.FlipTopKAttack(st.model, solver=solver, weak=weak, eps=8 / 255, iters=2, k=st.k, progress=False)
+        out = atk(x, y)
+        assert float((out.x_adv - x).abs().max()) <= 8 / 255 + 1e-12 and bool(out.label_kept.all())
+        if weak == "active":
+            assert bool(atk.derivative_seen.all())
+    with pytest.raises(ValueError, match="weak"):
+        beyond.FlipTopKAttack(st.model, weak="maybe")
