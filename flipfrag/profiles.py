@@ -79,6 +79,18 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dim_iters": 3,
         "convergence_iters": 4,
         "convergence_n_images": 2,
+        # beyond (notebooks/beyond): study 1 (distance to the closest flip point vs fragility) and study 2 (the
+        # flip-explanation map attacked); per network: images, flip points, attack iterations
+        "beyond_mnist_n": 8,
+        "beyond_cifar_n": 2,
+        "beyond_cifar_flip_n": 1,
+        "beyond_cifar_flip_iters": 5,
+        "beyond_lanczos_iters": 4,
+        "beyond_mnist_iters": 3,
+        "beyond_flip_n": 4,
+        "beyond_flip_iters": 2,
+        "beyond_diff_eps255": [8],  # eps (0-255) of the flip-map attacks differentiated through the solver
+        "beyond_n_boot": 200,
     },
     "quick": {
         **_COMMON,
@@ -119,6 +131,18 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dim_iters": 30,
         "convergence_iters": 100,
         "convergence_n_images": 4,
+        # beyond: sized to <= ~90 s per notebook on 2 cores (the quick build's budget is full); the ReLU CIFAR-10 CNN's
+        # flip points cost tens of seconds each, so only a few of its images get one
+        "beyond_mnist_n": 40,
+        "beyond_cifar_n": 12,  # = grid_n_images: the saliency attacks are 04_cifar_grid's cached cells
+        "beyond_cifar_flip_n": 1,  # measured: 2 photos x 40 iterations = 158 s on the shared 2 cores, none certified
+        "beyond_cifar_flip_iters": 10,  # measured: 1 photo x 20 iterations = 68 s, not certified
+        "beyond_lanczos_iters": 12,
+        "beyond_mnist_iters": 10,  # MNIST saliency attacks (the CIFAR-10 ones are 04_cifar_grid's 30 / IG 20)
+        "beyond_flip_n": 8,
+        "beyond_flip_iters": 6,  # each iteration is a differentiable flip solve (~1 s for 8 digits)
+        "beyond_diff_eps255": [8],  # the budget: random sign and transfer run on the whole eps grid
+        "beyond_n_boot": 2000,
     },
     "paper": {
         **_COMMON,
@@ -157,6 +181,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dim_iters": 300,
         "convergence_iters": 300,
         "convergence_n_images": 16,
+        "beyond_mnist_n": 500,
+        "beyond_cifar_n": 100,
+        "beyond_cifar_flip_n": 100,
+        "beyond_cifar_flip_iters": 300,
+        "beyond_lanczos_iters": 30,
+        "beyond_mnist_iters": 300,
+        "beyond_flip_n": 100,
+        "beyond_flip_iters": 100,
+        "beyond_diff_eps255": [1, 2, 4, 8],
+        "beyond_n_boot": 10000,
     },
 }
 

@@ -91,6 +91,27 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
         ),
         "claims": (),
     },
+    "beyond/01_boundary_vs_fragility": {
+        "items": (
+            "beyond/fig_boundary_vs_fragility",
+            "beyond/table_boundary_vs_fragility",
+        ),
+        "claims": (
+            "beyond/boundary_curvature_mediator",
+            "beyond/boundary_fragility_corr",
+            "beyond/flip_points_certified",
+        ),
+    },
+    "beyond/02_flip_explanation_fragility": {
+        "items": (
+            "beyond/fig_flip_explanation_fragility",
+            "beyond/table_flip_explanation_fragility",
+        ),
+        "claims": (
+            "beyond/flip_explanation_fragility",
+            "beyond/flip_target_survival",
+        ),
+    },
     "flip_points/01_models": {
         "items": ("flip_points/table_models",),
         "claims": (

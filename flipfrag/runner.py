@@ -46,11 +46,18 @@ class NotebookRun:
     seconds: float
 
 
+#: The notebook folder run after all others (its notebooks reuse the others' caches).
+LAST_FOLDER = "beyond"
+
+
 def find_notebooks(root: str | Path = REPO_ROOT / "notebooks", select: list[str] | None = None) -> list[Path]:
-    """Notebooks under ``root`` (sorted), optionally only those whose relative path starts with one of ``select``
-    (e.g. ``flip_points`` or ``fragility/01``; a trailing ``.ipynb`` is optional)."""
+    """Notebooks under ``root`` (sorted; the :data:`LAST_FOLDER` folder last), optionally only those whose relative
+    path starts with one of ``select`` (e.g. ``flip_points`` or ``fragility/01``; a trailing ``.ipynb`` is
+    optional)."""
     root = Path(root)
-    found = sorted(p for p in root.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    # the beyond/ studies build on both papers' notebooks and read their cached attack cells: run them last
+    found = sorted((p for p in root.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts),
+                   key=lambda p: (p.relative_to(root).parts[0] == LAST_FOLDER, p))  # fmt: skip
     if not select:
         return found
     keys = [s.removeprefix("notebooks/").removesuffix(".ipynb") for s in select]

@@ -203,3 +203,12 @@ def test_a_bad_device_stops_the_run_before_any_notebook(tmp_path):
         runner.run_all(profile="smoke", figures_dir=tmp_path / "f", output_dir=tmp_path / "o", root=tmp_path,
                        device="tpu")  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_the_beyond_notebooks_run_last(tmp_path):
+    """They read the fragility notebooks' cached attack cells, so they come after every other folder."""
+    for rel in ("00_top.ipynb", "beyond/01_a.ipynb", "fragility/04_b.ipynb", "zeta/01_c.ipynb"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        _notebook(tmp_path / rel, "x = 1")
+    names = [str(p.relative_to(tmp_path)) for p in runner.find_notebooks(tmp_path)]
+    assert names == ["00_top.ipynb", "fragility/04_b.ipynb", "zeta/01_c.ipynb", "beyond/01_a.ipynb"]

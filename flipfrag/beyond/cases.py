@@ -1,0 +1,75 @@
+"""The two networks of the beyond studies, as :class:`flipfrag.fragility.ImageSetting` s, and their flip solver
+settings.
+
+* ``"cifar10-cnn"`` — the real pretrained CIFAR-10 CNN (ReLU, BatchNorm folded) on the 20 shipped CIFAR-10 test
+  photos (true labels): :func:`flipfrag.fragility.image_setting` ``("cifar", ...)``, the same images and reference
+  as ``notebooks/fragility/04_cifar_grid``. Its second-order attacks use the softplus surrogate (the fragility
+  notebooks' choice); its flip points are solved on the ReLU network itself.
+* ``"mnist-erf"`` — the erf MLP 784-100-10 of the flip-point notebooks (``flipfrag.models.ZOO["mnist-erf"]``: in
+  ``quick`` the checkpoint shipped in ``data/models``, no training), on MNIST-5k test digits. Smooth, so it is
+  attacked without a surrogate. Role ``mnist28`` (k = 15 of 784 pixels, the paper's ImageNet fraction), reference
+  image: the mean training digit (per channel), as the MNIST settings of the fragility notebooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..fragility.settings import ImageSetting, image_setting, prepare_setting
+
+__all__ = ["CASES", "beyond_setting", "flip_solver_settings", "grid_overrides"]
+
+CASES = ("mnist-erf", "cifar10-cnn")
+
+
+def _mnist_erf(prof: dict[str, Any], *, n: int, seed: int) -> ImageSetting:
+    from ..flipstats import trained_variant
+
+    model, data, meta = trained_variant("mnist-erf", "erf", prof, seed=seed)
+    dtype = next(model.parameters()).dtype
+    X = data.X_test.to(dtype)
+    baseline = data.X_train.to(dtype).mean().reshape(1, 1, 1)
+    hidden = "-".join(str(h) for h in model.config["hidden"])
+    desc = (f"erf MLP 784-{hidden}-10 (flipfrag.models.ZOO['mnist-erf'], test accuracy {meta['test_acc']:.3f}) "
+            f"on MNIST test digits ({data.source})")  # fmt: skip
+    return prepare_setting("mnist28", model.eval(), X, data.y_test, n=n, baseline=baseline,
+                           class_names=data.class_names, description=desc,
+                           substitution="MNIST-5k + the erf MLP of the flip-point notebooks (smooth: no surrogate)",
+                           seed=seed, meta={"source": data.source, "test_acc": meta["test_acc"]},
+                           model_name="mnist-erf")  # fmt: skip
+
+
+def beyond_setting(case: str, prof: dict[str, Any], *, n: int, seed: int = 0) -> ImageSetting:
+    """The model and ``n`` correctly classified images of a case (:data:`CASES`)."""
+    if case not in CASES:
+        raise ValueError(f"case must be one of {CASES}, got {case!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if case == "mnist-erf":
+        return _mnist_erf(prof, n=n, seed=seed)
+    return image_setting("cifar", prof, seed=seed, n=min(n, 20))
+
+
+def flip_solver_settings(setting: ImageSetting, prof: dict[str, Any], *, box: bool = True) -> dict[str, Any]:
+    """Settings of :func:`flipfrag.flip.closest_flip_point` for a case: the pixel box [0, 1] (``box=False``: no
+    bounds, a labelled variant: boxed MNIST flip points have no derivative, see :mod:`flipfrag.beyond.flipmap`), the
+    profile's
+    ``flip_tol`` / ``flip_max_iter``, ``max_ineq=2`` (as ``flipstats.flip_settings`` for images). The float32 ReLU
+    CIFAR-10 CNN: relative tolerance 1e-5 (its float32 scores carry rounding errors of that order, see the solver's
+    ``tol``), ``screen=1`` target and ``beyond_cifar_flip_iters`` iterations (its solves cost tens of seconds)."""
+    s: dict[str, Any] = {"lower": 0.0, "upper": 1.0, "tol": float(prof["flip_tol"]),
+                         "max_iter": int(prof["flip_max_iter"]), "max_ineq": 2}  # fmt: skip
+    if not box:
+        del s["lower"], s["upper"]
+    if setting.model_name == "cifar10-cnn":
+        s.update(tol=max(float(prof["flip_tol"]), 1e-5), screen=1, max_iter=int(prof["beyond_cifar_flip_iters"]))
+    return s
+
+
+def grid_overrides(setting: ImageSetting, prof: dict[str, Any]) -> dict[str, Any]:
+    """Changes to the fragility grid's settings (:func:`flipfrag.fragility.grid_spec`) for a case's saliency attacks.
+    The CIFAR-10 CNN: none, so its cells are those of ``notebooks/fragility/04_cifar_grid`` (same keys, read from its
+    cache). The MNIST erf MLP: ``beyond_mnist_iters`` iterations for every method (the quick budget)."""
+    if setting.model_name == "cifar10-cnn":
+        return {}
+    return {"iters": int(prof["beyond_mnist_iters"]), "method_iters": {}}

@@ -1,0 +1,375 @@
+"""Study 2: is paper 1's explanation — the direction to the closest flip point — fragile too?
+
+The **flip-explanation map** of an image ``x`` with closest flip point ``x_flip`` is ``|x_flip - x|`` summed over
+channels and normalised to sum 1 (:func:`flip_explanation_map`: the papers' saliency post-processing,
+:func:`flipfrag.saliency.saliency_map`, applied to ``x_flip - x``). It is attacked with paper 2's attacks, in paper 2's
+loop (:class:`flipfrag.attacks.InterpretationAttack`; same ε-ball, step, label-kept rule, best-iterate selection
+and metrics):
+
+* :class:`FlipRandomSignAttack` — the one-shot random sign perturbation (same seed, hence the same perturbation, as
+  the saliency methods' random rows);
+* :class:`FlipTopKAttack`, :class:`FlipCenterAttack` — the top-k and center-of-mass attacks, whose step direction
+  differentiates the map *through the flip solver*: ``closest_flip_point(..., differentiable=True)`` (implicit
+  function theorem at the certified KKT point). Where that API is missing (:func:`differentiable_available`) they
+  raise :class:`NotImplementedError` and the study reports the rows as not available;
+* transfer (:func:`transfer_attack`) — the perturbations found by the top-k / center attacks against the
+  simple-gradient map, applied unchanged to the flip explanation.
+
+Only images whose closest flip point is certified are attacked; an iterate whose flip point is not certified has
+no map (NaN), so it is never selected; a returned image without a certified flip point is excluded and counted. For
+every returned image the study also records whether the closest flip point still flips to the same *target* class.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..attacks import MassCenterAttack, RandomSignAttack, TopKAttack
+from ..flip import FlipResult, closest_flip_point
+from ..fragility.grid import GridSpec, grid_for, grid_spec
+from ..fragility.paper import METHODS
+from ..fragility.settings import ImageSetting
+from ..metrics import ReferenceMaps
+from ..saliency import saliency_map
+from .boundary import boundary_flips
+from .cases import flip_solver_settings, grid_overrides
+
+__all__ = [
+    "FLIP_METHOD",
+    "differentiable_available",
+    "flip_explanation_map",
+    "flip_explanation",
+    "FlipRandomSignAttack",
+    "FlipTopKAttack",
+    "FlipCenterAttack",
+    "sg_attack",
+    "transfer_attack",
+    "flip_fragility_rows",
+    "summarize_flip_fragility",
+]
+
+#: The method name of the flip explanation in tables.
+FLIP_METHOD = "flip"
+_NAN = float("nan")
+
+
+def differentiable_available() -> bool:
+    """Whether :func:`flipfrag.flip.closest_flip_point` takes ``differentiable=True`` (x_flip carrying gradients)."""
+    return "differentiable" in inspect.signature(closest_flip_point).parameters
+
+
+def flip_explanation_map(x: torch.Tensor, x_flip: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) map ``|x_flip - x|`` summed over channels, normalised to sum 1 per image
+    (:func:`flipfrag.saliency.saliency_map`); all-NaN for an image whose ``x_flip`` has a NaN (no certified flip
+    point). ``x``, ``x_flip``: (N, C, H, W). Differentiable in both."""
+    if not isinstance(x, torch.Tensor) or not isinstance(x_flip, torch.Tensor):
+        raise TypeError("x and x_flip must be torch.Tensors")
+    if x.dim() != 4 or x_flip.shape != x.shape:
+        raise ValueError(f"x and x_flip must be (N, C, H, W) of the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(x_flip.shape)}")  # fmt: skip
+    bad = torch.isnan(x_flip).flatten(1).any(1)
+    diff = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(x), x_flip.to(x.dtype) - x)
+    m = saliency_map(diff)
+    return torch.where(bad.view(-1, 1, 1), torch.full_like(m, _NAN), m)
+
+
+def flip_explanation(model: nn.Module, x: torch.Tensor, solver: dict[str, Any]) -> tuple[torch.Tensor, FlipResult]:
+    """The flip-explanation maps (N, H, W) of ``x`` (NaN rows where not certified) and the solver's result."""
+    res = closest_flip_point(model, x, **solver)
+    return flip_explanation_map(x, res.x_flip.to(x.dtype)), res
+
+
+class _FlipMap:
+    """Mixin: the attacked "saliency method" is the flip explanation (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, *, solver: dict[str, Any] | None = None, weak: str = "nan", **kwargs: Any):
+        if "method" in kwargs or "method_kwargs" in kwargs:
+            raise TypeError("the flip-explanation attacks take no method / method_kwargs (the map is the flip map)")
+        super().__init__(model, "gradient", **kwargs)  # validates the shared budget; the method is replaced below
+        self.method = FLIP_METHOD
+        self.solver = dict(solver or {})
+        if "differentiable" in self.solver:
+            raise ValueError("solver: differentiable is set by the attack, do not pass it")
+        if weak not in ("nan", "active"):
+            raise ValueError(f"weak must be 'nan' or 'active', got {weak!r}")
+        self.weak = weak
+        self.last_flip: FlipResult | None = None
+        #: (N,) bool after a call: whether x_flip had a derivative at some iterate where a direction was computed
+        self.derivative_seen: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, y: Any = None, **kwargs: Any):
+        self.derivative_seen = None
+        return super().__call__(x, y, **kwargs)
+
+    def _direction_model(self, x: torch.Tensor) -> nn.Module:
+        return self.model  # the flip solver works on the network itself (smooth or ReLU)
+
+    def _attr(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool):
+        kw = dict(self.solver)
+        if create_graph:
+            if not differentiable_available():
+                raise NotImplementedError("closest_flip_point(..., differentiable=True) is not available in this "
+                                          "flipfrag: the differentiated flip-map attacks cannot run")  # fmt: skip
+        res = _flip_with_derivative(model, x, kw, self.weak) if create_graph else closest_flip_point(model, x, **kw)
+        self.last_flip = res
+        ok = res.converged.to(x.device).view(-1, 1, 1, 1)
+        # the direction path fills uncertified rows with 0 (no step; their maps are set to NaN in _direction)
+        fill = 0.0 if create_graph else _NAN
+        return torch.where(ok, res.x_flip.to(x.dtype) - x, torch.full_like(x, fill)), None
+
+    def _direction(self, dmodel, obj, x, y):
+        g, value, maps, logits = super()._direction(dmodel, obj, x, y)
+        ok = self.last_flip.converged.to(x.device)
+        status = self.last_flip.grad_status
+        has_derivative = ok & _derivative_ok(status, len(ok), x.device)
+        seen = self.derivative_seen
+        self.derivative_seen = has_derivative if seen is None else seen | has_derivative
+        # no derivative (degenerate active set: NaN gradient): no step for that image
+        g = torch.nan_to_num(torch.where(has_derivative.view(-1, 1, 1, 1), g, torch.zeros_like(g)), nan=0.0)
+        if maps is not None:
+            maps = torch.where(ok.view(-1, 1, 1), maps, torch.full_like(maps, _NAN))
+        return g, value, maps, logits
+
+
+def _derivative_ok(status: list[str] | None, n: int, device) -> torch.Tensor:
+    """(n,) bool: ``grad_status`` says x_flip has a derivative (``"ok"`` or ``"ok (one-sided: ...)"``)."""
+    return torch.tensor([st.startswith("ok") for st in status] if status is not None else [False] * n,
+                        dtype=torch.bool, device=device)  # fmt: skip
+
+
+def _flip_with_derivative(model: nn.Module, x: torch.Tensor, solver: dict[str, Any], weak: str) -> FlipResult:
+    """``closest_flip_point(..., differentiable=True)``; ``weak="active"``: weakly active bounds / inequalities kept
+    active (:func:`flipfrag.flipgrad.attach_gradients`, the one-sided derivative of that branch)."""
+    if weak == "nan":
+        return closest_flip_point(model, x, differentiable=True, **solver)
+    from ..flipgrad import attach_gradients
+
+    res = closest_flip_point(model, x.detach(), **solver)
+    return attach_gradients(res, model, x, lower=solver.get("lower"), upper=solver.get("upper"), weak=weak)
+
+
+class FlipRandomSignAttack(_FlipMap, RandomSignAttack):
+    """Random sign perturbation of the flip explanation (:class:`flipfrag.attacks.RandomSignAttack`'s one shot;
+    ``solver``: keyword arguments of :func:`flipfrag.flip.closest_flip_point`)."""
+
+
+class FlipTopKAttack(_FlipMap, TopKAttack):
+    """Top-k attack on the flip explanation, differentiated through the flip solver (implicit function theorem)."""
+
+
+class FlipCenterAttack(_FlipMap, MassCenterAttack):
+    """Center-of-mass attack on the flip explanation, differentiated through the flip solver."""
+
+
+def sg_attack(spec: GridSpec, model: nn.Module, attack: str, eps: float) -> TopKAttack | MassCenterAttack:
+    """The top-k or center attack on the simple-gradient map exactly as the grid cell of ``spec`` builds it
+    (:func:`flipfrag.fragility.grid.run_attack_grid`): its perturbations are the ones transferred."""
+    if attack not in ("topk", "center"):
+        raise ValueError(f"attack must be 'topk' or 'center', got {attack!r}")
+    cls = TopKAttack if attack == "topk" else MassCenterAttack
+    return cls(model, "gradient", eps=float(eps), step=spec.step, iters=spec.iters_for("gradient"), beta=spec.beta,
+               k=spec.k, method_kwargs=spec.method_kwargs.get("gradient", {}), floor_center=spec.floor_center,
+               record_metrics=True, progress=False)  # fmt: skip
+
+
+def transfer_attack(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, map0: torch.Tensor,
+                    target0: torch.Tensor, *, k: int, solver: dict[str, Any],
+                    floor_center: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The flip explanation at perturbed images ``x_adv`` (e.g. the simple-gradient attack's ``out.x_adv``, used
+    unchanged) against ``map0``, the flip explanation at the original images (whose flip points flip to
+    ``target0``).
+
+    Returns a dict of (N,) tensors: ``topk``, ``spearman``, ``center`` (NaN where the flip point at ``x_adv`` or the
+    original one is not certified), ``label_kept``, ``certified`` (flip point at ``x_adv``), ``target_kept`` (same
+    target class, certified), and ``x_adv`` (the images evaluated)."""
+    maps, res = flip_explanation(model, x_adv, solver)
+    with torch.no_grad():
+        label_kept = model(x_adv).argmax(1) == y
+    return {**_compare(map0, maps, k, floor_center), "label_kept": label_kept, "certified": res.converged,
+            "target_kept": res.converged & (res.target == target0), "x_adv": x_adv}  # fmt: skip
+
+
+def _compare(map0: torch.Tensor, maps: torch.Tensor, k: int, floor_center: bool) -> dict[str, torch.Tensor]:
+    """top-k ∩, Spearman ρ and center shift of ``maps`` against ``map0``; NaN where either map is NaN."""
+    ok = ~(torch.isnan(map0).flatten(1).any(1) | torch.isnan(maps).flatten(1).any(1))
+    ref = ReferenceMaps(torch.nan_to_num(map0, nan=0.0), k, floor_center=floor_center)
+    safe = torch.nan_to_num(maps, nan=0.0)
+    nan = torch.full(ok.shape, _NAN, dtype=map0.dtype, device=map0.device)
+    return {
+        m: torch.where(ok, f(safe), nan)
+        for m, f in (("topk", ref.topk_intersection), ("spearman", ref.spearman), ("center", ref.center_shift))
+    }
+
+
+_ROW_METRICS = ("topk", "spearman", "center")
+
+
+def _rows(model_name: str, method: str, attack: str, eps: float, values: dict[str, Any], n: int,
+          available: bool | torch.Tensor = True) -> list[dict[str, Any]]:  # fmt: skip
+    def get(name: str, i: int):
+        v = values.get(name)
+        if v is None:
+            return None
+        return v[i].item() if isinstance(v, torch.Tensor) else v[i]
+
+    avail = [bool(available[i]) if isinstance(available, torch.Tensor) else bool(available) for i in range(n)]
+    return [{"model": model_name, "method": method, "attack": attack, "eps": float(eps),
+             "eps255": round(float(eps) * 255, 6), "image": i,
+             **{m: (float(get(m, i)) if avail[i] else _NAN) for m in _ROW_METRICS},
+             "label_kept": get("label_kept", i) if avail[i] else None, "flip_certified": get("certified", i),
+             "target_kept": get("target_kept", i) if avail[i] else None, "available": avail[i]}
+            for i in range(n)]  # fmt: skip
+
+
+def _flip_attack_values(atk, x: torch.Tensor, y: torch.Tensor, target0: torch.Tensor) -> dict[str, Any]:
+    out = atk(x, y)
+    last = atk.last_flip  # the solve at the returned images (the attack's final evaluation)
+    vals: dict[str, Any] = {m: out.metrics[m] for m in _ROW_METRICS}
+    vals.update(
+        label_kept=out.label_kept,
+        certified=last.converged,
+        target_kept=last.converged & (last.target.to(target0.device) == target0),
+    )
+    return vals
+
+
+def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0,
+                        epsilons: Sequence[float] | None = None, methods: Sequence[str] = METHODS,
+                        attacks: Sequence[str] = ("random", "topk", "center"),
+                        transfer: Sequence[str] = ("topk", "center"), n_flip: int | None = None, box: bool = True,
+                        differentiated_eps: Sequence[float] | None = None, weak: str = "nan",
+                        progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
+    """Study 2 on one network: per-image rows (model, method, attack, eps, eps255, image, topk, spearman, center,
+    label_kept, flip_certified, target_kept, available) for the saliency ``methods`` (the cached attack-grid cells of
+    :func:`flipfrag.fragility.grid_for`, the fragility notebooks' settings)
+    and for the flip explanation (``method="flip"``): its own random / top-k / center attacks
+    (``prof["beyond_flip_iters"]`` iterations, at the ``differentiated_eps`` (default: every ε); rows with
+    ``available=False`` and NaN metrics where the differentiable solver is missing or x_flip has no derivative at
+    the image — degenerate active set, ``info["grad_status"]``) and ``transfer-topk`` / ``transfer-center``: the
+    simple-gradient attacks' perturbations. ``box=False``: flip points without the pixel box (a labelled variant,
+    model name ``"<name> (no box)"``); ``weak="active"``: the one-sided derivative where bounds are weakly active
+    (:func:`flipfrag.flipgrad.attach_gradients`; model name ``"<name> (one-sided derivative)"``).
+
+    Only the images (of the first ``n_flip``) whose closest flip point is certified are used — for every method, so
+    all rows are on the same images. ``epsilons`` default: ``prof["epsilons"]``. Returns ``(rows, info)``, info:
+    ``model``, ``n_images``, ``n_certified``, ``differentiable`` (bool), ``n_derivative`` (certified images where
+    x_flip has a derivative), ``grad_status``, ``seconds`` per part.
+    """
+    import time
+
+    eps_grid = tuple(float(e) for e in (prof["epsilons"] if epsilons is None else epsilons))
+    for a in attacks:
+        if a not in ("random", "topk", "center"):
+            raise ValueError(f"attacks: unknown attack {a!r}")
+    for a in transfer:
+        if a not in ("topk", "center"):
+            raise ValueError(f"transfer: unknown attack {a!r}")
+    solver = flip_solver_settings(setting, prof, box=box)
+    res0 = boundary_flips(setting, prof, n=n_flip, box=box)
+    ok = res0.converged.to(setting.x.device)
+    n_solved = len(res0)
+    name = setting.model_name + ("" if box else " (no box)") + (" (one-sided derivative)" if weak == "active" else "")
+    info: dict[str, Any] = {"model": name, "n_images": n_solved, "n_certified": int(ok.sum()), "box": box,
+                            "differentiable": differentiable_available(),
+                            "seconds": {}}  # fmt: skip
+    if not ok.any():
+        return pd.DataFrame(columns=["model", "method", "attack", "eps", "eps255", "image", *_ROW_METRICS,
+                                     "label_kept", "flip_certified", "target_kept", "available"]), info  # fmt: skip
+    sub = replace(setting, x=setting.x[:n_solved][ok], y=setting.y[:n_solved][ok])
+    x, y, n = sub.x, sub.y, int(ok.sum())
+    map0 = flip_explanation_map(x, res0.x_flip[ok].to(x.dtype))
+    target0 = res0.target[ok]
+    over = grid_overrides(setting, prof)
+    spec = grid_spec(sub, prof, seed=seed, methods=methods, attacks=tuple(dict.fromkeys([*attacks, *transfer])),
+                     epsilons=eps_grid, **over)  # fmt: skip
+    t = time.perf_counter()
+    grid = grid_for(sub, prof, seed=seed, methods=methods, attacks=spec.attacks, epsilons=eps_grid,
+                    progress=progress, **over)  # fmt: skip
+    info["seconds"]["saliency grid"] = time.perf_counter() - t
+    grid = grid.assign(model=name, flip_certified=None, target_kept=None, available=True)
+    rows: list[dict[str, Any]] = []
+    common = dict(solver=solver, k=spec.k, floor_center=spec.floor_center, progress=False)
+    diff_eps = eps_grid if differentiated_eps is None else tuple(float(e) for e in differentiated_eps)
+    has_d = torch.zeros(n, dtype=torch.bool, device=x.device)
+    if info["differentiable"] and any(a in ("topk", "center") for a in attacks):
+        res_d = _flip_with_derivative(sub.model, x, solver, weak)
+        status = res_d.grad_status or ["not differentiable"] * n
+        has_d = res_d.converged.to(x.device) & _derivative_ok(status, n, x.device)
+        info["grad_status"] = list(status)
+    info["n_derivative"] = int(has_d.sum())
+    t = time.perf_counter()
+    for eps in eps_grid:
+        for a in attacks:
+            if eps == 0 and a != "random":
+                continue  # eps = 0: one unperturbed re-solve (the random row) stands for every attack
+            if a == "random":
+                atk = FlipRandomSignAttack(sub.model, eps=eps, seed=spec.seed, tries=spec.random_tries, **common)
+                vals = _flip_attack_values(atk, x, y, target0)
+            elif not info["differentiable"] or not has_d.any() or eps not in diff_eps:
+                rows += _rows(name, FLIP_METHOD, a, eps, {}, n, available=False)
+                continue
+            else:
+                # only images where x_flip has a derivative at x: elsewhere the direction is 0 and x never moves
+                cls = FlipTopKAttack if a == "topk" else FlipCenterAttack
+                atk = cls(sub.model, eps=eps, step=spec.step, iters=int(prof["beyond_flip_iters"]), weak=weak,
+                          **common)  # fmt: skip
+                part = _flip_attack_values(atk, x[has_d], y[has_d], target0[has_d])
+                avail = torch.zeros(n, dtype=torch.bool)
+                avail[has_d.cpu()] = atk.derivative_seen.cpu()
+                vals = {}
+                for key, v in part.items():
+                    full = torch.zeros(n, dtype=v.dtype, device=v.device)
+                    full[has_d] = v
+                    vals[key] = full
+                rows += _rows(name, FLIP_METHOD, a, eps, vals, n, available=avail)
+                continue
+            rows += _rows(name, FLIP_METHOD, "none" if eps == 0 else a, eps, vals, n)
+        if eps == 0:
+            continue
+        for a in transfer:
+            sg_out = sg_attack(spec, sub.model, a, eps)(x, y)
+            vals = transfer_attack(sub.model, sg_out.x_adv, y, map0, target0, k=spec.k, solver=solver,
+                                   floor_center=spec.floor_center)  # fmt: skip
+            rows += _rows(name, FLIP_METHOD, f"transfer-{a}", eps, vals, n)
+    info["seconds"]["flip explanation"] = time.perf_counter() - t
+    flip_rows = pd.DataFrame(rows)
+    keep = [c for c in flip_rows.columns if c in grid.columns]
+    grid.loc[grid.eps == 0, "attack"] = "none"
+    grid = grid.drop_duplicates(["method", "attack", "eps", "image"])
+    return pd.concat([grid[keep], flip_rows], ignore_index=True), info
+
+
+def summarize_flip_fragility(rows: pd.DataFrame) -> pd.DataFrame:
+    """Means over images per (model, method, attack, eps255): topk, spearman, center (over images with a value),
+    ``n`` images, ``n_missing`` (no value: no certified flip point at the returned image, or — own attacks on the
+    flip map — no derivative of x_flip at any iterate), ``label_kept`` and ``target_kept`` (fraction; flip rows
+    only), ``available`` (some image has a value)."""
+    out = []
+    for key, g in rows.groupby(["model", "method", "attack", "eps255"], sort=False):
+        avail = bool(g.available.any())
+        g = g[g.available.astype(bool)]
+        rec = dict(zip(("model", "method", "attack", "eps255"), key))
+        rec.update({m: (float(np.nanmean(g[m])) if g[m].notna().any() else _NAN) for m in _ROW_METRICS})
+        kept = g.target_kept.dropna()
+        rec.update(
+            n=len(
+                rows[
+                    (rows.model == key[0]) & (rows.method == key[1]) & (rows.attack == key[2]) & (rows.eps255 == key[3])
+                ]
+            ),
+            n_missing=0,
+            label_kept=float(g.label_kept.astype(float).mean()) if len(g) else _NAN,
+            target_kept=float(kept.astype(float).mean()) if len(kept) else _NAN,
+            available=avail,
+        )
+        rec["n_missing"] = rec["n"] - int(g.topk.notna().sum())  # fmt: skip
+        out.append(rec)
+    return pd.DataFrame(out)

@@ -1,0 +1,168 @@
+"""The two figures of the beyond notebooks (one shared style: :mod:`flipfrag.plotting`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import NullFormatter
+
+from ..fragility.paper import METHOD_LABELS
+from .flipmap import FLIP_METHOD
+
+__all__ = ["plot_boundary_vs_fragility", "plot_flip_explanation_fragility", "METHOD_COLORS"]
+
+METHOD_COLORS = {"gradient": "#1f77b4", "integrated_gradients": "#2ca02c", "deeplift": "#d62728", "dtd": "#9467bd",
+                 FLIP_METHOD: "#000000"}  # fmt: skip
+_LABELS = {**METHOD_LABELS, FLIP_METHOD: "Flip explanation |x_flip − x|"}
+_MODEL_LABELS = {"mnist-erf (no box)": "MNIST erf MLP, flip points without the pixel box",
+                 "mnist-erf": "MNIST erf MLP (smooth, no surrogate)",
+                 "cifar10-cnn": "CIFAR-10 CNN (ReLU; softplus surrogate for the attacks)"}  # fmt: skip
+
+
+_FLIP_COLORS = {"random": "#000000", "topk": "#555555", "center": "#555555", "transfer-topk": "#ff7f0e",
+                "transfer-center": "#8c564b"}  # fmt: skip
+_ATTACK_TEXT = {
+    "topk": "top-k attack",
+    "random": "random sign",
+    "center": "center attack",
+    "transfer-topk": "SG top-k attack's perturbation",
+    "transfer-center": "SG center attack's perturbation",
+}
+
+
+def _line_label(method: str, attack: str) -> str:
+    if method == FLIP_METHOD:
+        return f"flip map: {_ATTACK_TEXT[attack]}"
+    return f"{METHOD_LABELS[method]}: {_ATTACK_TEXT[attack]}"
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, wrap=True,
+            bbox={"boxstyle": "round", "fc": "#f4f4f4", "ec": "#999999"})  # fmt: skip
+
+
+def plot_boundary_vs_fragility(frame: pd.DataFrame, corr: pd.DataFrame, *, models: Sequence[str], title: str = ""):
+    """Rows = networks; columns: top-k ∩ after the top-k attack (ε = 8/255) vs the distance to the closest certified
+    flip point, the same vs the curvature |λ_max|, and the Spearman ρ of every pair with its bootstrap interval."""
+    from ..plotting import subplots
+
+    fig, axes = subplots(len(models), 3, figsize=(15, 4.3 * len(models)), squeeze=False,
+                         gridspec_kw={"width_ratios": [1, 1, 1.25]})  # fmt: skip
+    for r, model in enumerate(models):
+        f = frame[frame.model == model]
+        c = corr[corr.model == model]
+        methods = list(dict.fromkeys(f.method))
+        ax_d, ax_c, ax_r = axes[r]
+        n_img = f.image.nunique()
+        n_cert = int(f.drop_duplicates("image").certified.sum())
+        for m in methods:
+            g = f[f.method == m]
+            ax_d.scatter(g.distance, g.topk_attack, s=18, alpha=0.75, color=METHOD_COLORS[m], label=_LABELS[m])
+            ax_c.scatter(g.curvature, g.topk_attack, s=18, alpha=0.75, color=METHOD_COLORS[m], label=_LABELS[m])
+        if n_cert == 0:
+            n_solved = int(f.drop_duplicates("image").flip_status.ne("not solved").sum())
+            _note(ax_d, f"no certified flip point\n(0 of {n_solved} solved images)")
+        ax_d.set_xlabel("distance to the closest flip point (L2, [0, 1] pixels)")
+        ax_d.set_ylabel("top-k ∩ after top-k attack, ε = 8/255")
+        ax_d.set_title(f"{_MODEL_LABELS.get(model, model)}\n{n_cert} of {n_img} images with a certified flip point")
+        curv = f.curvature[f.curvature > 0]
+        if len(curv) and curv.max() > 20 * curv.min():  # log scale only when the curvatures span decades
+            ax_c.set_xscale("log")
+            ax_c.xaxis.set_minor_formatter(NullFormatter())
+        ax_c.set_xlabel("curvature |λ_max| of the input Hessian of the class logit")
+        ax_c.set_title(f"{n_img} images")
+        ax_c.legend(loc="best", fontsize=8)
+        for ax in (ax_d, ax_c):
+            ax.set_ylim(-0.03, 1.03)
+        labels, y = [], 0.0
+        for (xq, yq), g in c.groupby(["x", "y"], sort=False):
+            # distance vs curvature does not depend on the method: one interval, in black
+            ms = methods[:1] if (xq, yq) == ("distance", "curvature") else methods
+            start = y
+            for m in ms:
+                row = g[g.method == m]
+                if row.empty:
+                    continue
+                row = row.iloc[0]
+                color = "#000000" if len(ms) == 1 else METHOD_COLORS[m]
+                if np.isfinite(row.rho):
+                    ax_r.errorbar(row.rho, y, xerr=[[row.rho - row.low], [row.high - row.rho]], fmt="o",
+                                  color=color, ms=4, capsize=2)  # fmt: skip
+                y += 1
+            if not np.isfinite(g[g.method.isin(ms)].rho).any():
+                ax_r.text(0.02, (start + y - 1) / 2, f"n/a (n = {int(g.n.max())})", fontsize=8, va="center",
+                          color="#555555")  # fmt: skip
+            labels.append(((start + y - 1) / 2, f"{xq} vs\n{yq.replace('_', ' ')}"))
+            y += 0.8
+        ax_r.axvline(0, color="#555555", lw=1)
+        ax_r.set_yticks([p for p, _ in labels], [t for _, t in labels], fontsize=8)
+        ax_r.invert_yaxis()
+        ax_r.set_xlim(-1.05, 1.05)
+        ax_r.set_xlabel("Spearman ρ across images (95 % bootstrap interval)")
+        ax_r.set_title("correlations (one dot per method)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[str], title: str = ""):
+    """Rows = networks; columns: top-k ∩, Spearman ρ and the fraction of images whose closest flip point keeps its
+    target class, vs ε (0-255 scale). Saliency methods: top-k attack (solid) and random sign (dotted); the flip
+    explanation (black): random sign, its own top-k / center attacks (when available), and the SG attacks'
+    perturbations (transfer)."""
+    from ..plotting import subplots
+
+    styles = {"topk": ("-", "o"), "random": (":", "s"), "center": ("-.", "^"), "transfer-topk": ("--", "D"),
+              "transfer-center": ("--", "v")}  # fmt: skip
+    has_data = [not summary[summary.model == m].empty for m in models]
+    heights = [1.0 if h else 0.25 for h in has_data]
+    fig, axes = subplots(len(models), 3, figsize=(15, 4.2 * sum(heights) + 2.0), squeeze=False,
+                         gridspec_kw={"height_ratios": heights})  # fmt: skip
+    for r, model in enumerate(models):
+        s = summary[summary.model == model]
+        zero = s[s.eps255 == 0]
+        for j, metric in enumerate(("topk", "spearman", "target_kept")):
+            ax = axes[r, j]
+            if s.empty:
+                ax.set_axis_off()
+                if j == 1:
+                    _note(ax, f"{_MODEL_LABELS.get(model, model)}:\nno image with a certified flip point, nothing to "
+                              "attack")  # fmt: skip
+                continue
+            for method in dict.fromkeys(s.method):
+                for attack in ("topk", "random") if method != FLIP_METHOD else styles:
+                    g = s[(s.method == method) & (s.attack == attack) & s.available].sort_values("eps255")
+                    if g.empty or (metric == "target_kept" and method != FLIP_METHOD):
+                        continue
+                    z = zero[zero.method == method]
+                    g = pd.concat([z, g]) if metric != "target_kept" or method == FLIP_METHOD else g
+                    ls, mk = styles[attack]
+                    lw = 2.2 if method == FLIP_METHOD else 1.4
+                    color = _FLIP_COLORS[attack] if method == FLIP_METHOD else METHOD_COLORS[method]
+                    ax.plot(g.eps255, g[metric], linestyle=ls, marker=mk, ms=4, lw=lw, color=color,
+                            label=_line_label(method, attack))  # fmt: skip
+            own = s[(s.method == FLIP_METHOD) & (s.attack == "topk")]
+            if j == 0 and len(own) and (~own.available.astype(bool) | (own.n_missing > 0)).any():
+                shown = own[own.available.astype(bool)]
+                text = ", ".join(f"ε={e:g}: {n - m}/{n}" for e, n, m in zip(shown.eps255, shown.n, shown.n_missing))
+                ax.text(0.02, 0.03, "flip-map top-k / center attacks: images with a derivative of x_flip "
+                        + (text if text else "none"), transform=ax.transAxes, fontsize=7, color="#aa0000")  # fmt: skip
+            ax.set_xlabel("ε (0–255 pixel scale)")
+            ax.set_ylim(-0.03, 1.03)
+        if s.empty:
+            continue
+        axes[r, 0].set_ylabel("top-k intersection")
+        axes[r, 1].set_ylabel("Spearman rank correlation")
+        axes[r, 2].set_ylabel("fraction: flip point keeps its target class")
+        n = int(s[s.method == FLIP_METHOD].n.max())
+        axes[r, 0].set_title(f"{_MODEL_LABELS.get(model, model)}: {n} images")
+        axes[r, 1].set_title("same images and perturbations in every column")
+        axes[r, 2].set_title("target class of the closest flip point")
+    first = next((r for r, h in enumerate(has_data) if h), None)
+    if first is not None:
+        fig.legend(*axes[first, 0].get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncol=4)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig

@@ -1,0 +1,278 @@
+"""flipfrag.beyond against oracles: scipy's Spearman ρ and a slow bootstrap loop, closed-form flip explanations of
+linear models, invariants of the flip-explanation map, the transfer rows' perturbation, constructed relations."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from flipfrag import beyond
+from flipfrag.flip import closest_flip_point
+from flipfrag.fragility import grid_spec
+from flipfrag.fragility.settings import prepare_setting
+from flipfrag.models import MLP
+from flipfrag.profiles import get_profile
+
+# ----------------------------------------------------------------------------------------------- correlation
+
+
+def test_spearman_matches_scipy_with_ties_and_the_bootstrap_matches_a_slow_loop():
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 6, 30).astype(float)  # ties
+    b = a + rng.normal(0, 2, 30)
+    c = beyond.spearman_ci(a, b, n_boot=300, seed=7)
+    assert c.rho == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    idx = beyond.bootstrap_indices(30, 300, 7)
+    slow = []
+    for row in idx:
+        if np.unique(a[row]).size > 1 and np.unique(b[row]).size > 1:
+            slow.append(spearmanr(a[row], b[row]).statistic)
+    lo, hi = np.quantile(slow, [0.025, 0.975])
+    assert (c.low, c.high) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+    assert c.n_boot_degenerate == 300 - len(slow)
+    assert c.low <= c.rho <= c.high
+
+
+def test_monotone_relations_give_plus_and_minus_one_and_nans_are_excluded_and_counted():
+    d = np.linspace(0.1, 3.0, 20)
+    up = beyond.spearman_ci(d, np.exp(d), n_boot=100)
+    down = beyond.spearman_ci(d, -(d**3), n_boot=100)
+    assert (up.rho, up.low, up.high) == (pytest.approx(1.0), pytest.approx(1.0), pytest.approx(1.0))
+    assert down.rho == pytest.approx(-1.0) and down.excludes_zero
+    d2 = d.copy()
+    d2[[2, 5]] = np.nan
+    c = beyond.spearman_ci(d2, np.exp(d), n_boot=100)
+    assert (c.n, c.n_excluded, c.rho) == (18, 2, pytest.approx(1.0))
+    assert np.isnan(beyond.spearman_ci([1.0, np.nan, 2.0], [1.0, 2.0, 3.0]).rho)  # fewer than 3 pairs
+
+
+def test_spearman_ci_is_seeded_and_checks_its_input():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=25), rng.normal(size=25)
+    assert beyond.spearman_ci(a, b, seed=1) == beyond.spearman_ci(a, b, seed=1)
+    assert beyond.spearman_ci(a, b, seed=1).low != beyond.spearman_ci(a, b, seed=2).low
+    with pytest.raises(ValueError, match="same length"):
+        beyond.spearman_ci(a, b[:-1])
+    with pytest.raises(ValueError, match="level"):
+        beyond.spearman_ci(a, b, level=1.5)
+    with pytest.raises(ValueError, match="inf"):
+        beyond.spearman_ci(np.r_[a[:-1], np.inf], b)
+
+
+def test_boundary_correlations_of_a_constructed_monotone_frame():
+    d = np.linspace(0.2, 2.0, 12)
+    frame = pd.DataFrame({"model": "m", "method": "gradient", "image": range(12), "distance": d,
+                          "curvature": 1 / d, "topk_attack": d / 3, "spearman_attack": np.sqrt(d),
+                          "topk_random": np.full(12, 0.9)})  # fmt: skip
+    frame.loc[3, "distance"] = np.nan  # an uncertified flip point: excluded and counted
+    t = beyond.boundary_correlations(frame, n_boot=200).set_index(["x", "y"])
+    assert t.loc[("distance", "topk_attack"), "rho"] == pytest.approx(1.0)
+    assert t.loc[("distance", "topk_attack"), "relation"] == "positive"
+    assert t.loc[("distance", "topk_attack"), "n_excluded"] == 1
+    assert t.loc[("curvature", "topk_attack"), "rho"] == pytest.approx(-1.0)
+    assert t.loc[("curvature", "topk_attack"), "n_excluded"] == 0
+    assert t.loc[("distance", "curvature"), "relation"] == "negative"
+    assert t.loc[("distance", "topk_random"), "relation"] == "not available"  # constant: ρ undefined
+
+
+# ------------------------------------------------------------------------------------------ flip explanation
+
+
+class _Linear2(nn.Module):
+    """Two classes, z1 - z0 = w.x + b on (N, 1, H, W) images."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.w, self.b = w.double(), float(b)
+
+    def forward(self, x):
+        s = x.flatten(1) @ self.w.flatten() + self.b
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def test_flip_explanation_map_sums_to_one_is_zero_where_unchanged_and_nan_without_a_flip_point():
+    x = torch.rand(3, 2, 4, 4, dtype=torch.float64)
+    x_flip = x.clone()
+    x_flip[0, :, 1, 2] += torch.tensor([0.3, -0.1], dtype=torch.float64)
+    x_flip[0, 1, 3, 3] -= 0.2
+    x_flip[1] += 0.05 * torch.randn(2, 4, 4, dtype=torch.float64)
+    x_flip[2, 0, 0, 0] = float("nan")
+    m = beyond.flip_explanation_map(x, x_flip)
+    assert m.shape == (3, 4, 4)
+    assert m[:2].flatten(1).sum(1).tolist() == pytest.approx([1.0, 1.0])
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    expected[1, 2], expected[3, 3] = 0.4, 0.2
+    torch.testing.assert_close(m[0], expected / 0.6)  # zero exactly where x_flip = x
+    assert torch.isnan(m[2]).all()
+    with pytest.raises(ValueError, match="same shape"):
+        beyond.flip_explanation_map(x, x_flip[:, :1])
+
+
+def test_flip_explanation_of_a_linear_model_is_the_normalised_weight_magnitude():
+    """Closed form: the closest flip point of a linear model is the projection on the hyperplane, x_flip - x ∝ w."""
+    w = torch.randn(1, 5, 5, dtype=torch.float64)
+    x = torch.full((2, 1, 5, 5), 0.5, dtype=torch.float64)
+    model = _Linear2(w, b=0.3 - 0.5 * float(w.sum()))
+    maps, res = beyond.flip_explanation(model, x, {"lower": 0.0, "upper": 1.0})
+    assert bool(res.converged.all())
+    torch.testing.assert_close(maps, (w.abs() / w.abs().sum()).expand(2, 5, 5), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- study 2
+
+
+def _tiny_setting():
+    torch.manual_seed(0)
+    model = MLP(36, [12], 3, activation="erf").double().eval()
+    X = torch.rand(40, 1, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(X).argmax(1)
+    return prepare_setting("mnist28", model, X, y, n=6, baseline=X.mean().reshape(1, 1, 1),
+                           class_names=["a", "b", "c"], description="tiny erf MLP", substitution=None,
+                           model_name="tiny-erf")  # fmt: skip
+
+
+def _tiny_profile():
+    return get_profile("smoke", epsilons=[0, 8 / 255], grid_iters=3, flip_max_iter=100)
+
+
+def test_transfer_rows_use_exactly_the_simple_gradient_attacks_perturbation(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    st, prof = _tiny_setting(), _tiny_profile()
+    rows, info = beyond.flip_fragility_rows(st, prof, methods=("gradient",), attacks=("random",),
+                                            transfer=("topk",), seed=0)  # fmt: skip
+    assert info["n_certified"] >= 3
+    # independently: the certified images, the grid's SG top-k attack, the flip explanation at its output
+    solver = beyond.flip_solver_settings(st, prof)
+    res0 = closest_flip_point(st.model, st.x, **solver)
+    ok = res0.converged
+    x, y = st.x[ok], st.y[ok]
+    spec = grid_spec(st, prof, methods=("gradient",), epsilons=(8 / 255,))
+    sg = beyond.sg_attack(spec, st.model, "topk", 8 / 255)(x, y)
+    map0 = beyond.flip_explanation_map(x, res0.x_flip[ok])
+    maps, res = beyond.flip_explanation(st.model, sg.x_adv, solver)
+    tr = beyond.transfer_attack(st.model, sg.x_adv, y, map0, res0.target[ok], k=st.k, solver=solver)
+    assert tr["x_adv"] is sg.x_adv
+    expected = beyond.flipmap._compare(map0, maps, st.k, False)
+    got = rows[(rows.method == "flip") & (rows.attack == "transfer-topk")].sort_values("image")
+    np.testing.assert_allclose(got.topk.to_numpy(), expected["topk"].numpy())
+    np.testing.assert_allclose(got.spearman.to_numpy(), expected["spearman"].numpy())
+    np.testing.assert_allclose(got.target_kept.astype(bool).to_numpy(),
+                               (res.converged & (res.target == res0.target[ok])).numpy())  # fmt: skip
+    # the SG row of the same table is that attack's own result on the SG map
+    sg_row = rows[(rows.method == "gradient") & (rows.attack == "topk")].sort_values("image")
+    np.testing.assert_allclose(sg_row.topk.to_numpy(), sg.metrics["topk"].numpy())
+    # the differentiated attacks: rows present, honestly marked when the differentiable solver is missing
+    assert set(rows[rows.method == "flip"].attack) >= {"none", "random", "transfer-topk"}
+
+
+def test_flip_random_sign_row_uses_the_saliency_methods_random_perturbation(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    st, prof = _tiny_setting(), _tiny_profile()
+    solver = beyond.flip_solver_settings(st, prof)
+    kw = dict(eps=8 / 255, seed=0, k=st.k, progress=False)
+    flip_atk = beyond.FlipRandomSignAttack(st.model, solver=solver, **kw)
+    out = flip_atk(st.x, st.y)
+    from flipfrag.attacks import RandomSignAttack
+
+    sg_out = RandomSignAttack(st.model, "gradient", **kw)(st.x, st.y)
+    torch.testing.assert_close(out.x_adv, sg_out.x_adv)
+    maps, _ = beyond.flip_explanation(st.model, out.x_adv, solver)
+    torch.testing.assert_close(out.saliency_adv, maps, equal_nan=True)
+    assert flip_atk.last_flip is not None and flip_atk.method == "flip"
+
+
+def test_differentiated_flip_attacks_refuse_to_run_without_the_differentiable_solver(monkeypatch):
+    st = _tiny_setting()
+    monkeypatch.setattr(beyond.flipmap, "differentiable_available", lambda: False)
+    atk = beyond.FlipTopKAttack(st.model, solver={"lower": 0.0, "upper": 1.0}, iters=2, k=st.k, progress=False)
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        atk(st.x[:2], st.y[:2])
+    with pytest.raises(TypeError, match="method"):
+        beyond.FlipTopKAttack(st.model, method="gradient")
+
+
+def test_certified_distance_never_replaces_an_uncertified_point():
+    res = closest_flip_point(_Linear2(torch.ones(1, 2, 2), -10.0), torch.full((2, 1, 2, 2), 0.5, dtype=torch.float64),
+                             lower=0.0, upper=1.0)  # fmt: skip
+    assert not res.converged.any()  # the boundary sum(x) = 10 lies outside the box
+    d = beyond.certified_distance(res, 3)
+    assert np.isnan(d).all()
+
+
+def test_claims_of_a_constructed_relation_follow_its_intervals():
+    d = np.linspace(0.2, 2.0, 12)
+    frame = pd.DataFrame({"model": "m", "method": "gradient", "image": range(12), "distance": d, "curvature": 1 / d,
+                          "topk_attack": d / 3, "spearman_attack": d, "topk_random": d})  # fmt: skip
+    corr = beyond.boundary_correlations(frame, n_boot=100)
+    flips = {"m": {"n_solved": 12, "n_certified": 12, "seconds": 1.0}}
+    rows = {r["claim_id"]: r for r in beyond.boundary_claims(corr, flips, deviation="test", n_boot=100)}
+    cond = rows["beyond/boundary_curvature_mediator"]["conditions"]
+    assert list(cond.values()) == [True]  # curvature = 1/d: rho = -1, interval below 0
+    assert "+1.00 [+1.00, +1.00] (positive)" in rows["beyond/boundary_fragility_corr"]["ours"]
+    frame["curvature"] = d  # now curved images are the robust ones: the Hessian prediction fails
+    corr = beyond.boundary_correlations(frame, n_boot=100)
+    rows = {r["claim_id"]: r for r in beyond.boundary_claims(corr, flips, deviation="test", n_boot=100)}
+    assert list(rows["beyond/boundary_curvature_mediator"]["conditions"].values()) == [False]
+    assert "12 of 12 certified" in rows["beyond/flip_points_certified"]["ours"]
+
+
+def test_the_top_k_attack_through_the_differentiable_solver_stays_in_budget_and_never_worsens(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    st = _tiny_setting()
+    solver = {"max_ineq": 2}  # no box: the flip points of this net have a derivative
+    eps = 8 / 255
+    atk = beyond.FlipTopKAttack(st.model, solver=solver, eps=eps, iters=4, k=st.k, progress=False)
+    out = atk(st.x, st.y)
+    assert bool(atk.derivative_seen.any())
+    assert float((out.x_adv - st.x).abs().max()) <= eps + 1e-12
+    assert bool(out.label_kept.all())
+    assert bool((out.metrics["topk"] <= 1.0).all()) and bool((out.metrics["topk"][out.success] < 1.0).all())
+    maps, _ = beyond.flip_explanation(st.model, out.x_adv, solver)
+    torch.testing.assert_close(out.saliency_adv, maps)  # the reported map is the flip map at the returned image
+
+
+def test_the_cifar_saliency_cells_are_the_cifar_grid_notebooks_cells():
+    """fragility_cells asks the grid for a subset of 04_cifar_grid's cells with unchanged settings, so every cell key
+    (and with it the cached result) is the same; the quick profile uses the same photos."""
+    from flipfrag.fragility import METHODS, grid_cache_key, image_setting
+
+    prof = get_profile("quick")
+    assert prof["beyond_cifar_n"] == prof["grid_n_images"]
+    st = beyond.beyond_setting("cifar10-cnn", prof, n=int(prof["beyond_cifar_n"]))
+    ref = image_setting("cifar", prof, n=min(20, int(prof["grid_n_images"])))  # 04_cifar_grid's call
+    torch.testing.assert_close(st.x, ref.x)
+    assert beyond.cases.grid_overrides(st, prof) == {}
+    full = grid_spec(ref, prof, methods=METHODS)
+    ours = grid_spec(st, prof, methods=METHODS, attacks=("random", "topk"), epsilons=(8 / 255,))
+    for cell in ours.cells():
+        assert grid_cache_key(st.model, st.x, st.y, ours.cell_settings(*cell)) == grid_cache_key(
+            ref.model, ref.x, ref.y, full.cell_settings(*cell)
+        )
+
+
+def test_the_one_sided_derivative_moves_boxed_images_the_strict_one_refuses(tmp_path, monkeypatch):
+    """weak='active' (flipgrad): weakly active pixel bounds kept active, so a boxed flip point gets a derivative
+    where the strict rule says none; both attacks stay in the budget and keep the label."""
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    st = _tiny_setting()
+    solver = {"lower": 0.0, "upper": 1.0, "max_ineq": 2}
+    x = st.x.clone()
+    x[:, :, :2] = 0.0  # pixels at the lower bound, as MNIST's background
+    with torch.no_grad():
+        keep = st.model(x).argmax(1) == st.y
+    x, y = x[keep], st.y[keep]
+    for weak in ("nan", "active"):
+        atk = beyond.FlipTopKAttack(st.model, solver=solver, weak=weak, eps=8 / 255, iters=2, k=st.k, progress=False)
+        out = atk(x, y)
+        assert float((out.x_adv - x).abs().max()) <= 8 / 255 + 1e-12 and bool(out.label_kept.all())
+        if weak == "active":
+            assert bool(atk.derivative_seen.all())
+    with pytest.raises(ValueError, match="weak"):
+        beyond.FlipTopKAttack(st.model, weak="maybe")
