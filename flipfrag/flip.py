@@ -190,7 +190,9 @@ class FlipResult:
     upper_bound : Tensor (N,) or None
         The distance of the closest boundary point found by segment crossings toward label-changing points (the
         DeepFool-style steps, ``candidates``, the solver's own iterates): an upper bound on the closest flip
-        point's distance; ``inf`` where none was found. ``converged`` requires ``distance <= 1.01 * upper_bound``.
+        point's distance; ``inf`` where none was found. ``converged`` requires ``distance <= 1.01 * upper_bound``
+        — except with ``groups``: the crossings then have fractional categories, so they bound the *relaxed*
+        problem (reported here), whose distance is at most the rounded point's, and the test is not applied.
     region_gap : Tensor (N,) or None
         Piecewise-linear models: ``distance / LB - 1`` with LB a lower bound (weak duality) on the distance of every
         flip point in the closure of the activation region at ``x_attempt`` (module docstring); NaN where it was
@@ -2122,6 +2124,10 @@ def _choose(ctx: _Ctx, pool: _Pool, z: torch.Tensor, N: int, C: int, given_targe
     b = {k: v[sel] for k, v in best.items()}
     bound = pool.bound
     within = ~(b["distance"] > (1 + _BOUND_SLACK) * bound)
+    if pool.rounding_changed is not None:
+        # with one-hot groups the crossings lie in the relaxed space (fractional categories): they bound the relaxed
+        # problem's distance, which is at most the rounded one's, so they are no test of a rounded point
+        within = torch.ones_like(within)
     ok = b["ok"] & within
     shape = ctx.shape
     x_att = b["x"].reshape(N, *shape)

@@ -894,3 +894,24 @@ def test_shipped_mnist_cnn_certified_by_region_gap():
     assert ((res.region_gap[ok] <= 0.01) | torch.isnan(res.region_gap[ok])).all()
     resid, scale, marg, _ = _recompute_certificate(net, x, res, lower=0.0, upper=1.0)
     assert (resid <= 1e-6 * scale).all() and (marg >= -1e-6 * scale).all()  # (over the certified points)
+
+
+def test_rounded_group_points_are_not_judged_by_relaxed_crossings():
+    """A crossing of the relaxed problem has fractional categories, so it is closer than any point with a valid
+    category: judged against it, every rounded point would fail. Rounded points are certified on their own problem:
+    with and without the crossing rounds the same points are certified, and never closer than the relaxed bound."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    x = torch.rand(8, 6, dtype=F64)
+    x[:, 3:] = torch.nn.functional.one_hot(torch.randint(0, 3, (8,)), 3).double()
+    groups = [[3, 4, 5]]
+    with_bounds = closest_flip_point(net, x, groups=groups, lower=0.0, upper=1.0)
+    without = closest_flip_point(net, x, groups=groups, lower=0.0, upper=1.0, upper_bounds=False)
+    assert with_bounds.converged.sum() >= without.converged.sum() >= 6, (with_bounds.status, without.status)
+    ok = with_bounds.converged
+    blk = with_bounds.x_flip[ok][:, 3:]
+    assert ((blk == 0) | (blk == 1)).all() and (blk.sum(1) == 1).all()
+    # the relaxed bound is a bound on the relaxed problem only: the rounded distance is never below the relaxed optimum
+    relaxed = closest_flip_point(net, x, lower=0.0, upper=1.0)
+    both = ok & relaxed.converged
+    assert (with_bounds.distance[both] >= relaxed.distance[both] * (1 - 1e-6)).all()
