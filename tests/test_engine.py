@@ -211,6 +211,16 @@ def test_parse_scheduler_forms_and_errors(monkeypatch):
             engine.parse_scheduler(bad)
 
 
+def _assert_no_dask_imported(code: str, timeout: float) -> None:
+    """Run ``code`` in a fresh interpreter (no scheduler set); its last printed line lists the Dask modules loaded."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(engine.SCHEDULER_ENV, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_serial_path_never_imports_dask(tmp_path):
     code = textwrap.dedent(f"""
         import sys, torch
@@ -221,11 +231,7 @@ def test_serial_path_never_imports_dask(tmp_path):
         assert torch.equal(r[0].value["y"], 2 * x)
         print(sorted(m for m in sys.modules if m == "dask" or m.startswith(("dask.", "distributed"))))
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(engine.SCHEDULER_ENV, None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    _assert_no_dask_imported(code, timeout=120)
 
 
 def test_unreachable_scheduler_fails_fast_naming_the_address(monkeypatch, tmp_path):
@@ -579,11 +585,7 @@ def test_flip_solve_serially_never_imports_dask(tmp_path):
         assert res.cache_info["n_shards"] == 3 and len(res) == 8
         print(sorted(m for m in sys.modules if m == "dask" or m.startswith(("dask.", "distributed"))))
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(engine.SCHEDULER_ENV, None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    _assert_no_dask_imported(code, timeout=300)
 
 
 def test_flip_solve_bad_arguments_are_named(tmp_path):
