@@ -162,7 +162,9 @@ def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[s
         axes[r, 2].set_title("target class of the closest flip point")
     first = next((r for r, h in enumerate(has_data) if h), None)
     if first is not None:
-        fig.legend(*axes[first, 0].get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncol=4)
+        # inside the first row's target-class panel, whose lower part is empty (its lines stay near 1): outside the
+        # panels a figure legend meets the title (above) or the footer save_figure writes (below)
+        axes[first, 2].legend(*axes[first, 0].get_legend_handles_labels(), fontsize=7.5, loc="lower left", ncol=1)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
