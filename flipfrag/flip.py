@@ -1892,6 +1892,8 @@ def closest_flip_point(
         bad = torch.nonzero(tgt == src)[:5, 0].tolist()
         raise ValueError(f"target equals the source (predicted) class at points {bad}")
 
+    if not isinstance(differentiable, bool):  # before any solving
+        raise TypeError(f"differentiable must be a bool, got {type(differentiable).__name__}")
     lo = _as_feature_tensor("lower", lower, x_in)
     hi = _as_feature_tensor("upper", upper, x_in)
     lo = torch.full(x.shape, -math.inf, dtype=torch.float64) if lo is None else lo
@@ -1951,8 +1953,6 @@ def closest_flip_point(
                   groups=grp, solve_kw=dict(homotopy=homotopy, homotopy_steps=homotopy_steps,
                                             homotopy_tau=homotopy_tau, restarts=restarts, gen=gen))
     res = _choose(ctx, pool, z, N, C, given_target=tgt is not None)
-    if not isinstance(differentiable, bool):
-        raise TypeError(f"differentiable must be a bool, got {type(differentiable).__name__}")
     if differentiable:
         from flipfrag.flipgrad import attach_gradients  # lazy: flipgrad is only needed here
 

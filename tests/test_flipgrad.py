@@ -473,6 +473,15 @@ def test_bad_arguments_are_named():
     x = torch.tensor([[-1.0, 0.5]], dtype=F64)
     with pytest.raises(TypeError, match="differentiable"):
         closest_flip_point(model, x, differentiable="yes")
+    import flipfrag.flip as flip_module
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("solved before checking the arguments")
+
+    with pytest.MonkeyPatch.context() as mp:  # a bad value is refused before any solving
+        mp.setattr(flip_module, "_solve", no_solve)
+        with pytest.raises(TypeError, match="differentiable"):
+            closest_flip_point(model, x, differentiable=1)
     res = closest_flip_point(model, x)
     for kw, name in (
         (dict(dense_max=-1), "dense_max"),
