@@ -17,6 +17,7 @@ METHOD_COLORS = {"gradient": "#1f77b4", "integrated_gradients": "#2ca02c", "deep
                  FLIP_METHOD: "#000000"}  # fmt: skip
 _LABELS = {**METHOD_LABELS, FLIP_METHOD: "Flip explanation |x_flip − x|"}
 _MODEL_LABELS = {"mnist-erf (no box)": "MNIST erf MLP, flip points without the pixel box",
+                 "mnist-erf (one-sided derivative)": "MNIST erf MLP, boxed flip points, one-sided derivative",
                  "mnist-erf": "MNIST erf MLP (smooth, no surrogate)",
                  "cifar10-cnn": "CIFAR-10 CNN (ReLU; softplus surrogate for the attacks)"}  # fmt: skip
 
