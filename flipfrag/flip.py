@@ -28,6 +28,10 @@ The steps (``closest_flip_point`` -> ``_solve`` -> ``_choose``; all points advan
 6. **choose** (``_choose``): per point the closest certified candidate. It is reported converged only if its distance
    is at most 1.01 x the point's upper bound; otherwise the point is reported failed (the crossing itself is not
    a certified closest point and is never returned in its place).
+7. **categories** (``_round_groups``, ``_start_from_valid_crossings``): with one-hot ``groups`` the blocks are
+   relaxed to [0, 1] for steps 1-5, then rounded, fixed and re-solved; the upper bound of step 6 then comes only
+   from crossings with valid categories (segments with a category assignment fixed), the closest of which starts
+   one more solve.
 
 The SQP iteration
 -----------------
@@ -190,9 +194,10 @@ class FlipResult:
     upper_bound : Tensor (N,) or None
         The distance of the closest boundary point found by segment crossings toward label-changing points (the
         DeepFool-style steps, ``candidates``, the solver's own iterates): an upper bound on the closest flip
-        point's distance; ``inf`` where none was found. ``converged`` requires ``distance <= 1.01 * upper_bound``
-        — except with ``groups``: the crossings then have fractional categories, so they bound the *relaxed*
-        problem (reported here), whose distance is at most the rounded point's, and the test is not applied.
+        point's distance; ``inf`` where none was found. ``converged`` requires ``distance <= 1.01 * upper_bound``.
+        With ``groups`` only crossings with valid categories count (the relaxed problem's have fractional ones):
+        segments that keep a category assignment fixed — x's own, the rounded relaxed solution's, and x's with
+        one block changed to each of its other categories — and move the other features.
     region_gap : Tensor (N,) or None
         Piecewise-linear models: ``distance / LB - 1`` with LB a lower bound (weak duality) on the distance of every
         flip point in the closure of the activation region at ``x_attempt`` (module docstring); NaN where it was
@@ -1747,8 +1752,12 @@ def closest_flip_point(
         continuous values in ``[0, 1]`` for the solve; afterwards each block is rounded to its argmax category,
         fixed, and the rest of the point re-solved and re-certified. A second candidate keeps the categories of
         ``x`` (rounded to one-hot) fixed; the closer certified one is returned. ``rounding_changed`` says where
-        rounding moved the relaxed solution. This is a heuristic for the mixed-integer problem: the result is a
-        certified flip point with valid categories, not a proven closest one over all category combinations.
+        rounding moved the relaxed solution. The upper bound (``upper_bound``) then comes from flip points with
+        valid categories: crossings with x's own categories, the rounded ones, and x's with any one block set to
+        any of its categories fixed (the closest of them starts one more solve where it is closer), so the result
+        is within 1 % of every such combination's crossing. This is a heuristic for the mixed-integer problem:
+        the result is a certified flip point with valid categories, not a proven closest one over all
+        combinations (two blocks changed at once are not tried).
     margin : float
         Other classes must satisfy ``z_k <= z_target - margin``. 0 (default) is the definition of a flip point;
         ``0.2 / C`` reproduces the authors' code.
@@ -2044,7 +2053,12 @@ def _solve_steps(ctx: _Ctx, fn: ScoreFn, points: _Problems, C: int, z: torch.Ten
                                          _START_ITERATES, only_closer=True):
                 break
     if groups:
+        relaxed_x = pool.best["x"]
         pool.best, pool.rounding_changed = _round_groups(ctx, pool.pr, pool.best, groups)
+        # the relaxed crossings have fractional categories: only crossings with valid categories bound a rounded point
+        pool.bound = torch.full((N,), math.inf, dtype=torch.float64)
+        if upper_bounds:
+            _start_from_valid_crossings(ctx, fn, pool, points, C, relaxed_x, groups, tgt)
     return pool
 
 
@@ -2124,10 +2138,6 @@ def _choose(ctx: _Ctx, pool: _Pool, z: torch.Tensor, N: int, C: int, given_targe
     b = {k: v[sel] for k, v in best.items()}
     bound = pool.bound
     within = ~(b["distance"] > (1 + _BOUND_SLACK) * bound)
-    if pool.rounding_changed is not None:
-        # with one-hot groups the crossings lie in the relaxed space (fractional categories): they bound the relaxed
-        # problem's distance, which is at most the rounded one's, so they are no test of a rounded point
-        within = torch.ones_like(within)
     ok = b["ok"] & within
     shape = ctx.shape
     x_att = b["x"].reshape(N, *shape)
@@ -2221,3 +2231,90 @@ def _round_groups(ctx: _Ctx, pr: _Problems, relaxed: dict, groups: list[torch.Te
     best = {k: torch.where(better.reshape(-1, *([1] * (v.dim() - 1))), b[k], v) for k, v in a.items()}
     changed = (best["x"][:, gidx].to(torch.float64) - relaxed["x"][:, gidx].to(torch.float64)).abs().amax(1) > 1e-9
     return best, changed
+
+
+def _category_choices(pr: _Problems, relaxed_x: torch.Tensor, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Valid category assignments to try per problem (each (P, n), only the group columns matter): x's own
+    categories, the rounded relaxed solution's, and x's own with one movable block set to each of its other
+    categories (a block with a fixed column keeps x's category)."""
+    own = _one_hot_blocks(pr.xh, groups)
+    rel = torch.where(torch.isfinite(relaxed_x), relaxed_x, pr.xh)
+    choices = [own, _one_hot_blocks(rel, groups)]
+    for gidx in groups:
+        movable = ~pr.fixed[:, gidx].any(1)
+        if not movable.any():
+            continue
+        for j in range(len(gidx)):
+            alt = own.clone()
+            alt[:, gidx] = torch.where(movable[:, None], torch.zeros_like(alt[:, gidx]), own[:, gidx])
+            alt[movable, gidx[j]] = 1.0
+            choices.append(alt)
+    return choices
+
+
+def _start_from_valid_crossings(ctx: _Ctx, fn: ScoreFn, pool: _Pool, points: _Problems, C: int,
+                                relaxed_x: torch.Tensor, groups: list[torch.Tensor], tgt) -> None:
+    """The upper bound of points with one-hot ``groups``, from flip points with *valid* categories.
+
+    For every category assignment of :func:`_category_choices` and every problem of the pool: the first crossing
+    on the segment that keeps those categories fixed and moves the other features from x_hat's values toward
+    twice the relaxed solution's step, and toward a DeepFool point with those categories fixed — or, where the
+    categories alone already change the label, from there toward the mirrored point and toward a DeepFool point
+    that leaves that label, to the first point where the source wins again. Such a
+    crossing is a flip point with valid categories (the source ties with the class that wins beside it), so its
+    distance from x_hat bounds the closest one's (``pool.bound``). Where the closest
+    crossing is more than 1 % closer than every certified candidate of its point, it starts one more solve with its
+    categories fixed; ``_choose`` then applies the 1.01 test to every point as without groups.
+    """
+    gidx = torch.cat(groups)
+    pr, pid, N = pool.pr, pool.pid, len(points)
+    rel = torch.where(torch.isfinite(relaxed_x), relaxed_x.to(ctx.dtype), pr.xh)
+    plain = _model_fn(ctx.work, ctx.shape)
+    rows = torch.arange(len(pid))
+    best_row = torch.full((N,), -1, dtype=torch.long)  # per point: (choice, end, problem row) of its closest crossing
+    best_x = torch.zeros_like(points.xh)
+    best_cls = torch.zeros(N, dtype=torch.long)
+    best_sub: list[_Problems | None] = [None] * N
+    for cats in _category_choices(pr, rel, groups):
+        lo, hi = pr.lo.clone(), pr.hi.clone()
+        lo[:, gidx] = cats[:, gidx]
+        hi[:, gidx] = cats[:, gidx]
+        start = pr.xh.clone()
+        start[:, gidx] = cats[:, gidx]
+        sub = _Problems(start, lo, hi, pr.w, pr.src, pr.tgt, None)
+        with torch.no_grad():
+            lab0 = plain(start).argmax(1)
+        fwd = lab0 == pr.src
+        # where the categories alone change the label, walk back: the first point where the source wins again
+        back = _Problems(start, lo, hi, pr.w, lab0, pr.src, None)
+        far = pr.xh + 2.0 * (rel - pr.xh)
+        ends = [(far, 2 * start - far), (_deepfool(fn, sub, C, ctx.chunk)[0], _deepfool(fn, back, C, ctx.chunk)[0])]
+        for end, end_back in ends:
+            xc, cls, found = _segment_crossing(plain, sub, end)  # clips end into [lo, hi]: categories fixed
+            xb, cb, fb = _segment_crossing(plain, back, end_back)
+            xc = torch.where(fwd[:, None], xc, xb)
+            found = torch.where(fwd, found, fb & (cb == pr.src))
+            cls = torch.where(fwd, cls, lab0)  # the class the source ties with at the crossing
+            if tgt is not None:
+                found &= cls == pr.tgt
+            dist = torch.sqrt((pr.w * (xc - pr.xh) ** 2).sum(1)).to(torch.float64)
+            dist = torch.where(found, dist, torch.full_like(dist, math.inf))
+            near = torch.full((N,), math.inf, dtype=torch.float64).scatter_reduce(0, pid, dist, "amin")
+            closer = near < pool.bound
+            if not closer.any():
+                continue
+            first = torch.full((N,), len(pid), dtype=torch.long).scatter_reduce(
+                0, pid, torch.where(found & (dist == near[pid]), rows, len(pid)), "amin")
+            pool.bound = torch.where(closer, near, pool.bound)
+            for i in torch.nonzero(closer)[:, 0].tolist():
+                j = int(first[i])
+                best_row[i], best_x[i], best_cls[i], best_sub[i] = j, xc[j], cls[j], sub.take(torch.tensor([j]))
+    need = torch.nonzero((best_row >= 0) & (pool.bound < (1 - _BOUND_SLACK) * pool.closest_certified(N)))[:, 0]
+    if need.numel() == 0:
+        return
+    sub = _cat_problems([best_sub[i] for i in need.tolist()])
+    sub.xh = points.xh[need]  # the distance is measured from x_hat, not from the segment's start
+    sub.tgt = best_cls[need]
+    pool.add(need, sub, _polish(ctx, fn, sub, best_x[need], _START_ITERATES))
+    moved = (best_x[need][:, gidx].to(torch.float64) - relaxed_x[best_row[need]][:, gidx].to(torch.float64))
+    pool.rounding_changed = torch.cat([pool.rounding_changed, moved.abs().amax(1) > 1e-9])

@@ -770,6 +770,38 @@ def test_one_hot_group_gives_valid_category_and_matches_closed_form():
     assert res.rounding_changed is not None and res.rounding_changed.dtype == torch.bool
 
 
+def test_one_hot_group_point_is_within_one_percent_of_the_best_category_combination():
+    """Binary linear models on [c0, c1, one-hot(4)] with large category weights, so that the best category is often
+    neither x's own nor the rounded relaxed one, and changing it alone often flips the label (the closest valid point
+    then moves the numeric features back). Oracle: enumerate the 4 categories, each with its closed-form projection of
+    the numeric part, d_c^2 = ||e_c - x_blk||^2 + g_c^2 / ||w_cont||^2. The returned point must be certified and
+    within 1 % of the best combination — the valid-category crossings bound it (and start a solve where closer)."""
+    worst, n_changed = 0.0, 0
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        lin = nn.Linear(6, 2).double()
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(2, 6, generator=g, dtype=F64) * torch.tensor([0.3, 0.3, 2, 2, 2, 2]))
+            lin.bias.zero_()
+        x = torch.rand(4, 6, generator=g, dtype=F64)
+        x[:, 2:] = torch.nn.functional.one_hot(torch.randint(0, 4, (4,), generator=g), 4).double()
+        res = closest_flip_point(lin, x, groups=[[2, 3, 4, 5]])
+        w = (lin.weight[0] - lin.weight[1]).detach()
+        for i in range(len(x)):
+            d = []
+            for c in range(4):
+                e = torch.zeros(4, dtype=F64)
+                e[c] = 1
+                gc = float(w[:2] @ x[i, :2] + w[2:] @ e)
+                d.append(math.sqrt(float(((e - x[i, 2:]) ** 2).sum()) + gc**2 / float(w[:2] @ w[:2])))
+            assert bool(res.converged[i]), (seed, i, res.status[i])
+            worst = max(worst, float(res.distance[i]) / min(d))
+            n_changed += int(np.argmin(d)) != int(x[i, 2:].argmax())
+            assert float(res.upper_bound[i]) >= min(d) * (1 - 1e-9)  # from valid points: never below the optimum
+    assert worst <= 1.01, worst
+    assert n_changed >= 10  # the case the test is about: the best valid point has another category
+
+
 # ----------------------------------------------------------------------------------------------------- input handling
 
 
