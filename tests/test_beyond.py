@@ -276,3 +276,111 @@ def test_the_one_sided_derivative_moves_boxed_images_the_strict_one_refuses(tmp_
             assert bool(atk.derivative_seen.all())
     with pytest.raises(ValueError, match="weak"):
         beyond.FlipTopKAttack(st.model, weak="maybe")
+
+
+# ------------------------------------------------------------------------------- ReLU networks: surrogate direction
+
+_TIGHT = dict(tol=1e-12, kkt_tol=1e-7, max_iter=200, upper_bounds=False, max_ineq=2)  # accurate, for differences
+
+
+class _Centered(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(4 * (x - 0.5))
+
+
+def _tiny_relu_cnn():
+    """A ReLU CNN with max-pooling (the CIFAR-10 CNN's kinds of layers) on 1 x 6 x 6 images, 3 classes, float64."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 8), nn.ReLU(),
+                        nn.Linear(8, 3))  # fmt: skip
+    model = _Centered(net).double().eval()
+    x = torch.rand(8, 1, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+@pytest.mark.parametrize("cls", [beyond.FlipTopKAttack, beyond.FlipCenterAttack])
+def test_the_surrogate_direction_is_the_derivative_of_the_surrogates_flip_map_objective(cls):
+    """The step direction of a surrogate-direction attack on a ReLU CNN, against central finite differences of the
+    attack's objective on the surrogate's flip map, re-solved (toward the given targets) at x ± h v (random v)."""
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    model, x, y = _tiny_relu_cnn()
+    sur = beyond.flip_surrogate(model, beta=10.0)
+    target = closest_flip_point(model, x, lower=0.0, upper=1.0, max_ineq=2).target  # the ReLU flip points' classes
+    atk = cls(model, solver=_TIGHT, surrogate=sur, surrogate_solver={"target": target}, k=6, progress=False)
+    assert atk._direction_model(x) is sur
+    res = closest_flip_point(sur, x, target=target, **_TIGHT)
+    good = res.converged
+    assert int(good.sum()) >= 6
+    # the objective's reference: any fixed map will do; shifted, so that the center objective's gradient is not ~0
+    map0 = torch.roll(torch.nan_to_num(beyond.flip_explanation_map(x, res.x_flip)), shifts=(2, 1), dims=(1, 2))
+    obj = atk.objective(map0, x, y, 6)
+    g, value, maps, _ = atk._direction(sur, obj, x, y)
+    assert maps is None  # the surrogate's map is never reported
+    assert bool(atk.derivative_seen[good].all()) and not bool(atk.derivative_seen[~good].any())
+    assert bool((g[~good] == 0).all())  # no certified surrogate flip point: no step
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    h = 1e-5
+
+    def f(t):
+        r = closest_flip_point(sur, x + t * v, target=target, **_TIGHT)
+        assert bool(r.converged[good].all())
+        return obj(beyond.flip_explanation_map(x + t * v, r.x_flip))
+
+    fd = ((f(h) - f(-h)) / (2 * h))[good]
+    an = (g * v).flatten(1).sum(1)[good]
+    rel = (an - fd).abs() / an.abs()
+    assert bool((an.abs() > 1e-3).all())  # a real direction, not zeros
+    # the differences carry the solver's error / h (kkt ~1e-8) and cross kinks of |x_flip - x| (pixels where
+    # x_flip ~ x): measured median 1e-6 - 3e-5, worst 8e-4 - 3e-3; a wrong derivative is off by O(1)
+    assert float(rel.median()) <= 1e-4 and float(rel.max()) <= 1e-2, rel
+
+
+def test_surrogate_direction_rows_are_labelled_and_measured_on_the_relu_model(tmp_path, monkeypatch):
+    """flip_fragility_rows(surrogate_beta=...): rows surrogate-topk / surrogate-center; the reported map at the returned
+    image is the ReLU model's own certified flip map (independently re-solved here), the label is kept on the ReLU
+    model, the budget holds, and only the first n_differentiated images with a surrogate derivative are attacked."""
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    model, x, y = _tiny_relu_cnn()
+    st = prepare_setting("mnist28", model, x[:5], y[:5], n=5, baseline=x.mean().reshape(1, 1, 1),
+                         class_names=["a", "b", "c"], description="tiny ReLU CNN", substitution=None,
+                         model_name="tiny-relu")  # fmt: skip
+    prof = get_profile("smoke", epsilons=[0, 8 / 255], grid_iters=2, flip_max_iter=30)
+    eps = 8 / 255
+    rows, info = beyond.flip_fragility_rows(st, prof, methods=("gradient",), epsilons=(eps,), transfer=(),
+                                            attacks=("random", "topk", "center"), surrogate_beta=10.0, flip_iters=2,
+                                            n_differentiated=2, seed=0)  # fmt: skip
+    flip = rows[rows.method == "flip"]
+    assert set(flip.attack) == {"random", "surrogate-topk", "surrogate-center"}
+    assert info["surrogate_beta"] == 10.0 and info["n_derivative"] >= 2 and info["n_differentiated"] == 2
+    own = flip[flip.attack == "surrogate-topk"].sort_values("image")
+    assert int(own.available.sum()) == 2  # the first two images with a surrogate derivative
+    solver = beyond.flip_solver_settings(st, prof)
+    res = closest_flip_point(model, st.x, **solver)
+    ok = res.converged
+    assert int(ok.sum()) == info["n_certified"] >= 2
+    # re-run the attack by hand: the reported numbers are the ReLU model's at the returned images
+    xs, ys, t0 = st.x[ok], st.y[ok], res.target[ok]
+    sur = beyond.flip_surrogate(model, 10.0)
+    d = closest_flip_point(sur, xs, target=t0, differentiable=True, **solver)
+    has_d = d.converged & torch.tensor([s.startswith("ok") for s in d.grad_status])
+    has_d &= torch.cumsum(has_d.long(), 0) <= 2
+    spec = grid_spec(st, prof, methods=("gradient",), epsilons=(eps,))
+    atk = beyond.FlipTopKAttack(model, solver=solver, surrogate=sur, surrogate_solver={"target": t0[has_d]},
+                                eps=eps, step=spec.step, iters=2, k=spec.k, progress=False)  # fmt: skip
+    out = atk(xs[has_d], ys[has_d])
+    assert bool(atk.derivative_seen.all())  # every attacked image got a (surrogate) direction
+    assert float((out.x_adv - xs[has_d]).abs().max()) <= eps + 1e-12
+    with torch.no_grad():
+        assert bool((model(out.x_adv).argmax(1) == ys[has_d]).all())
+    maps, _ = beyond.flip_explanation(model, out.x_adv, solver)
+    torch.testing.assert_close(out.saliency_adv, maps, equal_nan=True)
+    np.testing.assert_allclose(own[own.available].topk.to_numpy(), out.metrics["topk"].numpy())

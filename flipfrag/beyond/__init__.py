@@ -16,6 +16,7 @@ from .claims import boundary_claims, flip_claims
 from .correlation import Correlation, bootstrap_indices, spearman_ci, spearman_rows
 from .flipmap import (
     FLIP_METHOD,
+    SURROGATE_BETA,
     FlipCenterAttack,
     FlipRandomSignAttack,
     FlipTopKAttack,
@@ -23,6 +24,7 @@ from .flipmap import (
     flip_explanation,
     flip_explanation_map,
     flip_fragility_rows,
+    flip_surrogate,
     sg_attack,
     summarize_flip_fragility,
     transfer_attack,
@@ -34,7 +36,8 @@ __all__ = [
     "CASES", "beyond_setting", "flip_solver_settings", "boundary_claims", "flip_claims",
     "plot_boundary_vs_fragility", "plot_flip_explanation_fragility",
     "Correlation", "bootstrap_indices", "spearman_ci", "spearman_rows",
-    "FLIP_METHOD", "FlipCenterAttack", "FlipRandomSignAttack", "FlipTopKAttack", "differentiable_available",
+    "FLIP_METHOD", "SURROGATE_BETA", "flip_surrogate",
+    "FlipCenterAttack", "FlipRandomSignAttack", "FlipTopKAttack", "differentiable_available",
     "flip_explanation", "flip_explanation_map", "flip_fragility_rows", "sg_attack", "summarize_flip_fragility",
     "transfer_attack",
 ]  # fmt: skip
