@@ -91,6 +91,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_flip_n": 4,
         "beyond_flip_iters": 2,
         "beyond_diff_eps255": [8],  # eps (0-255) of the flip-map attacks differentiated through the solver
+        "beyond_cifar_diff_n": 1,  # CIFAR-10 photos of the surrogate-direction flip-map attacks
+        "beyond_cifar_diff_iters": 1,
+        "beyond_cifar_diff_step255": 8,
+        "beyond_cifar_surrogate_iters": 10,  # SQP iterations of the surrogate's flip solves
         "beyond_n_boot": 200,
     },
     "quick": {
@@ -145,6 +149,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_flip_n": 8,
         "beyond_flip_iters": 6,  # each iteration is a differentiable flip solve (~1 s for 8 digits)
         "beyond_diff_eps255": [8],  # the budget: random sign and transfer run on the whole eps grid
+        # the CIFAR-10 flip-map top-k / center attacks with the smooth surrogate's direction: every iteration is a
+        # surrogate solve (~0.8 s per photo) and a ReLU flip solve (~4 s per photo); measured with 2 photos and 4
+        # iterations: 88 s for all flip-map rows of the photos, so 3 iterations of 3/255 (reaching the 8/255 ball's
+        # edge in 3 sign steps instead of 16 of 0.5/255)
+        "beyond_cifar_diff_n": 2,
+        "beyond_cifar_diff_iters": 3,
+        "beyond_cifar_diff_step255": 3,
+        "beyond_cifar_surrogate_iters": 40,  # the surrogate's solves: measured 5-18 SQP iterations on photos 0-1
         "beyond_n_boot": 2000,
     },
     "paper": {
@@ -194,6 +206,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_flip_n": 100,
         "beyond_flip_iters": 100,
         "beyond_diff_eps255": [1, 2, 4, 8],
+        "beyond_cifar_diff_n": 100,
+        "beyond_cifar_diff_iters": 100,
+        "beyond_cifar_diff_step255": 0.5,  # the paper's step
+        "beyond_cifar_surrogate_iters": 300,
         "beyond_n_boot": 10000,
     },
 }

@@ -357,7 +357,7 @@ def test_surrogate_direction_rows_are_labelled_and_measured_on_the_relu_model(tm
     eps = 8 / 255
     rows, info = beyond.flip_fragility_rows(st, prof, methods=("gradient",), epsilons=(eps,), transfer=(),
                                             attacks=("random", "topk", "center"), surrogate_beta=10.0, flip_iters=2,
-                                            n_differentiated=2, seed=0)  # fmt: skip
+                                            n_differentiated=2, n_examples=3, seed=0)  # fmt: skip
     flip = rows[rows.method == "flip"]
     assert set(flip.attack) == {"random", "surrogate-topk", "surrogate-center"}
     assert info["surrogate_beta"] == 10.0 and info["n_derivative"] >= 2 and info["n_differentiated"] == 2
@@ -384,3 +384,41 @@ def test_surrogate_direction_rows_are_labelled_and_measured_on_the_relu_model(tm
     maps, _ = beyond.flip_explanation(model, out.x_adv, solver)
     torch.testing.assert_close(out.saliency_adv, maps, equal_nan=True)
     np.testing.assert_allclose(own[own.available].topk.to_numpy(), out.metrics["topk"].numpy())
+    # the example panels' data: the attacked images first, with the same maps
+    ex = info["examples"]
+    assert len(ex) == 3 and {e["image"] for e in ex[:2]} == set(torch.nonzero(has_d)[:, 0].tolist())
+    assert "flip_own" not in ex[2]  # not attacked by the flip map's own attack
+    j = {i: k for k, i in enumerate(torch.nonzero(has_d)[:, 0].tolist())}
+    for e in ex[:2]:
+        np.testing.assert_allclose(e["flip_own"], out.saliency_adv[j[e["image"]]].numpy())
+        np.testing.assert_allclose(e["flip"], beyond.flip_explanation_map(xs, res.x_flip[ok])[e["image"]].numpy())
+        np.testing.assert_allclose(e["x"], xs[e["image"]].numpy())
+
+
+def test_flip_results_split_per_image_and_concatenated_are_unchanged():
+    model, x, _ = _tiny_relu_cnn()
+    res = closest_flip_point(model, x[:4], lower=0.0, upper=1.0, max_ineq=2, max_iter=20)
+    back = beyond.flipmap._concat([beyond.flipmap._take(res, i) for i in (0, 1, 2, 3)])
+    for f in ("x_flip", "distance", "target", "converged", "scores", "kkt"):
+        torch.testing.assert_close(getattr(back, f), getattr(res, f), equal_nan=True)
+    assert back.status == res.status and back.tol == res.tol
+    two = beyond.flipmap._select(res, torch.tensor([True, False, True, True]), torch.tensor([False, True, True]))
+    torch.testing.assert_close(two.x_flip, res.x_flip[[2, 3]], equal_nan=True)
+
+
+def test_boundary_examples_are_the_least_and_most_fragile_certified_images_with_their_cells(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    st, prof = _tiny_setting(), get_profile("smoke", grid_iters=3, flip_max_iter=100, beyond_lanczos_iters=3)
+    frame, res = beyond.boundary_frame(st, prof, methods=("gradient",), seed=0)
+    ex = beyond.boundary_examples(st, prof, frame, seed=0)
+    g = frame[(frame.method == "gradient") & frame.certified]
+    assert [e["role"] for e in ex] == ["most fragile", "least fragile"]
+    assert ex[0]["topk"] == pytest.approx(g.topk_attack.min()) and ex[1]["topk"] == pytest.approx(g.topk_attack.max())
+    for e in ex:
+        row = g[g.image == e["image"]].iloc[0]
+        assert e["topk"] == pytest.approx(row.topk_attack, abs=1e-12)  # the re-run reproduces the grid cell
+        assert e["distance"] == pytest.approx(row.distance)
+        assert e["map"].shape == e["map_adv"].shape == (6, 6) and e["map"].sum() == pytest.approx(1.0)
+    assert beyond.boundary_examples(st, prof, frame.assign(certified=False)) == []
+    with pytest.raises(ValueError, match="method"):
+        beyond.boundary_examples(st, prof, frame, method="dtd")

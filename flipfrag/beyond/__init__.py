@@ -10,7 +10,15 @@
 * :mod:`~flipfrag.beyond.plots` — the two figures.
 """
 
-from .boundary import PAIRS, boundary_correlations, boundary_flips, boundary_frame, certified_distance, curvature
+from .boundary import (
+    PAIRS,
+    boundary_correlations,
+    boundary_examples,
+    boundary_flips,
+    boundary_frame,
+    certified_distance,
+    curvature,
+)
 from .cases import CASES, beyond_setting, flip_solver_settings
 from .claims import boundary_claims, flip_claims
 from .correlation import Correlation, bootstrap_indices, spearman_ci, spearman_rows
@@ -32,7 +40,8 @@ from .flipmap import (
 from .plots import plot_boundary_vs_fragility, plot_flip_explanation_fragility
 
 __all__ = [
-    "PAIRS", "boundary_correlations", "boundary_flips", "boundary_frame", "certified_distance", "curvature",
+    "PAIRS", "boundary_correlations", "boundary_examples", "boundary_flips", "boundary_frame", "certified_distance",
+    "curvature",
     "CASES", "beyond_setting", "flip_solver_settings", "boundary_claims", "flip_claims",
     "plot_boundary_vs_fragility", "plot_flip_explanation_fragility",
     "Correlation", "bootstrap_indices", "spearman_ci", "spearman_rows",

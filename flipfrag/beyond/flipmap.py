@@ -293,12 +293,12 @@ def transfer_attack(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, map0
 
     Returns a dict of (N,) tensors: ``topk``, ``spearman``, ``center`` (NaN where the flip point at ``x_adv`` or the
     original one is not certified), ``label_kept``, ``certified`` (flip point at ``x_adv``), ``target_kept`` (same
-    target class, certified), and ``x_adv`` (the images evaluated)."""
+    target class, certified), ``x_adv`` (the images evaluated) and ``maps`` (N, H, W: their flip maps)."""
     maps, res = flip_explanation(model, x_adv, solver)
     with torch.no_grad():
         label_kept = model(x_adv).argmax(1) == y
     return {**_compare(map0, maps, k, floor_center), "label_kept": label_kept, "certified": res.converged,
-            "target_kept": res.converged & (res.target == target0), "x_adv": x_adv}  # fmt: skip
+            "target_kept": res.converged & (res.target == target0), "x_adv": x_adv, "maps": maps}  # fmt: skip
 
 
 def _compare(map0: torch.Tensor, maps: torch.Tensor, k: int, floor_center: bool) -> dict[str, torch.Tensor]:
@@ -333,7 +333,7 @@ def _rows(model_name: str, method: str, attack: str, eps: float, values: dict[st
             for i in range(n)]  # fmt: skip
 
 
-def _flip_attack_values(atk, x: torch.Tensor, y: torch.Tensor, target0: torch.Tensor) -> dict[str, Any]:
+def _flip_attack_values(atk, x: torch.Tensor, y: torch.Tensor, target0: torch.Tensor):
     out = atk(x, y)
     last = atk.last_flip  # the solve at the returned images (the attack's final evaluation)
     vals: dict[str, Any] = {m: out.metrics[m] for m in _ROW_METRICS}
@@ -342,7 +342,7 @@ def _flip_attack_values(atk, x: torch.Tensor, y: torch.Tensor, target0: torch.Te
         certified=last.converged,
         target_kept=last.converged & (last.target.to(target0.device) == target0),
     )
-    return vals
+    return vals, out
 
 
 def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0,
@@ -350,8 +350,10 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
                         attacks: Sequence[str] = ("random", "topk", "center"),
                         transfer: Sequence[str] = ("topk", "center"), n_flip: int | None = None, box: bool = True,
                         differentiated_eps: Sequence[float] | None = None, weak: str = "nan",
-                        surrogate_beta: float | None = None, flip_iters: int | None = None,
+                        surrogate_beta: float | None = None, surrogate_solver: dict[str, Any] | None = None,
+                        flip_iters: int | None = None,
                         flip_step: float | None = None, n_differentiated: int | None = None,
+                        n_examples: int = 0,
                         progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
     """Study 2 on one network: per-image rows (model, method, attack, eps, eps255, image, topk, spearman, center,
     label_kept, flip_certified, target_kept, available) for the saliency ``methods`` (the cached attack-grid cells of
@@ -367,7 +369,8 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     ``surrogate_beta`` (for ReLU networks, whose flip points lie on kinks): the own top-k / center attacks take their
     direction from the flip map of :func:`flip_surrogate` ``(model, surrogate_beta)``, solved toward the target class
     of the model's flip point at the original image; rows ``attack="surrogate-topk"`` / ``"surrogate-center"``,
-    everything in them measured on the model (module docstring). ``flip_iters`` / ``flip_step``: iterations and
+    everything in them measured on the model (module docstring); ``surrogate_solver``: solver arguments that
+    differ for the surrogate's solves (e.g. ``max_iter``). ``flip_iters`` / ``flip_step``: iterations and
     step of the own top-k / center attacks (default ``prof["beyond_flip_iters"]`` and the grid's step);
     ``n_differentiated``: only the first that many certified images (with a derivative) are attacked by them (the
     other images' rows are ``available=False``; default all).
@@ -376,7 +379,9 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     all rows are on the same images. ``epsilons`` default: ``prof["epsilons"]``. Returns ``(rows, info)``, info:
     ``model``, ``n_images``, ``n_certified``, ``differentiable`` (bool), ``n_derivative`` (certified images where
     x_flip — the surrogate's, with ``surrogate_beta`` — has a derivative), ``grad_status``, ``surrogate_beta``,
-    ``n_differentiated`` (images the own top-k / center attacks ran on), ``seconds`` per part.
+    ``n_differentiated`` (images the own top-k / center attacks ran on), ``seconds`` per part, ``examples``
+    (:func:`_examples`: up to ``n_examples`` images with their maps before / after the attacks at the largest ε,
+    for the figure's example panels; images attacked by the own top-k attack first).
     """
     import time
 
@@ -398,7 +403,7 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     name = setting.model_name + ("" if box else " (no box)") + (" (one-sided derivative)" if weak == "active" else "")
     info: dict[str, Any] = {"model": name, "n_images": n_solved, "n_certified": int(ok.sum()), "box": box,
                             "differentiable": differentiable_available(), "surrogate_beta": surrogate_beta,
-                            "n_differentiated": 0, "seconds": {}}  # fmt: skip
+                            "n_differentiated": 0, "examples": [], "seconds": {}}  # fmt: skip
     if not ok.any():
         return pd.DataFrame(columns=["model", "method", "attack", "eps", "eps255", "image", *_ROW_METRICS,
                                      "label_kept", "flip_certified", "target_kept", "available"]), info  # fmt: skip
@@ -419,7 +424,12 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     diff_eps = eps_grid if differentiated_eps is None else tuple(float(e) for e in differentiated_eps)
     has_d = torch.zeros(n, dtype=torch.bool, device=x.device)
     dmodel = sub.model if surrogate_beta is None else flip_surrogate(sub.model, surrogate_beta)
-    dsolver = solver if surrogate_beta is None else {**solver, "target": target0}
+    extra = dict(surrogate_solver or {})
+    if surrogate_beta is None and extra:
+        raise ValueError("surrogate_solver is given but surrogate_beta is None")
+    if "target" in extra or "differentiable" in extra:
+        raise ValueError("surrogate_solver: target and differentiable are set by the study, do not pass them")
+    dsolver = solver if surrogate_beta is None else {**solver, **extra, "target": target0}
     own = {"topk": "topk", "center": "center"} if surrogate_beta is None else {
         "topk": "surrogate-topk", "center": "surrogate-center"}  # fmt: skip
     if info["differentiable"] and any(a in ("topk", "center") for a in attacks):
@@ -436,25 +446,29 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     iters = int(prof["beyond_flip_iters"]) if flip_iters is None else int(flip_iters)
     step = spec.step if flip_step is None else float(flip_step)
     t = time.perf_counter()
+    examples: dict[str, Any] = {}
     for eps in eps_grid:
         for a in attacks:
             if eps == 0 and a != "random":
                 continue  # eps = 0: one unperturbed re-solve (the random row) stands for every attack
             if a == "random":
                 atk = FlipRandomSignAttack(sub.model, eps=eps, seed=spec.seed, tries=spec.random_tries, **common)
-                vals = _flip_attack_values(atk, x, y, target0)
+                vals, _ = _flip_attack_values(atk, x, y, target0)
             elif not info["differentiable"] or not has_d.any() or eps not in diff_eps:
                 rows += _rows(name, FLIP_METHOD, own[a], eps, {}, n, available=False)
                 continue
             else:
                 # only images where x_flip has a derivative at x: elsewhere the direction is 0 and x never moves
                 cls = FlipTopKAttack if a == "topk" else FlipCenterAttack
-                sur = {} if surrogate_beta is None else {"surrogate": dmodel,
-                                                         "surrogate_solver": {"target": target0[has_d]}}  # fmt: skip
+                sur = {}
+                if surrogate_beta is not None:
+                    sur = {"surrogate": dmodel, "surrogate_solver": {**extra, "target": target0[has_d]}}
                 atk = cls(sub.model, eps=eps, step=step, iters=iters, weak=weak, **sur, **common)
                 if surrogate_beta is not None:  # the (expensive) ReLU solve at x is known: not repeated
                     atk.remember(x[has_d], _select(res0, ok, has_d))
-                part = _flip_attack_values(atk, x[has_d], y[has_d], target0[has_d])
+                part, out = _flip_attack_values(atk, x[has_d], y[has_d], target0[has_d])
+                if a == "topk" and eps == max(diff_eps):
+                    examples["own"] = (has_d.clone(), out)
                 avail = torch.zeros(n, dtype=torch.bool)
                 avail[has_d.cpu()] = atk.derivative_seen.cpu()
                 vals = {}
@@ -471,13 +485,52 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
             sg_out = sg_attack(spec, sub.model, a, eps)(x, y)
             vals = transfer_attack(sub.model, sg_out.x_adv, y, map0, target0, k=spec.k, solver=solver,
                                    floor_center=spec.floor_center)  # fmt: skip
+            if a == "topk" and eps == max(eps_grid):
+                examples["sg"] = (sg_out, vals)
             rows += _rows(name, FLIP_METHOD, f"transfer-{a}", eps, vals, n)
     info["seconds"]["flip explanation"] = time.perf_counter() - t
+    info["examples"] = _examples(sub, map0, examples, n_examples)
     flip_rows = pd.DataFrame(rows)
     keep = [c for c in flip_rows.columns if c in grid.columns]
     grid.loc[grid.eps == 0, "attack"] = "none"
     grid = grid.drop_duplicates(["method", "attack", "eps", "image"])
     return pd.concat([grid[keep], flip_rows], ignore_index=True), info
+
+
+def _examples(sub: ImageSetting, map0: torch.Tensor, found: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` example images for the figure: per image (index into the certified images) the image, its class,
+    the simple-gradient map before / after the SG top-k attack, the flip map before / at the SG attack's image
+    (transfer) / after the flip map's own (or surrogate-direction) top-k attack, and their top-k ∩, all at the
+    largest ε computed; entries missing where that attack did not run (NaN maps: no certified flip point)."""
+    if n <= 0 or "sg" not in found and "own" not in found:
+        return []
+    m = len(sub.x)
+    order = list(range(m))
+    own_idx: dict[int, int] = {}
+    if "own" in found:
+        mask, out = found["own"]
+        idx = torch.nonzero(mask.cpu())[:, 0].tolist()
+        own_idx = {i: j for j, i in enumerate(idx)}
+        moved = {i for i, j in own_idx.items() if bool(out.success[j])}
+        order = sorted(order, key=lambda i: (i not in moved, i not in own_idx))  # images the own attack moved first
+    cpu = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
+    names = sub.class_names
+    ex = []
+    for i in order[:n]:
+        e: dict[str, Any] = {"image": i, "x": cpu(sub.x[i]), "label": names[int(sub.y[i])] if names else
+                             str(int(sub.y[i])), "flip": cpu(map0[i])}  # fmt: skip
+        if "sg" in found:
+            sg_out, tr = found["sg"]
+            e.update(sg=cpu(sg_out.saliency[i]), sg_adv=cpu(sg_out.saliency_adv[i]),
+                     sg_topk=float(sg_out.metrics["topk"][i]), x_sg=cpu(sg_out.x_adv[i]),
+                     flip_transfer=cpu(tr["maps"][i]), transfer_topk=float(tr["topk"][i]))  # fmt: skip
+        if i in own_idx:
+            _, out = found["own"]
+            j = own_idx[i]
+            e.update(flip_own=cpu(out.saliency_adv[j]), own_topk=float(out.metrics["topk"][j]),
+                     x_own=cpu(out.x_adv[j]))  # fmt: skip
+        ex.append(e)
+    return ex
 
 
 def _select(res: FlipResult, *masks: torch.Tensor) -> FlipResult:
