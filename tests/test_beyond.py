@@ -422,3 +422,30 @@ def test_boundary_examples_are_the_least_and_most_fragile_certified_images_with_
     assert beyond.boundary_examples(st, prof, frame.assign(certified=False)) == []
     with pytest.raises(ValueError, match="method"):
         beyond.boundary_examples(st, prof, frame, method="dtd")
+
+
+def test_the_surrogate_direction_claim_compares_on_the_attacked_images_and_says_no_effect_when_there_is_none():
+    def frame(sur_topk):
+        recs = []
+        for attack, topk in (("random", [0.6, 0.4, 0.0]), ("surrogate-topk", sur_topk), ("surrogate-center",
+                             [0.5, 0.5, np.nan]), ("transfer-topk", [0.2, 0.2, 0.9])):  # fmt: skip
+            for i, t in enumerate(topk):
+                recs.append({"model": "relu", "method": "flip", "attack": attack, "eps": 8 / 255, "eps255": 8.0,
+                             "image": i, "topk": t, "spearman": 0.9, "center": 1.0, "label_kept": True,
+                             "flip_certified": True, "target_kept": True,
+                             "available": not (attack.startswith("surrogate") and i == 2)})  # fmt: skip
+        return pd.DataFrame(recs)
+
+    info = {"relu": {"n_certified": 3, "n_images": 3, "surrogate_beta": 10.0, "n_differentiated": 2,
+                     "n_derivative": 3, "differentiable": True}}  # fmt: skip
+    for sur, effect in (([0.1, 0.3, np.nan], "lowers ∩ below the random sign's"), ([0.5, 0.5, np.nan], "no effect")):
+        rows = frame(sur)
+        claims = beyond.flip_claims(beyond.summarize_flip_fragility(rows), info, deviation="t", rows=rows)
+        c = {r["claim_id"]: r for r in claims}["beyond/flip_relu_surrogate_direction"]
+        assert effect in c["ours"] and "2 of 3 certified images attacked" in c["ours"]
+        # the random sign and transfer on the attacked images 0 and 1 only: 0.50 and 0.20 (not 0.33 / 0.43)
+        assert "random 0.50/0.90" in c["ours"] and "transfer-topk 0.20/0.90" in c["ours"]
+        assert f"surrogate-topk {np.mean(sur[:2]):.2f}/0.90" in c["ours"]
+    info["relu"]["n_differentiated"] = 0
+    c = beyond.flip_claims(beyond.summarize_flip_fragility(rows), info, deviation="t", rows=rows)[-1]
+    assert "not available" in c["ours"]
