@@ -150,12 +150,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_flip_iters": 6,  # each iteration is a differentiable flip solve (~1 s for 8 digits)
         "beyond_diff_eps255": [8],  # the budget: random sign and transfer run on the whole eps grid
         # the CIFAR-10 flip-map top-k / center attacks with the smooth surrogate's direction: every iteration is a
-        # surrogate solve (~0.8 s per photo) and a ReLU flip solve (~4 s per photo); measured with 2 photos and 4
-        # iterations: 88 s for all flip-map rows of the photos, so 3 iterations of 3/255 (reaching the 8/255 ball's
-        # edge in 3 sign steps instead of 16 of 0.5/255)
+        # surrogate solve (~0.8 s per photo) and a ReLU flip solve (~4 s per photo). Measured (2 photos, cold cache,
+        # 2 cores shared): 3 iterations of 3/255 made notebook 02 take 187 s (its CIFAR-10 flip rows 111 s), so 2
+        # iterations of 4/255 (reaching the 8/255 ball's edge in 2 sign steps instead of 16 of 0.5/255)
         "beyond_cifar_diff_n": 2,
-        "beyond_cifar_diff_iters": 3,
-        "beyond_cifar_diff_step255": 3,
+        "beyond_cifar_diff_iters": 2,
+        "beyond_cifar_diff_step255": 4,
         "beyond_cifar_surrogate_iters": 40,  # the surrogate's solves: measured 5-18 SQP iterations on photos 0-1
         "beyond_n_boot": 2000,
     },

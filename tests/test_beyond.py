@@ -1,6 +1,8 @@
 """flipfrag.beyond against oracles: scipy's Spearman ρ and a slow bootstrap loop, closed-form flip explanations of
 linear models, invariants of the flip-explanation map, the transfer rows' perturbation, constructed relations."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -388,6 +390,7 @@ def test_surrogate_direction_rows_are_labelled_and_measured_on_the_relu_model(tm
     ex = info["examples"]
     assert len(ex) == 3 and {e["image"] for e in ex[:2]} == set(torch.nonzero(has_d)[:, 0].tolist())
     assert "flip_own" not in ex[2]  # not attacked by the flip map's own attack
+    assert [e["photo"] for e in ex] == [torch.nonzero(ok)[e["image"], 0].item() for e in ex]
     j = {i: k for k, i in enumerate(torch.nonzero(has_d)[:, 0].tolist())}
     for e in ex[:2]:
         np.testing.assert_allclose(e["flip_own"], out.saliency_adv[j[e["image"]]].numpy())
@@ -449,3 +452,31 @@ def test_the_surrogate_direction_claim_compares_on_the_attacked_images_and_says_
     info["relu"]["n_differentiated"] = 0
     c = beyond.flip_claims(beyond.summarize_flip_fragility(rows), info, deviation="t", rows=rows)[-1]
     assert "not available" in c["ours"]
+
+
+def test_an_iterate_without_a_certified_flip_point_is_never_selected(monkeypatch):
+    """Every solve away from x fails certification (patched; the first step, at x, is real): the attack must return
+    x unchanged with top-k ∩ 1, not pick an uncertified iterate (whose NaN map the plain metrics rank as ∩ 0)."""
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    st = _tiny_setting()
+    x0 = st.x[:3]
+    real = beyond.flipmap.closest_flip_point
+
+    def failing_away_from_x0(model, x, *, differentiable=False, **kw):
+        res = real(model, x, differentiable=differentiable, **kw)
+        moved = (x - x0[: len(x)]).flatten(1).abs().amax(1) > 0 if len(x) == len(x0) else torch.ones(len(x), dtype=bool)
+        return replace(res, converged=res.converged & ~moved)
+
+    monkeypatch.setattr(beyond.flipmap, "closest_flip_point", failing_away_from_x0)
+    atk = beyond.FlipTopKAttack(st.model, solver={"max_ineq": 2}, eps=8 / 255, iters=3, k=st.k, progress=False)
+    out = atk(x0, st.y[:3])
+    assert bool(atk.derivative_seen.all())  # the attack did step
+    assert not bool(out.success.any()) and torch.equal(out.x_adv, x0)
+    assert out.metrics["topk"].tolist() == [1.0, 1.0, 1.0]
+    assert torch.isnan(out.history["topk"][1:]).all()  # every iterate: no certified flip point, no value
+    # and the random sign: a returned image without a certified flip point gets NaN metrics (excluded, counted)
+    rnd = beyond.FlipRandomSignAttack(st.model, solver={"max_ineq": 2}, eps=8 / 255, k=st.k, progress=False)
+    r = rnd(x0, st.y[:3])
+    moved = (r.x_adv != x0).flatten(1).any(1)
+    assert bool(moved.all()) and torch.isnan(r.metrics["topk"][moved]).all()

@@ -210,6 +210,13 @@ class _FlipMap:
             maps = torch.where(ok.view(-1, 1, 1), maps, torch.full_like(maps, _NAN))
         return g, value, maps, logits
 
+    def _scores(self, ref: ReferenceMaps, maps: torch.Tensor, region, names=None) -> dict[str, torch.Tensor]:
+        # no certified flip point (NaN map): every metric NaN, so that the iterate is never selected (the plain
+        # metrics would rank a NaN map as totally changed: top-k ∩ 0) and the returned image is never such a one
+        out = super()._scores(ref, torch.nan_to_num(maps, nan=0.0), region, names)
+        bad = torch.isnan(maps).flatten(1).any(1)
+        return {k: torch.where(bad, torch.full_like(v, _NAN), v) for k, v in out.items()}
+
 
 def _image_key(x: torch.Tensor) -> bytes:
     xd = x.detach().cpu().contiguous()
@@ -453,6 +460,8 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
                 continue  # eps = 0: one unperturbed re-solve (the random row) stands for every attack
             if a == "random":
                 atk = FlipRandomSignAttack(sub.model, eps=eps, seed=spec.seed, tries=spec.random_tries, **common)
+                if eps > 0:  # the reference map is map0 (as for transfer); at eps = 0 the row is the re-solve
+                    atk.remember(x, _select(res0, ok))
                 vals, _ = _flip_attack_values(atk, x, y, target0)
             elif not info["differentiable"] or not has_d.any() or eps not in diff_eps:
                 rows += _rows(name, FLIP_METHOD, own[a], eps, {}, n, available=False)
@@ -464,8 +473,7 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
                 if surrogate_beta is not None:
                     sur = {"surrogate": dmodel, "surrogate_solver": {**extra, "target": target0[has_d]}}
                 atk = cls(sub.model, eps=eps, step=step, iters=iters, weak=weak, **sur, **common)
-                if surrogate_beta is not None:  # the (expensive) ReLU solve at x is known: not repeated
-                    atk.remember(x[has_d], _select(res0, ok, has_d))
+                atk.remember(x[has_d], _select(res0, ok, has_d))  # the reference map is map0, not a re-solve
                 part, out = _flip_attack_values(atk, x[has_d], y[has_d], target0[has_d])
                 if a == "topk" and eps == max(diff_eps):
                     examples["own"] = (has_d.clone(), out)
@@ -489,7 +497,7 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
                 examples["sg"] = (sg_out, vals)
             rows += _rows(name, FLIP_METHOD, f"transfer-{a}", eps, vals, n)
     info["seconds"]["flip explanation"] = time.perf_counter() - t
-    info["examples"] = _examples(sub, map0, examples, n_examples)
+    info["examples"] = _examples(sub, map0, examples, n_examples, torch.nonzero(ok.cpu())[:, 0].tolist())
     flip_rows = pd.DataFrame(rows)
     keep = [c for c in flip_rows.columns if c in grid.columns]
     grid.loc[grid.eps == 0, "attack"] = "none"
@@ -497,8 +505,10 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     return pd.concat([grid[keep], flip_rows], ignore_index=True), info
 
 
-def _examples(sub: ImageSetting, map0: torch.Tensor, found: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """Up to ``n`` example images for the figure: per image (index into the certified images) the image, its class,
+def _examples(sub: ImageSetting, map0: torch.Tensor, found: dict[str, Any], n: int,
+              photo: list[int]) -> list[dict[str, Any]]:  # fmt: skip
+    """Up to ``n`` example images for the figure: per image (``image``: index into the certified images, as in the
+    rows; ``photo``: index into the setting's images) the image, its class,
     the simple-gradient map before / after the SG top-k attack, the flip map before / at the SG attack's image
     (transfer) / after the flip map's own (or surrogate-direction) top-k attack, and their top-k ∩, all at the
     largest ε computed; entries missing where that attack did not run (NaN maps: no certified flip point)."""
@@ -517,8 +527,8 @@ def _examples(sub: ImageSetting, map0: torch.Tensor, found: dict[str, Any], n: i
     names = sub.class_names
     ex = []
     for i in order[:n]:
-        e: dict[str, Any] = {"image": i, "x": cpu(sub.x[i]), "label": names[int(sub.y[i])] if names else
-                             str(int(sub.y[i])), "flip": cpu(map0[i])}  # fmt: skip
+        label = names[int(sub.y[i])] if names else str(int(sub.y[i]))
+        e: dict[str, Any] = {"image": i, "photo": photo[i], "x": cpu(sub.x[i]), "label": label, "flip": cpu(map0[i])}
         if "sg" in found:
             sg_out, tr = found["sg"]
             e.update(sg=cpu(sg_out.saliency[i]), sg_adv=cpu(sg_out.saliency_adv[i]),

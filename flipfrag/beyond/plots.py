@@ -252,7 +252,8 @@ def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[s
     eps = f"ε = {eps255:g}/255"
     for r, (model, e) in enumerate(ex_rows):
         ax = ex_axes[r]
-        _image(ax[0], e["x"], f"image {e['image']} ({e['label']})", ylabel=_SHORT_MODEL.get(model, model))
+        label = _SHORT_MODEL.get(model, model)
+        _image(ax[0], e["x"], f"image {e.get('photo', e['image'])} ({e['label']})", ylabel=label)
         v_sg = _pair_max(e.get("sg"), e.get("sg_adv"))
         _map(ax[1], e.get("sg"), "simple-gradient map", v_sg)
         _map(ax[2], e.get("sg_adv"), f"SG after SG top-k attack\n({eps}{_cap(e.get('sg_topk'))})", v_sg)
