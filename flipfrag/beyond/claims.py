@@ -180,7 +180,8 @@ def _surrogate_claim(summary: pd.DataFrame, info: Mapping[str, Mapping[str, Any]
                    f"{inf['n_certified']})")  # fmt: skip
             parts.append(f"{model}: not available ({why})")
             continue
-        names = ("surrogate-topk", "surrogate-center", "random", "transfer-topk")
+        have = set(summary[(summary.model == model) & (summary.method == FLIP_METHOD)].attack)
+        names = [a for a in ("surrogate-topk", "surrogate-center", "random", "transfer-topk") if a in have]
         if rows is not None:  # the attacked images: those with a value in the surrogate-topk row
             g = rows[(rows.model == model) & (rows.attack == "surrogate-topk") & np.isclose(rows.eps255, eps255)]
             imgs = set(g[g.available.astype(bool) & g.topk.notna()].image)

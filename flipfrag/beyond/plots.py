@@ -185,6 +185,38 @@ def plot_boundary_vs_fragility(frame: pd.DataFrame, corr: pd.DataFrame, *, model
     return fig
 
 
+_SHORT_ATTACK = {"topk": "top-k attack", "random": "random sign", "center": "center attack",
+                 "surrogate-topk": "top-k, surrogate direction", "surrogate-center": "center, surrogate direction",
+                 "transfer-topk": "SG top-k's perturbation", "transfer-center": "SG center's perturbation"}  # fmt: skip
+_SHORT_METHOD = {"gradient": "SG", "integrated_gradients": "IG", "deeplift": "DeepLIFT", "dtd": "DTD",
+                 FLIP_METHOD: "flip map"}  # fmt: skip
+_METRIC_TEXT = {"topk": "top-k intersection", "spearman": "Spearman rank correlation",
+                "target_kept": "fraction: flip point keeps its target class"}  # fmt: skip
+
+
+def _dot_panel(ax, s: pd.DataFrame, metric: str, styles: Mapping[str, tuple], *, labels: bool) -> None:
+    """One ε only: a dot per (method, attack) row, the metric on x, in the line panels' colours and markers."""
+    entries = []
+    for method in dict.fromkeys(s.method):
+        if metric == "target_kept" and method != FLIP_METHOD:
+            continue
+        for attack in ("topk", "random") if method != FLIP_METHOD else styles:
+            g = s[(s.method == method) & (s.attack == attack) & s.available]
+            if g.empty:
+                continue
+            color = _FLIP_COLORS[attack] if method == FLIP_METHOD else METHOD_COLORS[method]
+            entries.append((f"{_SHORT_METHOD.get(method, method)}: {_SHORT_ATTACK.get(attack, attack)}",
+                            float(g[metric].iloc[0]), color, styles[attack][1]))  # fmt: skip
+    for y, (_, v, color, mk) in enumerate(entries):
+        if np.isfinite(v):
+            ax.plot([0, v], [y, y], color=color, lw=1, alpha=0.35)
+            ax.plot([v], [y], marker=mk, ms=6, color=color, linestyle="none")
+    ax.set_yticks(range(len(entries)), [t for t, *_ in entries] if labels else [], fontsize=7.5)
+    ax.set_ylim(len(entries) - 0.5, -0.5)
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_xlabel(f"{_METRIC_TEXT[metric]} at ε = {float(s.eps255.iloc[0]):g}/255")
+
+
 def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[str], title: str = "",
                                     examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                                     eps255: float = 8.0):  # fmt: skip
@@ -214,6 +246,9 @@ def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[s
                     _note(ax, f"{_MODEL_LABELS.get(model, model)}:\nno image with a certified flip point, nothing to "
                               "attack")  # fmt: skip
                 continue
+            if zero.empty and s.eps255.nunique() == 1:  # one ε only (the ReLU CNN): a dot chart reads better
+                _dot_panel(ax, s, metric, styles, labels=j != 1)
+                continue
             for method in dict.fromkeys(s.method):
                 for attack in ("topk", "random") if method != FLIP_METHOD else styles:
                     g = s[(s.method == method) & (s.attack == attack) & s.available].sort_values("eps255")
@@ -237,12 +272,15 @@ def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[s
             ax.set_xlim(-0.4, float(s.eps255.max()) + 0.4)  # from 0 even when only one ε was run
         if s.empty:
             continue
-        axes[r, 0].set_ylabel("top-k intersection")
-        axes[r, 1].set_ylabel("Spearman rank correlation")
-        axes[r, 2].set_ylabel("fraction: flip point keeps its target class")
+        if not (zero.empty and s.eps255.nunique() == 1):  # (the dot charts say it on their x axes)
+            axes[r, 0].set_ylabel("top-k intersection")
+            axes[r, 1].set_ylabel("Spearman rank correlation")
+            axes[r, 2].set_ylabel("fraction: flip point keeps its target class")
         n = int(s[s.method == FLIP_METHOD].n.max())
-        axes[r, 0].set_title(f"{_MODEL_LABELS.get(model, model)}: {n} images")
-        axes[r, 1].set_title("same images and perturbations in every column")
+        dots = zero.empty and s.eps255.nunique() == 1
+        axes[r, 0].set_title(f"{_MODEL_LABELS.get(model, model)}:{chr(10) if dots else ' '}{n} images")
+        axes[r, 1].set_title("same images and\nperturbations in every column" if dots else
+                             "same images and perturbations in every column")  # fmt: skip
         axes[r, 2].set_title("target class of the closest flip point")
     first = next((r for r, h in enumerate(has_data) if h), None)
     if first is not None:
