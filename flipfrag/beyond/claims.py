@@ -202,9 +202,9 @@ def _surrogate_claim(summary: pd.DataFrame, info: Mapping[str, Mapping[str, Any]
         )
     return dict(
         claim_id="beyond/flip_relu_surrogate_direction",
-        claim=(f"ReLU CNN: the flip-point explanation under top-k / center attacks whose direction differentiates a "
-               f"smooth surrogate's flip map (softplus + log-sum-exp pooling), measured on the ReLU model at "
-               f"ε = {eps255:g}/255"),
+        claim=(f"ReLU CNN: the flip-point explanation under its own top-k (and center) attacks whose direction "
+               f"differentiates a smooth surrogate's flip map (softplus + log-sum-exp pooling), measured on the ReLU "
+               f"model at ε = {eps255:g}/255"),
         kind="measured", ours=" | ".join(parts),
         note=("top-k ∩ / Spearman ρ against the ReLU model's unperturbed flip map, mean over the attacked images "
               + ("(random sign and transfer on the same images)" if rows is not None else

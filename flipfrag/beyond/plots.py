@@ -49,10 +49,11 @@ def _note(ax, text: str) -> None:
             bbox={"boxstyle": "round", "fc": "#f4f4f4", "ec": "#999999"})  # fmt: skip
 
 
-def _figure(n_rows: int, top_height: float, n_example_rows: int, n_example_cols: int, example_height: float,
-            **gridspec):  # fmt: skip
+def _figure(n_rows: int, top_height: float, n_example_rows: int, n_example_cols: int, example_height: float, *,
+            row_heights: Sequence[float] | None = None, **gridspec):  # fmt: skip
     """A figure with the (n_rows, 3) panel grid on top and, when ``n_example_rows``, a grid of image panels below it
-    (two subfigures, so that the image panels keep their own widths)."""
+    (two subfigures, so that the image panels keep their own widths). ``row_heights``: every panel row in its own
+    subfigure (its columns laid out on their own: a row with long tick labels does not squeeze the others)."""
     import matplotlib.pyplot as plt
 
     from ..plotting import set_style
@@ -60,11 +61,17 @@ def _figure(n_rows: int, top_height: float, n_example_rows: int, n_example_cols:
     set_style()
     ex_h = example_height * n_example_rows
     fig = plt.figure(figsize=(15, top_height + ex_h), layout="constrained")
-    if not n_example_rows:
-        return fig, fig.subplots(n_rows, 3, squeeze=False, gridspec_kw=gridspec), None
-    top, bottom = fig.subfigures(2, 1, height_ratios=[top_height, ex_h], hspace=0.02)
-    axes = top.subplots(n_rows, 3, squeeze=False, gridspec_kw=gridspec)
-    return fig, axes, bottom.subplots(n_example_rows, n_example_cols, squeeze=False)
+    if n_example_rows:
+        top, bottom = fig.subfigures(2, 1, height_ratios=[top_height, ex_h], hspace=0.02)
+    else:
+        top, bottom = fig, None
+    if row_heights is None:
+        axes = top.subplots(n_rows, 3, squeeze=False, gridspec_kw=gridspec)
+    else:
+        rows = top.subfigures(n_rows, 1, height_ratios=list(row_heights), squeeze=False)[:, 0]
+        axes = np.array([row.subplots(1, 3, squeeze=False, gridspec_kw=gridspec)[0] for row in rows])
+    ex = bottom.subplots(n_example_rows, n_example_cols, squeeze=False) if bottom is not None else None
+    return fig, axes, ex
 
 
 def _image(ax, x: np.ndarray, title: str, ylabel: str = "") -> None:
@@ -234,7 +241,7 @@ def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[s
     heights = [1.0 if h else 0.25 for h in has_data]
     ex_rows = [(m, e) for m in models for e in ((examples or {}).get(m) or [])]
     fig, axes, ex_axes = _figure(len(models), 4.2 * sum(heights) + 2.0, len(ex_rows), 6, 2.6,
-                                 height_ratios=heights)  # fmt: skip
+                                 row_heights=heights)  # fmt: skip
     for r, model in enumerate(models):
         s = summary[summary.model == model]
         zero = s[s.eps255 == 0]
