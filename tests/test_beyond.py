@@ -441,7 +441,8 @@ def test_the_surrogate_direction_claim_compares_on_the_attacked_images_and_says_
 
     info = {"relu": {"n_certified": 3, "n_images": 3, "surrogate_beta": 10.0, "n_differentiated": 2,
                      "n_derivative": 3, "differentiable": True}}  # fmt: skip
-    for sur, effect in (([0.1, 0.3, np.nan], "lowers ∩ below the random sign's"), ([0.5, 0.5, np.nan], "no effect")):
+    for sur, effect in (([0.1, 0.3, np.nan], "surrogate-topk: lowers ∩ below the random sign's"),
+                        ([0.5, 0.5, np.nan], "surrogate-topk: no effect")):  # fmt: skip
         rows = frame(sur)
         claims = beyond.flip_claims(beyond.summarize_flip_fragility(rows), info, deviation="t", rows=rows)
         c = {r["claim_id"]: r for r in claims}["beyond/flip_relu_surrogate_direction"]
@@ -449,6 +450,10 @@ def test_the_surrogate_direction_claim_compares_on_the_attacked_images_and_says_
         # the random sign and transfer on the attacked images 0 and 1 only: 0.50 and 0.20 (not 0.33 / 0.43)
         assert "random 0.50/0.90" in c["ours"] and "transfer-topk 0.20/0.90" in c["ours"]
         assert f"surrogate-topk {np.mean(sur[:2]):.2f}/0.90" in c["ours"]
+        assert "surrogate-center: no effect" in c["ours"]  # 0.50 vs the random sign's 0.50
+    only_center = rows[rows.attack != "surrogate-topk"]  # (as smoke runs it)
+    c = beyond.flip_claims(beyond.summarize_flip_fragility(only_center), info, deviation="t", rows=only_center)[-1]
+    assert "surrogate-topk" not in c["ours"] and "surrogate-center 0.50/0.90" in c["ours"]
     info["relu"]["n_differentiated"] = 0
     c = beyond.flip_claims(beyond.summarize_flip_fragility(rows), info, deviation="t", rows=rows)[-1]
     assert "not available" in c["ours"]

@@ -12,6 +12,8 @@ import pandas as pd
 
 from .flipmap import FLIP_METHOD
 
+_NAN = float("nan")
+
 __all__ = ["boundary_claims", "flip_claims", "SHORT"]
 
 SHORT = {"gradient": "SG", "integrated_gradients": "IG", "deeplift": "DeepLIFT", "dtd": "DTD", FLIP_METHOD: "flip"}
@@ -182,19 +184,24 @@ def _surrogate_claim(summary: pd.DataFrame, info: Mapping[str, Mapping[str, Any]
             continue
         have = set(summary[(summary.model == model) & (summary.method == FLIP_METHOD)].attack)
         names = [a for a in ("surrogate-topk", "surrogate-center", "random", "transfer-topk") if a in have]
-        if rows is not None:  # the attacked images: those with a value in the surrogate-topk row
-            g = rows[(rows.model == model) & (rows.attack == "surrogate-topk") & np.isclose(rows.eps255, eps255)]
+        own = [a for a in names if a.startswith("surrogate-")]
+        if rows is not None:  # the attacked images: those with a value in a surrogate-direction row
+            g = rows[(rows.model == model) & rows.attack.isin(own) & np.isclose(rows.eps255, eps255)]
             imgs = set(g[g.available.astype(bool) & g.topk.notna()].image)
             val = {a: tuple(_mean_on(rows, model, a, eps255, imgs, m) for m in ("topk", "spearman")) for a in names}
         else:
             val = {a: (_at(summary, model, FLIP_METHOD, a, eps255, "topk"),
                        _at(summary, model, FLIP_METHOD, a, eps255, "spearman")) for a in names}  # fmt: skip
-        st, rnd = val["surrogate-topk"][0], val["random"][0]
-        if np.isfinite(st) and np.isfinite(rnd):
-            effect = ("the surrogate direction lowers ∩ below the random sign's" if st < rnd - 0.02 else
-                      "no effect beyond the random sign's (∩ within 0.02 or above)")  # fmt: skip
-        else:
-            effect = "no comparison (a row is not available)"
+        rnd = val.get("random", (_NAN, _NAN))[0]
+        effects = []
+        for a in own:
+            st = val[a][0]
+            if np.isfinite(st) and np.isfinite(rnd):
+                effects.append(f"{a}: " + ("lowers ∩ below the random sign's" if st < rnd - 0.02 else
+                                           "no effect beyond the random sign's (∩ within 0.02 or above)"))  # fmt: skip
+            else:
+                effects.append(f"{a}: no comparison (a row has no value)")
+        effect = "; ".join(effects) if effects else "no surrogate-direction row ran"
         parts.append(
             f"{model} (β = {inf['surrogate_beta']:g}; {n_att} of {inf['n_certified']} certified images attacked): "
             + ", ".join(f"{a} {_fmt(t)}/{_fmt(r)}" for a, (t, r) in val.items())
