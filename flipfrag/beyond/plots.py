@@ -218,6 +218,9 @@ def _dot_panel(ax, s: pd.DataFrame, metric: str, styles: Mapping[str, tuple], *,
         if np.isfinite(v):
             ax.plot([0, v], [y, y], color=color, lw=1, alpha=0.35)
             ax.plot([v], [y], marker=mk, ms=6, color=color, linestyle="none")
+        else:
+            ax.text(0.02, y, "no value (no certified flip point at the perturbed image)", fontsize=7, va="center",
+                    color="#777777")  # fmt: skip
     ax.set_yticks(range(len(entries)), [t for t, *_ in entries] if labels else [], fontsize=7.5)
     ax.set_ylim(len(entries) - 0.5, -0.5)
     ax.set_xlim(-0.03, 1.03)
