@@ -4,8 +4,10 @@
   :class:`flipfrag.fragility.ImageSetting` s and their flip solver settings.
 * :mod:`~flipfrag.beyond.correlation` — Spearman ρ across images with a seeded bootstrap interval.
 * :mod:`~flipfrag.beyond.boundary` — study 1: distance to the closest flip point vs fragility of the saliency map,
-  with the input-Hessian curvature as the mediator the Hessian argument predicts.
-* :mod:`~flipfrag.beyond.flipmap` — study 2: the flip-explanation map |x_flip - x| attacked with paper 2's attacks.
+  with the input-Hessian curvature as the mediator the Hessian argument predicts (:func:`boundary_examples`: the
+  most / least fragile images for the figure).
+* :mod:`~flipfrag.beyond.flipmap` — study 2: the flip-explanation map |x_flip - x| attacked with paper 2's attacks
+  (ReLU networks: the step direction from a smooth surrogate's flip map, :func:`flip_surrogate`).
 * :mod:`~flipfrag.beyond.claims` — the REPRODUCTION.md rows of both studies.
 * :mod:`~flipfrag.beyond.plots` — the two figures.
 """
