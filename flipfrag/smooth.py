@@ -13,7 +13,8 @@ The deformations live here, and nowhere else:
   callers check that something was replaced.
 
 * **max-pooling -> log-sum-exp pooling(beta)** (:func:`maxpool_as_logsumexp`), smooth in the input, for the
-  flip-point homotopy on ReLU CNNs.
+  flip-point homotopy on ReLU CNNs and, with the softplus, for surrogates whose own flip points are differentiated
+  (``softplus_surrogate(model, beta, maxpool=True)``).
 
 * **erf(u / sigma) scale**. The flip-point networks of Yousefzadeh & O'Leary use erf activations with one scale
   sigma per hidden layer (:class:`Erf`). The homotopy of their later code widens sigma so that no unit is saturated;
@@ -196,6 +197,11 @@ class SoftplusSurrogate(nn.Module):
         A network built from ``nn.ReLU`` modules and/or functional ReLU calls.
     beta : float
         Softplus sharpness; ``softplus(u; beta) = log(1 + exp(beta u)) / beta``. Default 1 (Ghorbani et al.).
+    maxpool : bool
+        Also evaluate max-pooling as log-sum-exp pooling with the same beta (:func:`maxpool_as_logsumexp`), so
+        that a ReLU CNN with max-pooling becomes smooth everywhere (default False: pooling stays exact, as in the
+        attacks' surrogate). Needed where the surrogate's *own* stationary points are differentiated, e.g. the
+        flip points of :mod:`flipfrag.beyond.flipmap`'s surrogate direction.
 
     Raises
     ------
@@ -204,18 +210,25 @@ class SoftplusSurrogate(nn.Module):
         probably handing a non-ReLU net or one using an unsupported form such as ``clamp``).
     """
 
-    def __init__(self, model: nn.Module, beta: float = 1.0):
+    def __init__(self, model: nn.Module, beta: float = 1.0, *, maxpool: bool = False):
         super().__init__()
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
+        if not isinstance(maxpool, bool):
+            raise TypeError(f"maxpool must be a bool, got {type(maxpool).__name__}")
         self.model = model
         self.beta = float(beta)
+        self.maxpool = maxpool
         self.replaced_calls: int | None = None
         self.training = model.training  # follow the wrapped model's mode (without changing it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with relu_as_softplus(self.beta) as mode:
-            out = self.model(x)
+            if self.maxpool:
+                with maxpool_as_logsumexp(self.beta):
+                    out = self.model(x)
+            else:
+                out = self.model(x)
         if self.replaced_calls is None and mode.count == 0:
             raise ValueError(
                 "model: softplus surrogate found no ReLU call to replace (supported: nn.ReLU, F.relu, torch.relu, "
@@ -225,9 +238,11 @@ class SoftplusSurrogate(nn.Module):
         return out
 
 
-def softplus_surrogate(model: nn.Module, beta: float = 1.0, *, copy_weights: bool = False) -> SoftplusSurrogate:
-    """Return the softplus(beta) surrogate of ``model`` (weights shared unless ``copy_weights``)."""
-    return SoftplusSurrogate(copy.deepcopy(model) if copy_weights else model, beta)
+def softplus_surrogate(model: nn.Module, beta: float = 1.0, *, copy_weights: bool = False,
+                       maxpool: bool = False) -> SoftplusSurrogate:  # fmt: skip
+    """Return the softplus(beta) surrogate of ``model`` (weights shared unless ``copy_weights``; ``maxpool=True``:
+    max-pooling as log-sum-exp pooling(beta) too, see :class:`SoftplusSurrogate`)."""
+    return SoftplusSurrogate(copy.deepcopy(model) if copy_weights else model, beta, maxpool=maxpool)
 
 
 def has_relu(model: nn.Module, example: torch.Tensor) -> bool:

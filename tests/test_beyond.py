@@ -1,6 +1,8 @@
 """flipfrag.beyond against oracles: scipy's Spearman ρ and a slow bootstrap loop, closed-form flip explanations of
 linear models, invariants of the flip-explanation map, the transfer rows' perturbation, constructed relations."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -276,3 +278,210 @@ def test_the_one_sided_derivative_moves_boxed_images_the_strict_one_refuses(tmp_
             assert bool(atk.derivative_seen.all())
     with pytest.raises(ValueError, match="weak"):
         beyond.FlipTopKAttack(st.model, weak="maybe")
+
+
+# ------------------------------------------------------------------------------- ReLU networks: surrogate direction
+
+_TIGHT = dict(tol=1e-12, kkt_tol=1e-7, max_iter=200, upper_bounds=False, max_ineq=2)  # accurate, for differences
+
+
+class _Centered(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(4 * (x - 0.5))
+
+
+def _tiny_relu_cnn():
+    """A ReLU CNN with max-pooling (the CIFAR-10 CNN's kinds of layers) on 1 x 6 x 6 images, 3 classes, float64."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 8), nn.ReLU(),
+                        nn.Linear(8, 3))  # fmt: skip
+    model = _Centered(net).double().eval()
+    x = torch.rand(8, 1, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+@pytest.mark.parametrize("cls", [beyond.FlipTopKAttack, beyond.FlipCenterAttack])
+def test_the_surrogate_direction_is_the_derivative_of_the_surrogates_flip_map_objective(cls):
+    """The step direction of a surrogate-direction attack on a ReLU CNN, against central finite differences of the
+    attack's objective on the surrogate's flip map, re-solved (toward the given targets) at x ± h v (random v)."""
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    model, x, y = _tiny_relu_cnn()
+    sur = beyond.flip_surrogate(model, beta=10.0)
+    target = closest_flip_point(model, x, lower=0.0, upper=1.0, max_ineq=2).target  # the ReLU flip points' classes
+    atk = cls(model, solver=_TIGHT, surrogate=sur, surrogate_solver={"target": target}, k=6, progress=False)
+    assert atk._direction_model(x) is sur
+    res = closest_flip_point(sur, x, target=target, **_TIGHT)
+    good = res.converged
+    assert int(good.sum()) >= 6
+    # the objective's reference: any fixed map will do; shifted, so that the center objective's gradient is not ~0
+    map0 = torch.roll(torch.nan_to_num(beyond.flip_explanation_map(x, res.x_flip)), shifts=(2, 1), dims=(1, 2))
+    obj = atk.objective(map0, x, y, 6)
+    g, value, maps, _ = atk._direction(sur, obj, x, y)
+    assert maps is None  # the surrogate's map is never reported
+    assert bool(atk.derivative_seen[good].all()) and not bool(atk.derivative_seen[~good].any())
+    assert bool((g[~good] == 0).all())  # no certified surrogate flip point: no step
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    h = 1e-5
+
+    def f(t):
+        r = closest_flip_point(sur, x + t * v, target=target, **_TIGHT)
+        assert bool(r.converged[good].all())
+        return obj(beyond.flip_explanation_map(x + t * v, r.x_flip))
+
+    fd = ((f(h) - f(-h)) / (2 * h))[good]
+    an = (g * v).flatten(1).sum(1)[good]
+    rel = (an - fd).abs() / an.abs()
+    assert bool((an.abs() > 1e-3).all())  # a real direction, not zeros
+    # the differences carry the solver's error / h (kkt ~1e-8) and cross kinks of |x_flip - x| (pixels where
+    # x_flip ~ x): measured median 1e-6 - 3e-5, worst 8e-4 - 3e-3; a wrong derivative is off by O(1)
+    assert float(rel.median()) <= 1e-4 and float(rel.max()) <= 1e-2, rel
+
+
+def test_surrogate_direction_rows_are_labelled_and_measured_on_the_relu_model(tmp_path, monkeypatch):
+    """flip_fragility_rows(surrogate_beta=...): rows surrogate-topk / surrogate-center; the reported map at the returned
+    image is the ReLU model's own certified flip map (independently re-solved here), the label is kept on the ReLU
+    model, the budget holds, and only the first n_differentiated images with a surrogate derivative are attacked."""
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    model, x, y = _tiny_relu_cnn()
+    st = prepare_setting("mnist28", model, x[:5], y[:5], n=5, baseline=x.mean().reshape(1, 1, 1),
+                         class_names=["a", "b", "c"], description="tiny ReLU CNN", substitution=None,
+                         model_name="tiny-relu")  # fmt: skip
+    prof = get_profile("smoke", epsilons=[0, 8 / 255], grid_iters=2, flip_max_iter=30)
+    eps = 8 / 255
+    rows, info = beyond.flip_fragility_rows(st, prof, methods=("gradient",), epsilons=(eps,), transfer=(),
+                                            attacks=("random", "topk", "center"), surrogate_beta=10.0, flip_iters=2,
+                                            n_differentiated=2, n_examples=3, seed=0)  # fmt: skip
+    flip = rows[rows.method == "flip"]
+    assert set(flip.attack) == {"random", "surrogate-topk", "surrogate-center"}
+    assert info["surrogate_beta"] == 10.0 and info["n_derivative"] >= 2 and info["n_differentiated"] == 2
+    own = flip[flip.attack == "surrogate-topk"].sort_values("image")
+    assert int(own.available.sum()) == 2  # the first two images with a surrogate derivative
+    solver = beyond.flip_solver_settings(st, prof)
+    res = closest_flip_point(model, st.x, **solver)
+    ok = res.converged
+    assert int(ok.sum()) == info["n_certified"] >= 2
+    # re-run the attack by hand: the reported numbers are the ReLU model's at the returned images
+    xs, ys, t0 = st.x[ok], st.y[ok], res.target[ok]
+    sur = beyond.flip_surrogate(model, 10.0)
+    d = closest_flip_point(sur, xs, target=t0, differentiable=True, **solver)
+    has_d = d.converged & torch.tensor([s.startswith("ok") for s in d.grad_status])
+    has_d &= torch.cumsum(has_d.long(), 0) <= 2
+    spec = grid_spec(st, prof, methods=("gradient",), epsilons=(eps,))
+    atk = beyond.FlipTopKAttack(model, solver=solver, surrogate=sur, surrogate_solver={"target": t0[has_d]},
+                                eps=eps, step=spec.step, iters=2, k=spec.k, progress=False)  # fmt: skip
+    out = atk(xs[has_d], ys[has_d])
+    assert bool(atk.derivative_seen.all())  # every attacked image got a (surrogate) direction
+    assert float((out.x_adv - xs[has_d]).abs().max()) <= eps + 1e-12
+    with torch.no_grad():
+        assert bool((model(out.x_adv).argmax(1) == ys[has_d]).all())
+    maps, _ = beyond.flip_explanation(model, out.x_adv, solver)
+    torch.testing.assert_close(out.saliency_adv, maps, equal_nan=True)
+    np.testing.assert_allclose(own[own.available].topk.to_numpy(), out.metrics["topk"].numpy())
+    # the example panels' data: the attacked images first, with the same maps
+    ex = info["examples"]
+    assert len(ex) == 3 and {e["image"] for e in ex[:2]} == set(torch.nonzero(has_d)[:, 0].tolist())
+    assert "flip_own" not in ex[2]  # not attacked by the flip map's own attack
+    assert [e["photo"] for e in ex] == [torch.nonzero(ok)[e["image"], 0].item() for e in ex]
+    j = {i: k for k, i in enumerate(torch.nonzero(has_d)[:, 0].tolist())}
+    for e in ex[:2]:
+        np.testing.assert_allclose(e["flip_own"], out.saliency_adv[j[e["image"]]].numpy())
+        np.testing.assert_allclose(e["flip"], beyond.flip_explanation_map(xs, res.x_flip[ok])[e["image"]].numpy())
+        np.testing.assert_allclose(e["x"], xs[e["image"]].numpy())
+
+
+def test_flip_results_split_per_image_and_concatenated_are_unchanged():
+    model, x, _ = _tiny_relu_cnn()
+    res = closest_flip_point(model, x[:4], lower=0.0, upper=1.0, max_ineq=2, max_iter=20)
+    back = beyond.flipmap._concat([beyond.flipmap._take(res, i) for i in (0, 1, 2, 3)])
+    for f in ("x_flip", "distance", "target", "converged", "scores", "kkt"):
+        torch.testing.assert_close(getattr(back, f), getattr(res, f), equal_nan=True)
+    assert back.status == res.status and back.tol == res.tol
+    two = beyond.flipmap._select(res, torch.tensor([True, False, True, True]), torch.tensor([False, True, True]))
+    torch.testing.assert_close(two.x_flip, res.x_flip[[2, 3]], equal_nan=True)
+
+
+def test_boundary_examples_are_the_least_and_most_fragile_certified_images_with_their_cells(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
+    st, prof = _tiny_setting(), get_profile("smoke", grid_iters=3, flip_max_iter=100, beyond_lanczos_iters=3)
+    frame, res = beyond.boundary_frame(st, prof, methods=("gradient",), seed=0)
+    ex = beyond.boundary_examples(st, prof, frame, seed=0)
+    g = frame[(frame.method == "gradient") & frame.certified]
+    assert [e["role"] for e in ex] == ["most fragile", "least fragile"]
+    assert ex[0]["topk"] == pytest.approx(g.topk_attack.min()) and ex[1]["topk"] == pytest.approx(g.topk_attack.max())
+    for e in ex:
+        row = g[g.image == e["image"]].iloc[0]
+        assert e["topk"] == pytest.approx(row.topk_attack, abs=1e-12)  # the re-run reproduces the grid cell
+        assert e["distance"] == pytest.approx(row.distance)
+        assert e["map"].shape == e["map_adv"].shape == (6, 6) and e["map"].sum() == pytest.approx(1.0)
+    assert beyond.boundary_examples(st, prof, frame.assign(certified=False)) == []
+    with pytest.raises(ValueError, match="method"):
+        beyond.boundary_examples(st, prof, frame, method="dtd")
+
+
+def test_the_surrogate_direction_claim_compares_on_the_attacked_images_and_says_no_effect_when_there_is_none():
+    def frame(sur_topk):
+        recs = []
+        for attack, topk in (("random", [0.6, 0.4, 0.0]), ("surrogate-topk", sur_topk), ("surrogate-center",
+                             [0.5, 0.5, np.nan]), ("transfer-topk", [0.2, 0.2, 0.9])):  # fmt: skip
+            for i, t in enumerate(topk):
+                recs.append({"model": "relu", "method": "flip", "attack": attack, "eps": 8 / 255, "eps255": 8.0,
+                             "image": i, "topk": t, "spearman": 0.9, "center": 1.0, "label_kept": True,
+                             "flip_certified": True, "target_kept": True,
+                             "available": not (attack.startswith("surrogate") and i == 2)})  # fmt: skip
+        return pd.DataFrame(recs)
+
+    info = {"relu": {"n_certified": 3, "n_images": 3, "surrogate_beta": 10.0, "n_differentiated": 2,
+                     "n_derivative": 3, "differentiable": True}}  # fmt: skip
+    for sur, effect in (([0.1, 0.3, np.nan], "surrogate-topk: lowers ∩ below the random sign's"),
+                        ([0.5, 0.5, np.nan], "surrogate-topk: no effect")):  # fmt: skip
+        rows = frame(sur)
+        claims = beyond.flip_claims(beyond.summarize_flip_fragility(rows), info, deviation="t", rows=rows)
+        c = {r["claim_id"]: r for r in claims}["beyond/flip_relu_surrogate_direction"]
+        assert effect in c["ours"] and "2 of 3 certified images attacked" in c["ours"]
+        # the random sign and transfer on the attacked images 0 and 1 only: 0.50 and 0.20 (not 0.33 / 0.43)
+        assert "random 0.50/0.90" in c["ours"] and "transfer-topk 0.20/0.90" in c["ours"]
+        assert f"surrogate-topk {np.mean(sur[:2]):.2f}/0.90" in c["ours"]
+        assert "surrogate-center: no effect" in c["ours"]  # 0.50 vs the random sign's 0.50
+    only_center = rows[rows.attack != "surrogate-topk"]  # (as smoke runs it)
+    c = beyond.flip_claims(beyond.summarize_flip_fragility(only_center), info, deviation="t", rows=only_center)[-1]
+    assert "surrogate-topk" not in c["ours"] and "surrogate-center 0.50/0.90" in c["ours"]
+    info["relu"]["n_differentiated"] = 0
+    c = beyond.flip_claims(beyond.summarize_flip_fragility(rows), info, deviation="t", rows=rows)[-1]
+    assert "not available" in c["ours"]
+
+
+def test_an_iterate_without_a_certified_flip_point_is_never_selected(monkeypatch):
+    """Every solve away from x fails certification (patched; the first step, at x, is real): the attack must return
+    x unchanged with top-k ∩ 1, not pick an uncertified iterate (whose NaN map the plain metrics rank as ∩ 0)."""
+    if not beyond.differentiable_available():
+        pytest.skip("closest_flip_point(differentiable=True) not in this build")
+    st = _tiny_setting()
+    x0 = st.x[:3]
+    real = beyond.flipmap.closest_flip_point
+
+    def failing_away_from_x0(model, x, *, differentiable=False, **kw):
+        res = real(model, x, differentiable=differentiable, **kw)
+        moved = (x - x0[: len(x)]).flatten(1).abs().amax(1) > 0 if len(x) == len(x0) else torch.ones(len(x), dtype=bool)
+        return replace(res, converged=res.converged & ~moved)
+
+    monkeypatch.setattr(beyond.flipmap, "closest_flip_point", failing_away_from_x0)
+    atk = beyond.FlipTopKAttack(st.model, solver={"max_ineq": 2}, eps=8 / 255, iters=3, k=st.k, progress=False)
+    out = atk(x0, st.y[:3])
+    assert bool(atk.derivative_seen.all())  # the attack did step
+    assert not bool(out.success.any()) and torch.equal(out.x_adv, x0)
+    assert out.metrics["topk"].tolist() == [1.0, 1.0, 1.0]
+    assert torch.isnan(out.history["topk"][1:]).all()  # every iterate: no certified flip point, no value
+    # and the random sign: a returned image without a certified flip point gets NaN metrics (excluded, counted)
+    rnd = beyond.FlipRandomSignAttack(st.model, solver={"max_ineq": 2}, eps=8 / 255, k=st.k, progress=False)
+    r = rnd(x0, st.y[:3])
+    moved = (r.x_adv != x0).flatten(1).any(1)
+    assert bool(moved.all()) and torch.isnan(r.metrics["topk"][moved]).all()

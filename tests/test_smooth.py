@@ -142,3 +142,25 @@ def test_maxpool_as_logsumexp_limits_and_exact_cases():
     with pytest.raises(ValueError, match="beta"):
         with maxpool_as_logsumexp(0.0):
             pass
+
+
+def test_surrogate_with_maxpool_equals_a_hand_written_softplus_logsumexp_cnn():
+    """maxpool=True: ReLU -> softplus(beta) and 2x2 max-pooling -> (logsumexp(beta * window) - log 4) / beta, same
+    weights; smooth (not piecewise linear: has_relu is False through the wrapper); the default leaves pooling exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)).double()
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    beta = 3.0
+
+    def lse_pool(u):  # by hand: the four entries of every 2x2 window
+        w = torch.stack([u[..., i::2, j::2] for i in (0, 1) for j in (0, 1)], 0)
+        return (torch.logsumexp(beta * w, 0) - math.log(4)) / beta
+
+    h = F.softplus(net[0](x), beta=beta)
+    want = net[4](lse_pool(h).flatten(1))
+    sur = softplus_surrogate(net, beta=beta, maxpool=True)
+    torch.testing.assert_close(sur(x), want)
+    torch.testing.assert_close(softplus_surrogate(net, beta=beta)(x), net[4](F.max_pool2d(h, 2).flatten(1)))
+    assert not has_relu(sur, x[:1]) and has_relu(net, x[:1])
+    with pytest.raises(TypeError, match="maxpool"):
+        softplus_surrogate(net, maxpool="yes")

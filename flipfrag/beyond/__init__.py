@@ -4,18 +4,29 @@
   :class:`flipfrag.fragility.ImageSetting` s and their flip solver settings.
 * :mod:`~flipfrag.beyond.correlation` — Spearman ρ across images with a seeded bootstrap interval.
 * :mod:`~flipfrag.beyond.boundary` — study 1: distance to the closest flip point vs fragility of the saliency map,
-  with the input-Hessian curvature as the mediator the Hessian argument predicts.
-* :mod:`~flipfrag.beyond.flipmap` — study 2: the flip-explanation map |x_flip - x| attacked with paper 2's attacks.
+  with the input-Hessian curvature as the mediator the Hessian argument predicts (:func:`boundary_examples`: the
+  most / least fragile images for the figure).
+* :mod:`~flipfrag.beyond.flipmap` — study 2: the flip-explanation map |x_flip - x| attacked with paper 2's attacks
+  (ReLU networks: the step direction from a smooth surrogate's flip map, :func:`flip_surrogate`).
 * :mod:`~flipfrag.beyond.claims` — the REPRODUCTION.md rows of both studies.
 * :mod:`~flipfrag.beyond.plots` — the two figures.
 """
 
-from .boundary import PAIRS, boundary_correlations, boundary_flips, boundary_frame, certified_distance, curvature
+from .boundary import (
+    PAIRS,
+    boundary_correlations,
+    boundary_examples,
+    boundary_flips,
+    boundary_frame,
+    certified_distance,
+    curvature,
+)
 from .cases import CASES, beyond_setting, flip_solver_settings
 from .claims import boundary_claims, flip_claims
 from .correlation import Correlation, bootstrap_indices, spearman_ci, spearman_rows
 from .flipmap import (
     FLIP_METHOD,
+    SURROGATE_BETA,
     FlipCenterAttack,
     FlipRandomSignAttack,
     FlipTopKAttack,
@@ -23,6 +34,7 @@ from .flipmap import (
     flip_explanation,
     flip_explanation_map,
     flip_fragility_rows,
+    flip_surrogate,
     sg_attack,
     summarize_flip_fragility,
     transfer_attack,
@@ -30,11 +42,13 @@ from .flipmap import (
 from .plots import plot_boundary_vs_fragility, plot_flip_explanation_fragility
 
 __all__ = [
-    "PAIRS", "boundary_correlations", "boundary_flips", "boundary_frame", "certified_distance", "curvature",
+    "PAIRS", "boundary_correlations", "boundary_examples", "boundary_flips", "boundary_frame", "certified_distance",
+    "curvature",
     "CASES", "beyond_setting", "flip_solver_settings", "boundary_claims", "flip_claims",
     "plot_boundary_vs_fragility", "plot_flip_explanation_fragility",
     "Correlation", "bootstrap_indices", "spearman_ci", "spearman_rows",
-    "FLIP_METHOD", "FlipCenterAttack", "FlipRandomSignAttack", "FlipTopKAttack", "differentiable_available",
+    "FLIP_METHOD", "SURROGATE_BETA", "flip_surrogate",
+    "FlipCenterAttack", "FlipRandomSignAttack", "FlipTopKAttack", "differentiable_available",
     "flip_explanation", "flip_explanation_map", "flip_fragility_rows", "sg_attack", "summarize_flip_fragility",
     "transfer_attack",
 ]  # fmt: skip

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..flip import FlipResult
 from ..flipstats import cached_flip_points
-from ..fragility.grid import grid_for
+from ..fragility.grid import grid_for, grid_spec
 from ..fragility.settings import ImageSetting
 from ..hessian import score_fn, top_eigenpairs
 from ..smooth import has_relu, softplus_surrogate
@@ -27,7 +27,7 @@ from .cases import flip_solver_settings, grid_overrides
 from .correlation import spearman_ci
 
 __all__ = ["boundary_flips", "certified_distance", "curvature", "fragility_cells", "boundary_frame",
-           "boundary_correlations", "PAIRS"]  # fmt: skip
+           "boundary_correlations", "boundary_examples", "PAIRS"]  # fmt: skip
 
 #: The correlations reported: (x quantity, y quantity, what the Hessian argument / the question predicts).
 PAIRS = (
@@ -130,3 +130,37 @@ def boundary_correlations(frame: pd.DataFrame, *, n_boot: int = 2000, level: flo
                          "high": c.high, "n": c.n, "n_excluded": c.n_excluded, "relation": rel,
                          "expected": expected})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def boundary_examples(setting: ImageSetting, prof: dict[str, Any], frame: pd.DataFrame, *, seed: int = 0,
+                      method: str = "gradient", eps: float = 8 / 255) -> list[dict[str, Any]]:  # fmt: skip
+    """The least and the most fragile image (by ``method``'s top-k ∩ after the top-k attack in ``frame``, among the
+    images with a certified flip point) with the map before / after that attack, re-run on those two images with the
+    grid cell's settings (:func:`flipfrag.beyond.flipmap.sg_attack` for the simple gradient), for the figure's
+    example panels. Per image: ``role`` ("least fragile" / "most fragile"), ``image``, ``label``, ``x``,
+    ``distance``, ``curvature``, ``map``, ``map_adv``, ``topk`` (of the re-run; equal to the frame's cell value).
+    Empty when fewer than two images are certified."""
+    from .flipmap import sg_attack
+
+    if method != "gradient":
+        raise ValueError(f"method: only 'gradient' (the simple gradient) has example panels, got {method!r}")
+    g = frame[(frame.model == setting.model_name) & (frame.method == method) & frame.certified.astype(bool)]
+    g = g[np.isfinite(g.topk_attack.to_numpy(float))]
+    if len(g) < 2:
+        return []
+    order = g.sort_values(["topk_attack", "image"])
+    picks = [("most fragile", int(order.image.iloc[0])), ("least fragile", int(order.image.iloc[-1]))]
+    idx = [i for _, i in picks]
+    spec = grid_spec(setting, prof, seed=seed, methods=(method,), attacks=("topk",), epsilons=(float(eps),),
+                     **grid_overrides(setting, prof))  # fmt: skip
+    out = sg_attack(spec, setting.model, "topk", eps)(setting.x[idx], setting.y[idx])
+    names = setting.class_names
+    cpu = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
+    ex = []
+    for j, (role, i) in enumerate(picks):
+        row = g[g.image == i].iloc[0]
+        ex.append({"role": role, "image": i, "label": names[int(setting.y[i])] if names else str(int(setting.y[i])),
+                   "x": cpu(setting.x[i]), "distance": float(row.distance), "curvature": float(row.curvature),
+                   "map": cpu(out.saliency[j]), "map_adv": cpu(out.saliency_adv[j]),
+                   "topk": float(out.metrics["topk"][j])})  # fmt: skip
+    return ex
