@@ -142,6 +142,7 @@ _MAX_KINKS = 64  # region constraints the certificate represents per point (more
 _PROGRESS_WINDOW = 25  # iterations over which an infeasible point must reduce its constraint violation by 10 %
 # start ids of the solves seeded by segment crossings (FlipResult.start); 0, 1, 2.. are direct, homotopy, restarts
 _START_DEEPFOOL, _START_CANDIDATES, _START_ITERATES = 100, 101, 102
+_START_REGION = 103  # the region polish of a piecewise-linear model's closest feasible candidate
 _BOUND_SLACK = 0.01  # a certified point may be at most 1 % farther than the closest boundary crossing found
 
 
@@ -1974,6 +1975,8 @@ class _Pool:
     best: dict
     bound: torch.Tensor
     rounding_changed: torch.Tensor | None = None
+    bound_x: torch.Tensor | None = None  # (N, n) the closest crossing found (solve dtype), NaN where none
+    bound_cls: torch.Tensor | None = None  # (N,) the class winning beyond it
 
     def add(self, pid: torch.Tensor, pr: _Problems, best: dict) -> None:
         self.pid = torch.cat([self.pid, pid])
@@ -2043,9 +2046,65 @@ def _solve_steps(ctx: _Ctx, fn: ScoreFn, points: _Problems, C: int, z: torch.Ten
             if not _start_from_crossings(ctx, fn, pool, pool.pid, points, pool.best["x"].to(ctx.dtype), tgt,
                                          _START_ITERATES, only_closer=True):
                 break
+    if ctx.nonsmooth:
+        _polish_regions(ctx, fn, pool, points)
     if groups:
         pool.best, pool.rounding_changed = _round_groups(ctx, pool.pr, pool.best, groups)
     return pool
+
+
+def _polish_starts(ctx: _Ctx, pool: _Pool, points: _Problems):
+    """Per point the closest feasible flip point found so far (certified or not; the closest segment crossing is
+    one too). Returns (point index (Q,), problems (Q,) with their target, starts (Q, n) in the solve dtype)."""
+    N = len(points)
+    b = pool.best
+    feas = (torch.isfinite(b["z"]).all(1) & (b["residual"] <= b["tol_abs"]) & (b["margin"] >= ctx.margin - b["tol_abs"])
+            & (b["bound_violation"] == 0))
+    d = torch.where(feas, b["distance"], torch.full_like(b["distance"], math.inf))
+    near = torch.full((N,), math.inf, dtype=d.dtype).scatter_reduce(0, pool.pid, d, "amin")
+    first = torch.full((N,), len(d), dtype=torch.long).scatter_reduce(
+        0, pool.pid, torch.where(feas & (d == near[pool.pid]), torch.arange(len(d)), len(d)), "amin")
+    x0 = torch.full_like(points.xh, math.nan)
+    tgt = torch.full((N,), -1, dtype=torch.long)
+    has = first < len(d)
+    x0[has] = b["x"][first[has]].to(ctx.dtype)
+    tgt[has] = pool.pr.tgt[first[has]]
+    if pool.bound_x is not None:
+        cross = (pool.bound < near) & torch.isfinite(pool.bound)
+        x0[cross] = pool.bound_x[cross]
+        tgt[cross] = pool.bound_cls[cross]
+    i = torch.nonzero(tgt >= 0)[:, 0]
+    pr = points.take(i)
+    pr.tgt = tgt[i]
+    return i, pr, x0[i]
+
+
+def _polish_regions(ctx: _Ctx, fn: ScoreFn, pool: _Pool, points: _Problems) -> None:
+    """Piecewise-linear models: the region polish (:func:`_region_polish`) of every point's closest feasible
+    candidate, certified and added to the pool. Its region gap counts for the certificate only where the returned
+    point (in the output dtype) lies in the polished region's closure (kink tolerance)."""
+    pid, pr, x0 = _polish_starts(ctx, pool, points)
+    if pid.numel() == 0:
+        return
+    outs = []
+    for idx in _chunks(len(pid), 4):
+        sub = pr.take(idx)
+        try:
+            pol = _region_polish(fn, sub, x0[idx], ctx.margin)
+        except ValueError:  # a nonlinearity the frozen pattern cannot represent: no polish
+            return
+        xo = _to_output(ctx, sub, pol["x"])
+        chk = _certify(ctx, sub, xo)
+        _, v, tl, _ = _sign_state(fn, pol["pattern"], xo.to(ctx.dtype))
+        inside = (v <= tl).all(1)
+        gap = chk["distance"] / pol["lb"].to(torch.float64).clamp(min=_TINY) - 1
+        gap = torch.where(chk["distance"] > 0, gap.clamp(min=0), torch.zeros_like(gap)).to(chk["gap"].dtype)
+        chk["gap"] = torch.where(inside, torch.fmin(chk["gap"], gap), chk["gap"])
+        chk["ok"] = _certified(chk, ctx.margin, ctx.kkt_tol)
+        outs.append({"x": xo, **chk, "iterations": torch.zeros(len(idx), dtype=torch.long),
+                     "solver": torch.full((len(idx),), _CONVERGED, dtype=torch.long),
+                     "start": torch.full((len(idx),), _START_REGION, dtype=torch.long)})
+    pool.add(pid, pr, {k: torch.cat([o[k] for o in outs]) for k in outs[0]})
 
 
 def _screen(ctx: _Ctx, fn: ScoreFn, points: _Problems, C: int, tgt, screen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2077,11 +2136,18 @@ def _start_from_crossings(ctx: _Ctx, fn: ScoreFn, pool: _Pool, pid: torch.Tensor
     dist = torch.where(found, dist, torch.full_like(dist, math.inf))
     N = len(points)
     near = torch.full((N,), math.inf, dtype=torch.float64).scatter_reduce(0, pid, dist, "amin")
-    pool.bound = torch.minimum(pool.bound, near)
     # the first entry achieving each point's closest crossing
     first = torch.full((N,), len(pid), dtype=torch.long).scatter_reduce(
         0, pid, torch.where(found & (dist == near[pid]), torch.arange(len(pid)), len(pid)), "amin")
     use = first < len(pid)
+    if ctx.nonsmooth:  # remembered as a start of the region polish
+        if pool.bound_x is None:
+            pool.bound_x = torch.full((N, xc.shape[1]), math.nan, dtype=xc.dtype)
+            pool.bound_cls = torch.full((N,), -1, dtype=torch.long)
+        closer = use & (near < pool.bound)
+        pool.bound_x[closer] = xc[first[closer]]
+        pool.bound_cls[closer] = cls[first[closer]]
+    pool.bound = torch.minimum(pool.bound, near)
     if only_closer:
         use &= near < (1 - _BOUND_SLACK) * pool.closest_certified(N)
     if not use.any():
@@ -2221,3 +2287,259 @@ def _round_groups(ctx: _Ctx, pr: _Problems, relaxed: dict, groups: list[torch.Te
     best = {k: torch.where(better.reshape(-1, *([1] * (v.dim() - 1))), b[k], v) for k, v in a.items()}
     changed = (best["x"][:, gidx].to(torch.float64) - relaxed["x"][:, gidx].to(torch.float64)).abs().amax(1) > 1e-9
     return best, changed
+
+
+# ------------------------------------------------------------------------------------------------- region polish
+
+
+class _StopForward(Exception):
+    """Raised inside a frozen forward pass once the last pre-activation needed has been recorded."""
+
+
+class _FrozenPattern(TorchFunctionMode):
+    """A forward pass of a ReLU / max-pooling model with its activation pattern frozen: the network is then affine.
+
+    Recording (``pattern=None``): at x, every ReLU call stores its pattern ``u > 0`` (torch's relu'(0) = 0) and
+    every 2-D max-pooling call the index of each window's first maximum (where the pooling routes its gradient),
+    and both compute as usual. Replaying (``pattern`` given): ``relu(u) -> u * mask`` and ``max_pool2d(u) -> u at
+    the recorded index`` — the affine map that equals the network on the closure of x's activation region. ``sel``
+    (B,) maps each row of the batch to its pattern row (copies of one point); the pre-activations of every call are
+    kept in ``inputs`` (graph attached); with ``stop_after`` the pass stops after that call (:class:`_StopForward`).
+    Pooling with padding, dilation, ceil_mode or returned indices is refused (ValueError).
+    """
+
+    def __init__(self, pattern: list | None = None, sel: torch.Tensor | None = None, stop_after: int | None = None):
+        super().__init__()
+        self.record = pattern is None
+        self.pattern = [] if pattern is None else pattern
+        self.sel = sel
+        self.stop_after = stop_after
+        self.inputs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RELU_FUNCS:
+            out = self._relu(args[0])
+        elif func is torch.nn.functional.max_pool2d or func is torch.max_pool2d:
+            out = self._pool(*args, **kwargs)
+        else:
+            return func(*args, **kwargs)
+        if self.stop_after is not None and len(self.inputs) > self.stop_after:
+            raise _StopForward
+        return out
+
+    def _entry(self, kind: str, make):
+        i = len(self.inputs)
+        if self.record:
+            self.pattern.append((kind, make()))
+        elif i >= len(self.pattern) or self.pattern[i][0] != kind:
+            raise ValueError("the model's ReLU / max-pooling calls differ between two forward passes")
+        pat = self.pattern[i][1]
+        return pat if self.sel is None else {k: (v[self.sel] if k in ("mask", "idx") else v) for k, v in pat.items()}
+
+    def _relu(self, u):
+        pat = self._entry("relu", lambda: {"mask": u.detach() > 0})
+        self.inputs.append(u)
+        return u * pat["mask"]
+
+    def _pool(self, u, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+        pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))  # noqa: E731
+        k, st = pair(kernel_size), pair(stride if stride not in (None, []) else kernel_size)
+        if pair(padding) != (0, 0) or pair(dilation) != (1, 1) or ceil_mode or return_indices or u.dim() != 4:
+            raise ValueError("region polish: max-pooling with padding, dilation, ceil_mode or indices")
+
+        def make():
+            _, idx = torch.nn.functional.max_pool2d(u.detach(), k, st, return_indices=True)
+            H, W = u.shape[2:]
+            pos = torch.arange(H * W, dtype=u.dtype).reshape(1, 1, H, W)
+            pos = torch.nn.functional.unfold(pos, k, stride=st)[0].round().long()  # (kk, L) input index per entry
+            return {"idx": idx, "k": k, "st": st, "pos": pos}
+
+        pat = self._entry("pool", make)
+        self.inputs.append(u)
+        idx = pat["idx"]
+        return u.flatten(2).gather(2, idx.flatten(2)).reshape(idx.shape)
+
+
+def _frozen_forward(fn: ScoreFn, pattern: list, x: torch.Tensor, sel=None, stop_after=None):
+    """Scores of the frozen (affine) model at x (None if stopped early) and the pre-activations of every call."""
+    mode = _FrozenPattern(pattern, sel, stop_after)
+    z = None
+    try:
+        with mode:
+            z = fn(x)
+    except _StopForward:
+        pass
+    return z, mode.inputs
+
+
+def _sign_values(pattern: list, inputs: list, sel=None) -> list[torch.Tensor]:
+    """The region's constraints c(x) <= 0 per recorded call, (B, m_l) each: ``-u`` for an active ReLU unit, ``u`` for
+    an inactive one, ``u_b - u_a`` for every other input b of a pooling window with recorded winner a (``-inf`` at
+    the winner itself: no constraint)."""
+    vals = []
+    for (kind, pat), u in zip(pattern, inputs):
+        B = u.shape[0]
+        if kind == "relu":
+            mask = pat["mask"] if sel is None else pat["mask"][sel]
+            uf = u.reshape(B, -1)
+            vals.append(torch.where(mask.reshape(B, -1), -uf, uf))
+            continue
+        idx = (pat["idx"] if sel is None else pat["idx"][sel]).flatten(2)  # (B, C, L)
+        k, st, pos = pat["k"], pat["st"], pat["pos"]
+        C = u.shape[1]
+        cols = torch.nn.functional.unfold(u, k, stride=st).reshape(B, C, k[0] * k[1], -1)
+        win = u.flatten(2).gather(2, idx)
+        c = cols - win[:, :, None, :]
+        same = pos[None, None] == idx[:, :, None, :]
+        vals.append(torch.where(same, torch.full_like(c, -math.inf), c).reshape(B, -1))
+    return vals
+
+
+def _sign_state(fn: ScoreFn, pattern: list, x: torch.Tensor):
+    """Frozen scores z (P, C), all region constraint values (P, M) and their kink tolerances (P, M) at x."""
+    with torch.no_grad():
+        z, inputs = _frozen_forward(fn, pattern, x)
+        vals = _sign_values(pattern, inputs)
+    tols = [_kink_tolerance(u, _KINK_TOL)[:, None].expand_as(v) for u, v in zip(inputs, vals)]
+    return z, torch.cat(vals, 1), torch.cat(tols, 1), [v.shape[1] for v in vals]
+
+
+def _sign_rows(fn: ScoreFn, pattern: list, x: torch.Tensor, picks: torch.Tensor, sizes: list[int],
+               chunk: int = 32) -> torch.Tensor:
+    """Gradients (P, K, n) of the region constraints picks (P, K) (indices into the concatenated values of
+    :func:`_sign_state`; -1 = none, a zero row): the frozen model is affine, so these are exact on the region's
+    closure. Each point is copied once per row, ``chunk`` rows per forward pass (stopped after the deepest call
+    needed) and one backward pass."""
+    P, K = picks.shape
+    n = x.shape[1]
+    rows = torch.zeros(P * K, n, dtype=x.dtype)
+    ends = torch.tensor(sizes).cumsum(0)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])
+    flat_p = torch.arange(P).repeat_interleave(K)
+    flat_k = picks.reshape(-1)
+    use = torch.nonzero(flat_k >= 0)[:, 0]
+    for j in _chunks(len(use), chunk):
+        r = use[j]
+        sel, ids = flat_p[r], flat_k[r]
+        layer = torch.searchsorted(ends, ids, right=True)
+        local = ids - starts[layer]
+        xr = x[sel].detach().requires_grad_(True)
+        with torch.enable_grad():
+            _, inputs = _frozen_forward(fn, pattern, xr, sel=sel, stop_after=int(layer.max()))
+            vals = _sign_values(pattern[: len(inputs)], inputs, sel)
+            outs, grads = [], []
+            for li in torch.unique(layer).tolist():
+                here = torch.nonzero(layer == li)[:, 0]
+                go = torch.zeros_like(vals[li])
+                go[here, local[here]] = 1.0
+                outs.append(vals[li])
+                grads.append(go)
+            (rows[r],) = torch.autograd.grad(outs, xr, grads)
+    return rows.reshape(P, K, n)
+
+
+def _dual_bound(pr: _Problems, An: torch.Tensor, b: torch.Tensor, is_eq: torch.Tensor, lam: torch.Tensor):
+    """Weak-duality lower bound on the distance of every point with An[:, 0] y = b_0, An[:, j] y <= b_j and the box:
+    sqrt(2 q(lam)) with q(lam) = min over the box of 1/2 ||D (y - x_hat)||^2 + lam . (An y - b), lam_j >= 0 (P,)."""
+    lam = torch.where(is_eq, lam, lam.clamp(min=0))
+    y = torch.minimum(torch.maximum(pr.xh - torch.bmm(lam[:, None, :], An)[:, 0] / pr.w, pr.lo), pr.hi)
+    q = 0.5 * (pr.w * (y - pr.xh) ** 2).sum(1) + (lam * (torch.einsum("pmn,pn->pm", An, y) - b)).sum(1)
+    return torch.sqrt(2 * q.clamp(min=0))
+
+
+def _normalised_rows(pr: _Problems, A: torch.Tensor, c: torch.Tensor, x: torch.Tensor, valid: torch.Tensor,
+                     is_eq: torch.Tensor):
+    """Rows A (P, m, n) of constraints with values c at x -> the linear constraints An y (=, <=) b with rows of unit
+    scaled norm on the free coordinates (rows without gradient or not valid: 0 y <= 1)."""
+    free = ~pr.fixed
+    nrm = torch.sqrt(torch.einsum("pmn,pn->pm", A**2, free / pr.w))
+    ok = valid & (nrm > 0)
+    An = torch.where(ok[:, :, None], A / nrm.clamp(min=_TINY)[:, :, None], torch.zeros_like(A)) * free[:, None, :]
+    b = torch.einsum("pmn,pn->pm", An, x) - torch.where(ok, c / nrm.clamp(min=_TINY), torch.zeros_like(c))
+    return An, torch.where(ok, b, torch.where(is_eq, torch.zeros_like(b), torch.ones_like(b)))
+
+
+def _region_polish(fn: ScoreFn, pr: _Problems, x0: torch.Tensor, margin: float, rounds: int = 8,
+                   add: int = 64, target_gap: float = 0.005) -> dict:
+    """The closest flip point on the closure of the activation region of x0 (P, n; feasible flip points of a
+    piecewise-linear model), by cutting planes on the exact convex QP of the frozen (affine) model.
+
+    The frozen model (:class:`_FrozenPattern`) gives the equality, the other classes and the region's sign
+    constraints as exact linear rows. Start: no sign constraint. Each round:
+    solve the QP on the rows so far (a relaxation of the region's problem: its dual multipliers give a lower bound
+    LB on the distance of every flip point of the region's closure, :func:`_dual_bound`); evaluate all sign
+    constraints at the QP's solution y with one frozen forward pass; step from the current point x toward y as far
+    as the region allows (an exact ratio test — everything is affine — so the new point stays a flip point of the
+    region and, by convexity, no farther than x); add the ``add`` most violated constraints at y (and the one that
+    blocked the step). Stops when y lies in the region (x = y is then the region's optimum) or the gap
+    ``||D(x - x_hat)|| / LB - 1`` is at most ``target_gap``. Returns x (P, n), gap (P,), rows (P,) — the sign
+    constraints used — and the pattern (for the caller's check that the returned point is in the region).
+    """
+    P, n = x0.shape
+    rec = _FrozenPattern()
+    with torch.no_grad(), rec:
+        C = fn(x0).shape[1]
+    pattern = rec.pattern
+
+    def frozen(xf):
+        return _frozen_forward(fn, pattern, xf)[0]
+
+    _, _, _, _, _, A, c, valid, _ = _scores_and_jacobian(frozen, x0, pr.src, pr.tgt, margin, C - 2)
+    m0 = A.shape[1]
+    _, v0, _, sizes = _sign_state(fn, pattern, x0)
+    picks = torch.full((P, 0), -1, dtype=torch.long)
+    rows = torch.zeros(P, 0, n, dtype=x0.dtype)
+    cvals = torch.zeros(P, 0, dtype=x0.dtype)
+    x = x0.clone()
+    vx = v0
+    lb_best = torch.zeros(P, dtype=x0.dtype)
+    lam = None
+    active = torch.ones(P, dtype=torch.bool)
+    dist = torch.sqrt((pr.w * (x - pr.xh) ** 2).sum(1))
+    for _ in range(rounds):
+        K = picks.shape[1]
+        A_all = torch.cat([A, rows], 1)
+        c_all = torch.cat([c, cvals], 1)
+        valid_all = torch.cat([valid, picks >= 0], 1)
+        is_eq = torch.zeros_like(valid_all)
+        is_eq[:, 0] = True
+        An, b = _normalised_rows(pr, A_all, c_all, x0, valid_all, is_eq)
+        if lam is not None:
+            lam = torch.cat([lam, torch.zeros(P, m0 + K - lam.shape[1], dtype=lam.dtype)], 1)
+        y, lam = _dual_qp(pr, An, b, is_eq, torch.full((P,), math.inf, dtype=x0.dtype), lam0=lam, iters=100)
+        lb_best = torch.maximum(lb_best, _dual_bound(pr, An, b, is_eq, lam))
+        _, vy, toly, _ = _sign_state(fn, pattern, y)
+        viol = vy > 0
+        vxc = vx.clamp(max=0)
+        ratio = torch.where(viol, -vxc / (vy - vxc).clamp(min=_TINY), torch.full_like(vy, math.inf))
+        t, block = ratio.min(1)
+        t = t.clamp(max=1.0) * active
+        xn = x + t[:, None] * (y - x)
+        dn = torch.sqrt((pr.w * (xn - pr.xh) ** 2).sum(1))
+        better = dn < dist
+        x = torch.where(better[:, None], xn, x)
+        dist = torch.where(better, dn, dist)
+        _, vx, _, _ = _sign_state(fn, pattern, x)
+        gap = dist / lb_best.clamp(min=_TINY) - 1
+        active &= viol.any(1) & (gap > target_gap)
+        if not active.any():
+            break
+        # the most violated constraints at y (relative to their layer's scale) and the blocking one, not yet rows
+        score = vy / toly
+        score = score.scatter(1, picks.clamp(min=0), torch.where(picks >= 0, -math.inf, score.gather(
+            1, picks.clamp(min=0))))
+        hit = torch.where(viol.any(1, keepdim=True), math.inf, -math.inf).to(score.dtype)
+        score = score.scatter(1, block[:, None], hit)
+        score = torch.where(viol, score, torch.full_like(score, -math.inf))
+        new = score.topk(min(add, score.shape[1]), dim=1)
+        npick = torch.where(torch.isfinite(new.values) | (new.values == math.inf), new.indices,
+                            torch.full_like(new.indices, -1))
+        npick = torch.where((new.values > -math.inf) & active[:, None], npick, torch.full_like(npick, -1))
+        rows = torch.cat([rows, _sign_rows(fn, pattern, x0, npick, sizes)], 1)
+        cvals = torch.cat([cvals, torch.where(npick >= 0, v0.gather(1, npick.clamp(min=0)),
+                                              torch.zeros_like(npick, dtype=v0.dtype))], 1)
+        picks = torch.cat([picks, npick], 1)
+    gap = dist / lb_best.clamp(min=_TINY) - 1
+    return {"x": x, "gap": torch.where(dist > 0, gap.clamp(min=0), torch.zeros_like(gap)), "lb": lb_best,
+            "rows": (picks >= 0).sum(1), "pattern": pattern}
