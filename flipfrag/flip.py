@@ -143,6 +143,7 @@ _PROGRESS_WINDOW = 25  # iterations over which an infeasible point must reduce i
 # start ids of the solves seeded by segment crossings (FlipResult.start); 0, 1, 2.. are direct, homotopy, restarts
 _START_DEEPFOOL, _START_CANDIDATES, _START_ITERATES = 100, 101, 102
 _START_REGION = 103  # the region polish of a piecewise-linear model's closest feasible candidate
+_NONSMOOTH_MAX_ITER = 20  # default SQP iterations of a piecewise-linear model (the region polish finishes)
 _BOUND_SLACK = 0.01  # a certified point may be at most 1 % farther than the closest boundary crossing found
 
 
@@ -1703,7 +1704,7 @@ def closest_flip_point(
     margin: float = 0.0,
     tol: float = 1e-6,
     kkt_tol: float = 1e-4,
-    max_iter: int = 200,
+    max_iter: int | None = None,
     max_ineq: int = 8,
     homotopy: bool = False,
     homotopy_steps: int = 10,
@@ -1713,7 +1714,7 @@ def closest_flip_point(
     batch_size: int | None = None,
     solve_dtype: torch.dtype = torch.float64,
     nonsmooth: bool | None = None,
-    screen: int | None = 3,
+    screen: int | str | None = "auto",
     candidates: torch.Tensor | None = None,
     upper_bounds: bool = True,
     progress: bool = False,
@@ -1759,8 +1760,10 @@ def closest_flip_point(
         rounding errors of about ``1e-7 * |z|`` times the depth, so a deep float32 model may need ``tol = 1e-5``.
     kkt_tol : float
         Tolerance on the relative first-order optimality measure ``kkt``. ``math.inf`` certifies feasibility only.
-    max_iter : int
-        SQP iterations per start (the homotopy's intermediate steps use ``max(10, max_iter // 4)`` each).
+    max_iter : int, optional
+        SQP iterations per start (the homotopy's intermediate steps use ``max(10, max_iter // 4)`` each). Default
+        200; 20 for piecewise-linear models (``nonsmooth``), whose SQP only has to reach the activation region that
+        the region polish then solves exactly (module docstring, step 7).
     max_ineq : int
         How many of the other classes (the most nearly active) are linearised per iteration; the rest are still
         checked by the line search and the certificate.
@@ -1790,11 +1793,13 @@ def closest_flip_point(
         ReLU net often lies — the autograd gradient is one-sided and the plain KKT measure fails; for nonsmooth
         models a feasible point failing it is re-measured on its activation region, the kinks within tolerance
         being sign-constrained constraints (module docstring, section Certification: what it then guarantees).
-    screen : int or None
+    screen : int, "auto" or None
         With ``target=None``: solve only the ``screen`` targets of smallest linearised distance
         ``|z_s - z_t| / ||D^-1 grad(z_s - z_t)||`` at ``x`` (one Jacobian of all classes), plus the classes that
         the segment crossings reach. ``None``: every class (``distances`` is then filled for all of them; with
         screening it is ``inf`` for the targets not solved).
+        ``"auto"`` (default): 3, or 1 for piecewise-linear models (``nonsmooth``: their crossings and region
+        polish cost more per target; a class that a segment crossing reaches first is still added).
     candidates : Tensor of x's shape, optional
         Label-changing points from elsewhere (e.g. FAB's or DeepFool's adversarial points). The first boundary
         crossing on the segment from ``x`` to each is a flip point, used as a start, and it bounds the distance
@@ -1858,7 +1863,8 @@ def closest_flip_point(
             raise ValueError(f"{name} must be a number > 0, got {val!r}")
     if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
-    for name, val, least in (("max_iter", max_iter, 1), ("homotopy_steps", homotopy_steps, 1),
+    iters_given = 1 if max_iter is None else max_iter
+    for name, val, least in (("max_iter", iters_given, 1), ("homotopy_steps", homotopy_steps, 1),
                              ("restarts", restarts, 0), ("max_ineq", max_ineq, 0)):
         if not isinstance(val, int) or isinstance(val, bool) or val < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {val!r}")
@@ -1868,8 +1874,9 @@ def closest_flip_point(
         raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
     if solve_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype}")
-    if screen is not None and (not isinstance(screen, int) or isinstance(screen, bool) or screen < 1):
-        raise ValueError(f"screen must be None or an integer >= 1, got {screen!r}")
+    if screen is not None and screen != "auto" and (not isinstance(screen, int) or isinstance(screen, bool)
+                                                    or screen < 1):
+        raise ValueError(f"screen must be None, 'auto' or an integer >= 1, got {screen!r}")
 
     N, shape = x.shape[0], tuple(x.shape[1:])
     n = math.prod(shape)
@@ -1942,6 +1949,10 @@ def closest_flip_point(
     chunk = batch_size or max(1, int(2**24 // ((1 + n_ineq) * n)))
     if nonsmooth is None:
         nonsmooth = has_relu(model, x_in[:1].to(cert_dtype))
+    if max_iter is None:
+        max_iter = _NONSMOOTH_MAX_ITER if nonsmooth else 200
+    if screen == "auto":
+        screen = 1 if nonsmooth else 3
     ctx = _Ctx(work, model, shape, solve_dtype, cert_dtype, x.dtype, float(margin), float(tol), float(kkt_tol),
                max_iter, n_ineq, chunk, progress, bool(nonsmooth), int(seed))
     gen = torch.Generator().manual_seed(seed)
@@ -1982,6 +1993,17 @@ class _Pool:
         self.pid = torch.cat([self.pid, pid])
         self.pr = _cat_problems([self.pr, pr])
         self.best = {k: torch.cat([self.best[k], best[k]]) for k in self.best}
+
+    def feasible(self, margin: float) -> torch.Tensor:
+        """Which candidates are flip points (residual, margin, bounds within tolerance), certified or not. (P,)"""
+        b = self.best
+        return (torch.isfinite(b["z"]).all(1) & (b["residual"] <= b["tol_abs"]) & (b["margin"] >= margin - b["tol_abs"])
+                & (b["bound_violation"] == 0))
+
+    def closest_feasible(self, N: int, margin: float) -> torch.Tensor:
+        """Per point, the smallest distance of a feasible candidate so far (inf where none). (N,)"""
+        d = torch.where(self.feasible(margin), self.best["distance"], torch.full_like(self.best["distance"], math.inf))
+        return torch.full((N,), math.inf, dtype=d.dtype).scatter_reduce(0, self.pid, d, "amin")
 
     def closest_certified(self, N: int) -> torch.Tensor:
         """Per point, the smallest certified distance so far (inf where none). (N,)"""
@@ -2058,8 +2080,7 @@ def _polish_starts(ctx: _Ctx, pool: _Pool, points: _Problems):
     one too). Returns (point index (Q,), problems (Q,) with their target, starts (Q, n) in the solve dtype)."""
     N = len(points)
     b = pool.best
-    feas = (torch.isfinite(b["z"]).all(1) & (b["residual"] <= b["tol_abs"]) & (b["margin"] >= ctx.margin - b["tol_abs"])
-            & (b["bound_violation"] == 0))
+    feas = pool.feasible(ctx.margin)
     d = torch.where(feas, b["distance"], torch.full_like(b["distance"], math.inf))
     near = torch.full((N,), math.inf, dtype=d.dtype).scatter_reduce(0, pool.pid, d, "amin")
     first = torch.full((N,), len(d), dtype=torch.long).scatter_reduce(
@@ -2148,7 +2169,9 @@ def _start_from_crossings(ctx: _Ctx, fn: ScoreFn, pool: _Pool, pid: torch.Tensor
         pool.bound_x[closer] = xc[first[closer]]
         pool.bound_cls[closer] = cls[first[closer]]
     pool.bound = torch.minimum(pool.bound, near)
-    if only_closer:
+    if ctx.nonsmooth:  # the region polish finishes the closest feasible point: a new solve only where it is beaten
+        use &= near < (1 - _BOUND_SLACK) * pool.closest_feasible(N, ctx.margin)
+    elif only_closer:
         use &= near < (1 - _BOUND_SLACK) * pool.closest_certified(N)
     if not use.any():
         return False
