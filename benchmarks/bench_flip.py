@@ -199,7 +199,7 @@ def run_model(spec, cfg: dict, n_points: int, repeats: int | None = None, slsqp:
                   "FAB": lambda: attack("FAB", net, x, y, C),
                   "DeepFool": lambda: attack("DeepFool", net, x, y, C)}, repeats)
     (t_ours, res), (t_fab, x_fab), (t_df, x_df) = runs["ours"], runs["FAB"], runs["DeepFool"]
-    out = {"model": label, "points": N, "classes": C, "features": int(x[0].numel()),
+    out = {"model": label, "points": N, "classes": C, "features": int(x[0].numel()), "repeats": repeats,
            "ours_ms": 1000 * t_ours / N, "certified": res.success_rate,
            "ours_status_failed": [s for s in res.status if s != "converged"][:5]}
     ours = res.distance.to(torch.float64)
@@ -251,9 +251,11 @@ def _fmt_ratio(d: dict) -> str:
 
 
 def to_markdown(result: dict) -> str:
+    single = [r["model"] for r in result["models"] if r.get("repeats", result["repeats"]) != result["repeats"]]
+    runs = f"{result['repeats']} run(s)" + (f" (one run for {', '.join(single)})" if single else "")
     lines = ["# flip: flipfrag vs FAB, DeepFool (torchattacks) and SciPy SLSQP", "",
-             f"Machine: {result['machine']}; mode: {result['mode']}; times are medians of {result['repeats']} "
-             "run(s) on the same batch after a warm-up, the methods taking turns; 2 cores shared with other jobs "
+             f"Machine: {result['machine']}; mode: {result['mode']}; times are medians of {runs} "
+             "on the same batch after a warm-up, the methods taking turns; 2 cores shared with other jobs "
              "(absolute times carry up to 2x noise, ratios come from the same rounds).", "",
              "## Time per point (all targets) and certified share", "",
              "| model | points | flipfrag ms | certified | FAB ms | DeepFool ms | SLSQP ms (basis) | "
@@ -310,7 +312,7 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     mode = ("quick" if args.quick else "full") + (f", only {args.only}" if args.only else "")
-    result = {"mode": mode, "repeats": cfg["repeats"],
+    result = {"mode": mode, "repeats": 1 if args.only == "cifar" else cfg["repeats"],
               "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
               "models": [], "notes": NOTES}
     specs = [] if args.only else [(mnist_mlp(True), cfg["points"]), (mnist_mlp(False), cfg["points"]),
