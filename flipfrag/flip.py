@@ -120,7 +120,7 @@ sign constraints at its solution y with one frozen forward pass; step from x tow
 (an exact ratio test: every constraint is affine, so the step keeps a flip point of the region and, by convexity,
 never increases the distance — never above the start, hence never above the upper bound); add the 64 most violated
 constraints (rows by batched backward passes through the frozen net, ``_sign_rows``) and repeat, at most 8 rounds,
-until y lies in the region (x = y is the region's optimum) or the gap is below 0.5 %. The QP on fewer rows is a
+until y lies in the region (x = y is the region's optimum) or the gap is below 0.8 %. The QP on fewer rows is a
 relaxation, so its multipliers give the lower bound LB on every flip point of the region's closure
 (``_dual_bound``). Points left without any feasible candidate first continue their SQP to 200 iterations and solve
 the next two screened targets (``_continue_infeasible``). Models with a ReLU or pooling call the pattern cannot
@@ -175,6 +175,7 @@ _PROGRESS_WINDOW = 25  # iterations over which an infeasible point must reduce i
 _START_DEEPFOOL, _START_CANDIDATES, _START_ITERATES = 100, 101, 102
 _START_REGION = 103  # the region polish of a piecewise-linear model's closest feasible candidate
 _NONSMOOTH_MAX_ITER = 20  # default SQP iterations of a piecewise-linear model (the region polish finishes)
+_POLISH_ROUNDS, _POLISH_ADD, _POLISH_GAP = 8, 64, 0.008  # region polish: cutting-plane rounds, rows per round, stop gap
 _BOUND_SLACK = 0.01  # a certified point may be at most 1 % farther than the closest boundary crossing found
 
 
@@ -896,7 +897,7 @@ def _sqp(fn: ScoreFn, pr: _Problems, x0: torch.Tensor, *, margin: float, tol: fl
         if act.numel() == 0:
             break
         sub = pr.take(act)
-        ev = _evaluate(fn, sub, st.x[act], margin, tol, n_ineq, relevant_only=not nonsmooth)
+        ev = _evaluate(fn, sub, st.x[act], margin, tol, n_ineq, relevant_only=True)
         done = _converged_now(st, act, sub, ev, kkt_tol, margin)
         st.status[act[done]] = _CONVERGED
         if it == max_iter:
@@ -2188,7 +2189,9 @@ def _polish_regions(ctx: _Ctx, fn: ScoreFn, pool: _Pool, points: _Problems) -> N
     if pid.numel() == 0:
         return
     outs = []
-    for idx in _chunks(len(pid), 4):
+    C = len(pool.best["z"][0])
+    per = max(1, min(4, 2**24 // ((C + _POLISH_ROUNDS * _POLISH_ADD) * x0.shape[1])))  # rows held: bounded memory
+    for idx in _chunks(len(pid), per):
         sub = pr.take(idx)
         try:
             pol = _region_polish(fn, sub, x0[idx], ctx.margin)
@@ -2517,7 +2520,7 @@ def _sign_state(fn: ScoreFn, pattern: list, x: torch.Tensor):
 
 
 def _sign_rows(fn: ScoreFn, pattern: list, x: torch.Tensor, picks: torch.Tensor, sizes: list[int],
-               chunk: int = 32) -> torch.Tensor:
+               chunk: int = 64) -> torch.Tensor:
     """Gradients (P, K, n) of the region constraints picks (P, K) (indices into the concatenated values of
     :func:`_sign_state`; -1 = none, a zero row): the frozen model is affine, so these are exact on the region's
     closure. Each point is copied once per row, ``chunk`` rows per forward pass (stopped after the deepest call
@@ -2530,6 +2533,7 @@ def _sign_rows(fn: ScoreFn, pattern: list, x: torch.Tensor, picks: torch.Tensor,
     flat_p = torch.arange(P).repeat_interleave(K)
     flat_k = picks.reshape(-1)
     use = torch.nonzero(flat_k >= 0)[:, 0]
+    use = use[torch.argsort(flat_k[use], stable=True)]  # by layer: a chunk's forward pass stops early
     for j in _chunks(len(use), chunk):
         r = use[j]
         sel, ids = flat_p[r], flat_k[r]
@@ -2571,8 +2575,8 @@ def _normalised_rows(pr: _Problems, A: torch.Tensor, c: torch.Tensor, x: torch.T
     return An, torch.where(ok, b, torch.where(is_eq, torch.zeros_like(b), torch.ones_like(b)))
 
 
-def _region_polish(fn: ScoreFn, pr: _Problems, x0: torch.Tensor, margin: float, rounds: int = 8,
-                   add: int = 64, target_gap: float = 0.005) -> dict:
+def _region_polish(fn: ScoreFn, pr: _Problems, x0: torch.Tensor, margin: float, rounds: int = _POLISH_ROUNDS,
+                   add: int = _POLISH_ADD, target_gap: float = _POLISH_GAP) -> dict:
     """The closest flip point on the closure of the activation region of x0 (P, n; feasible flip points of a
     piecewise-linear model), by cutting planes on the exact convex QP of the frozen (affine) model.
 
