@@ -26,26 +26,7 @@ def _relu_mlp(seed: int = 0, n: int = 4, hidden: int = 12, C: int = 3) -> nn.Seq
 def _crossing(model, xh: torch.Tensor, seed: int) -> torch.Tensor:
     """A flip point of each row of xh by plain bisection on the segment toward a random point of the box [0, 1] of
     another predicted class (test-side code, no flipfrag)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    with torch.no_grad():
-        for x in xh:
-            s = int(model(x[None]).argmax())
-            for _ in range(1000):
-                end = torch.rand(x.shape, generator=gen, dtype=F64)
-                if int(model(end[None]).argmax()) != s:
-                    break
-            else:
-                raise AssertionError("no other class in the box")
-            lo, hi = 0.0, 1.0
-            for _ in range(60):
-                mid = 0.5 * (lo + hi)
-                if int(model((x + mid * (end - x))[None]).argmax()) != s:
-                    hi = mid
-                else:
-                    lo = mid
-            out.append(x + hi * (end - x))
-    return torch.stack(out)
+    return _crossing_free(model, xh, torch.zeros(xh.shape[1], dtype=torch.bool), seed)
 
 
 def _problems(model, xh: torch.Tensor, x0: torch.Tensor) -> F._Problems:
@@ -93,17 +74,20 @@ def test_frozen_pattern_is_the_model_on_its_region_and_affine():
         torch.testing.assert_close(rows[p], J[picks], rtol=1e-12, atol=1e-12)
 
 
-def _explicit_region_optimum(model, xh, x0, src, tgt):
+def _explicit_region_optimum(model, xh, x0, src, tgt, w=None, fixed=None):
     """The region problem written out from the weights — u = W1 x + b1 with the pattern of x0, z = W2 (m u) + b2;
     minimise ||x - x_hat|| subject to z_s = z_t, z_k <= z_t, sign(u) fixed, 0 <= x <= 1 — solved exactly by
     enumerating faces: the optimum of a convex QP is the projection of x_hat onto the affine hull of some face, and
-    every feasible such projection is at least as far, so the closest feasible projection is the optimum."""
+    every feasible such projection is at least as far, so the closest feasible projection is the optimum. ``w``:
+    weights of the squared distance (scale**2); ``fixed``: coordinates held at x_hat (equality rows)."""
     from itertools import combinations
 
     W1, b1 = model[0].weight.detach().numpy(), model[0].bias.detach().numpy()
     W2, b2 = model[2].weight.detach().numpy(), model[2].bias.detach().numpy()
     xh, x0 = xh.numpy(), x0.numpy()
     n = len(xh)
+    w = np.ones(n) if w is None else w.numpy()
+    E = np.eye(n)[fixed.numpy()] if fixed is not None else np.zeros((0, n))
     m = (W1 @ x0 + b1 > 0).astype(float)
     Weff, beff = W2 @ (m[:, None] * W1), W2 @ (m * b1) + b2
     sign = np.where(m > 0, -1.0, 1.0)  # rows G x <= h
@@ -116,15 +100,15 @@ def _explicit_region_optimum(model, xh, x0, src, tgt):
     G, h = np.concatenate(G), np.concatenate(h)
     a, c = Weff[src] - Weff[tgt], beff[tgt] - beff[src]  # a x = c
     best = math.inf
-    for size in range(n):
+    for size in range(n - len(E)):
         for S in combinations(range(len(G)), size):
-            M = np.vstack([a[None], G[list(S)]])
-            r = np.concatenate([[c], h[list(S)]])
+            M = np.vstack([a[None], E, G[list(S)]])
+            r = np.concatenate([[c], E @ xh, h[list(S)]])
             if np.linalg.matrix_rank(M) < len(M):
                 continue
-            x = xh - M.T @ np.linalg.solve(M @ M.T, M @ xh - r)
+            x = xh - (M.T / w[:, None]) @ np.linalg.solve((M / w) @ M.T, M @ xh - r)  # the projection, weighted
             if (G @ x <= h + 1e-10).all():
-                best = min(best, float(np.linalg.norm(x - xh)))
+                best = min(best, float(np.sqrt(np.sum(w * (x - xh) ** 2))))
     return best
 
 
@@ -166,6 +150,50 @@ def test_region_bound_is_a_lower_bound_after_every_round():
         pol = F._region_polish(fn, pr, x0, 0.0, rounds=rounds, add=1, target_gap=0.0)
         d = torch.sqrt(((pol["x"] - xh) ** 2).sum(1))
         assert (pol["lb"] <= oracle * (1 + 1e-9)).all() and (d >= oracle * (1 - 1e-9)).all()
+
+
+def test_region_polish_with_scale_and_mask():
+    model = _relu_mlp()
+    fn = F._model_fn(model, (4,))
+    xh = torch.rand(6, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x0 = _crossing(model, xh, seed=1)
+    pr = _problems(model, xh, x0)
+    w = torch.tensor([1.0, 4.0, 0.25, 2.0], dtype=F64)
+    fixed = torch.tensor([False, False, False, True])
+    x0 = _crossing_free(model, xh, fixed, seed=2)  # starts that keep the fixed coordinate
+    lo, hi = pr.lo.clone(), pr.hi.clone()
+    lo[:, fixed], hi[:, fixed] = xh[:, fixed], xh[:, fixed]
+    prw = F._Problems(xh, lo, hi, w.expand(6, 4).clone(), pr.src, _problems(model, xh, x0).tgt)
+    pol = F._region_polish(fn, prw, x0, 0.0, rounds=60, add=4, target_gap=0.0)
+    d = torch.sqrt((w * (pol["x"] - xh) ** 2).sum(1))
+    oracle = torch.tensor([_explicit_region_optimum(model, xh[i], x0[i], int(prw.src[i]), int(prw.tgt[i]), w, fixed)
+                           for i in range(len(xh))], dtype=F64)
+    torch.testing.assert_close(d, oracle, rtol=1e-6, atol=1e-9)
+    assert torch.equal(pol["x"][:, fixed], xh[:, fixed])
+
+
+def _crossing_free(model, xh, fixed, seed):
+    """:func:`_crossing` with the ``fixed`` coordinates of the random end points at x_hat."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for x in xh:
+            s = int(model(x[None]).argmax())
+            for _ in range(1000):
+                end = torch.where(fixed, x, torch.rand(x.shape, generator=gen, dtype=F64))
+                if int(model(end[None]).argmax()) != s:
+                    break
+            else:
+                raise AssertionError("no other class in the box")
+            lo, hi = 0.0, 1.0
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                if int(model((x + mid * (end - x))[None]).argmax()) != s:
+                    hi = mid
+                else:
+                    lo = mid
+            out.append(x + hi * (end - x))
+    return torch.stack(out)
 
 
 def _ctx(model, shape) -> F._Ctx:
