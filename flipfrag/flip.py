@@ -1820,7 +1820,9 @@ def closest_flip_point(
         call (:func:`flipfrag.smooth.has_relu`). At a kink of the decision boundary — where the closest point of a
         ReLU net often lies — the autograd gradient is one-sided and the plain KKT measure fails; for nonsmooth
         models a feasible point failing it is re-measured on its activation region, the kinks within tolerance
-        being sign-constrained constraints (module docstring, section Certification: what it then guarantees).
+        being sign-constrained constraints, and each point's closest feasible candidate is polished to the exact
+        closest flip point of its activation region (module docstring: The region polish; Certification: what a
+        certified point then guarantees). Also sets the defaults of ``max_iter`` and ``screen``.
     screen : int, "auto" or None
         With ``target=None``: solve only the ``screen`` targets of smallest linearised distance
         ``|z_s - z_t| / ||D^-1 grad(z_s - z_t)||`` at ``x`` (one Jacobian of all classes), plus the classes that
@@ -1855,7 +1857,7 @@ def closest_flip_point(
     * ReLU networks with many small linear pieces (e.g. CNNs with max-pooling) have their closest flip point at a kink,
       where the plain KKT test fails: for them the closest feasible candidate is polished on its activation region
       and certified there (module docstring, The region polish) — the shipped MNIST CNN (8 of 8 test digits) and the
-      pretrained CIFAR-10 CNN (10 of 10 shipped photos, about 4.5 s per photo on one thread) are certified with the
+      pretrained CIFAR-10 CNN (20 of 20 shipped photos, about 4 s per photo on one thread) are certified with the
       defaults. ``kkt_tol=math.inf`` accepts any flip point as certified (not a certified *closest* one).
     * On models without convolutions the solve runs on one intra-op torch thread (restored afterwards): its many
       small operations gain nothing from more, and lose much when the cores are shared.
