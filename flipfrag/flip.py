@@ -2139,7 +2139,8 @@ def _continue_infeasible(ctx: _Ctx, fn: ScoreFn, pool: _Pool, points: _Problems,
 
 def _polish_starts(ctx: _Ctx, pool: _Pool, points: _Problems):
     """Per point the closest feasible flip point found so far (certified or not; the closest segment crossing is
-    one too). Returns (point index (Q,), problems (Q,) with their target, starts (Q, n) in the solve dtype)."""
+    one too). Returns (point index (Q,), problems (Q,) with their target, starts (Q, n) in the solve dtype, the
+    starts' SQP iterations (Q,), 0 for a crossing)."""
     N = len(points)
     b = pool.best
     feas = pool.feasible(ctx.margin)
@@ -2149,17 +2150,20 @@ def _polish_starts(ctx: _Ctx, pool: _Pool, points: _Problems):
         0, pool.pid, torch.where(feas & (d == near[pool.pid]), torch.arange(len(d)), len(d)), "amin")
     x0 = torch.full_like(points.xh, math.nan)
     tgt = torch.full((N,), -1, dtype=torch.long)
+    iters = torch.zeros(N, dtype=torch.long)
     has = first < len(d)
     x0[has] = b["x"][first[has]].to(ctx.dtype)
     tgt[has] = pool.pr.tgt[first[has]]
+    iters[has] = b["iterations"][first[has]]
     if pool.bound_x is not None:
         cross = (pool.bound < near) & torch.isfinite(pool.bound)
         x0[cross] = pool.bound_x[cross]
         tgt[cross] = pool.bound_cls[cross]
+        iters[cross] = 0
     i = torch.nonzero(tgt >= 0)[:, 0]
     pr = points.take(i)
     pr.tgt = tgt[i]
-    return i, pr, x0[i]
+    return i, pr, x0[i], iters[i]
 
 
 def _polish_certificate(ctx: _Ctx, fn: ScoreFn, pr: _Problems, pol: dict) -> tuple[torch.Tensor, dict]:
@@ -2182,7 +2186,7 @@ def _polish_regions(ctx: _Ctx, fn: ScoreFn, pool: _Pool, points: _Problems) -> N
     """Piecewise-linear models: the region polish (:func:`_region_polish`) of every point's closest feasible
     candidate, certified and added to the pool. Its region gap counts for the certificate only where the returned
     point (in the output dtype) lies in the polished region's closure (kink tolerance)."""
-    pid, pr, x0 = _polish_starts(ctx, pool, points)
+    pid, pr, x0, iters = _polish_starts(ctx, pool, points)
     if pid.numel() == 0:
         return
     outs = []
@@ -2197,7 +2201,7 @@ def _polish_regions(ctx: _Ctx, fn: ScoreFn, pool: _Pool, points: _Problems) -> N
         except _Unrepresentable:  # a nonlinearity the frozen pattern cannot represent: no polish
             return
         xo, chk = _polish_certificate(ctx, fn, sub, pol)
-        outs.append({"x": xo, **chk, "iterations": torch.zeros(len(idx), dtype=torch.long),
+        outs.append({"x": xo, **chk, "iterations": iters[idx],
                      "solver": torch.full((len(idx),), _CONVERGED, dtype=torch.long),
                      "start": torch.full((len(idx),), _START_REGION, dtype=torch.long)})
     pool.add(pid, pr, {k: torch.cat([o[k] for o in outs]) for k in outs[0]})
