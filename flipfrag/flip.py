@@ -127,9 +127,11 @@ dtype — exact to its rounding although the rows are computed in the model's dt
 cheaper, and only steer the QP). Points left without any feasible candidate first continue their SQP to 200
 iterations and solve the next two screened targets (``_continue_infeasible``). Models with a ReLU or pooling call
 the pattern cannot represent (pooling with padding or dilation, tensors without one row per point) are not
-polished. Known limit: beyond about 250 sign rows the dual QP's semismooth Newton loses accuracy (its solution
-violates rows it holds by ~1e-3), the ratio test then stalls and the point stays uncertified — 1 of the first 64
-MNIST test digits of the shipped MNIST CNN (gap 3.6 %), none of the 20 CIFAR-10 photos.
+polished. Known limits: beyond about 250 sign rows the dual QP's semismooth Newton loses accuracy (its solution
+violates rows it holds by ~1e-3); and on some points the ratio test stays blocked at the start (each QP solution
+leaves the region through a facet the point lies on), so x does not move while LB converges — the point stays
+uncertified: 1 of the first 64 test digits of the shipped MNIST CNN (gap 3.6 %; an exact dual, by L-BFGS-B, and 16
+rounds did not change it), none of the 20 CIFAR-10 photos.
 """
 
 from __future__ import annotations
