@@ -1,4 +1,4 @@
-"""The region polish of piecewise-linear models (flipfrag.flip, step 7): the frozen activation pattern against the
+"""The region polish of piecewise-linear models (flipfrag.flip, step 6): the frozen activation pattern against the
 model and torch.func, the polish's QP against an exact face enumeration of the explicit affine region problem of a
 small ReLU MLP, a certificate that refuses a point the polish did not certify, and the shipped ReLU CNNs certified."""
 
