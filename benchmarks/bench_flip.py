@@ -16,7 +16,7 @@ t != s with every other class below, inside the data's box (images: [0, 1]).
 
 Models: a 784-100-100-10 tanh MLP trained 15 epochs on the 4,000 training digits of the shipped MNIST-5k, the same
 MLP untrained (random), an Adult MLP (104 features, one-hot blocks relaxed to [0, 1]), and — when
-``flipfrag.models.cifar10_cnn`` is available and not ``--quick`` — the pretrained CIFAR-10 CNN on 2 of the shipped
+``flipfrag.models.cifar10_cnn`` is available and not ``--quick`` — the pretrained CIFAR-10 CNN on 10 of the 20 shipped
 CIFAR-10 photos (no SLSQP there: hours per point at n = 3072).
 All models float32 (as users run them); flipfrag solves in float64 and certifies in float32.
 
@@ -28,8 +28,10 @@ Usage::
 
     python benchmarks/bench_flip.py            # ~15 minutes on shared cores (1 torch thread)
     python benchmarks/bench_flip.py --quick    # ~3 minutes: fewer points, no CNN, SLSQP estimated from one solve
+    python benchmarks/bench_flip.py --only cifar --cifar-points 10   # the CIFAR-10 CNN row alone, 10 photos
 
-Writes ``benchmarks/results/flip.{json,md}`` (``flip_quick.*`` with ``--quick``).
+Writes ``benchmarks/results/flip.{json,md}`` (``flip_quick.*`` with ``--quick``, ``flip_cifar.*`` with
+``--only cifar``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from flipfrag._io import atomic_write, atomic_write_json
 from flipfrag.flip import closest_flip_point
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FULL = {"points": 64, "cifar_points": 2, "slsqp": "measured", "repeats": 3}
+FULL = {"points": 64, "cifar_points": 10, "slsqp": "measured", "repeats": 3}
 QUICK = {"points": 16, "cifar_points": 0, "slsqp": "estimated", "repeats": 1}
 
 
@@ -197,7 +199,7 @@ def run_model(spec, cfg: dict, n_points: int, repeats: int | None = None, slsqp:
                   "FAB": lambda: attack("FAB", net, x, y, C),
                   "DeepFool": lambda: attack("DeepFool", net, x, y, C)}, repeats)
     (t_ours, res), (t_fab, x_fab), (t_df, x_df) = runs["ours"], runs["FAB"], runs["DeepFool"]
-    out = {"model": label, "points": N, "classes": C, "features": int(x[0].numel()),
+    out = {"model": label, "points": N, "classes": C, "features": int(x[0].numel()), "repeats": repeats,
            "ours_ms": 1000 * t_ours / N, "certified": res.success_rate,
            "ours_status_failed": [s for s in res.status if s != "converged"][:5]}
     ours = res.distance.to(torch.float64)
@@ -249,9 +251,11 @@ def _fmt_ratio(d: dict) -> str:
 
 
 def to_markdown(result: dict) -> str:
+    single = [r["model"] for r in result["models"] if r.get("repeats", result["repeats"]) != result["repeats"]]
+    runs = f"{result['repeats']} run(s)" + (f" (one run for {', '.join(single)})" if single else "")
     lines = ["# flip: flipfrag vs FAB, DeepFool (torchattacks) and SciPy SLSQP", "",
-             f"Machine: {result['machine']}; mode: {result['mode']}; times are medians of {result['repeats']} "
-             "run(s) on the same batch after a warm-up, the methods taking turns; 2 cores shared with other jobs "
+             f"Machine: {result['machine']}; mode: {result['mode']}; times are medians of {runs} "
+             "on the same batch after a warm-up, the methods taking turns; 2 cores shared with other jobs "
              "(absolute times carry up to 2x noise, ratios come from the same rounds).", "",
              "## Time per point (all targets) and certified share", "",
              "| model | points | flipfrag ms | certified | FAB ms | DeepFool ms | SLSQP ms (basis) | "
@@ -294,15 +298,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer points, SLSQP estimated from one solve")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the cores are shared)")
+    parser.add_argument("--only", choices=["cifar"], help="run only this model's row (written to flip_<only>.*)")
+    parser.add_argument("--cifar-points", type=int, help="CIFAR-10 photos (default: 2 in full mode, 0 in quick)")
     args = parser.parse_args()
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.cifar_points is not None:
+        if args.cifar_points < 1:
+            parser.error("--cifar-points must be >= 1")
+        cfg["cifar_points"] = args.cifar_points
+    if args.only == "cifar" and not cfg["cifar_points"]:
+        parser.error("--only cifar needs CIFAR-10 photos (not --quick, or give --cifar-points)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    result = {"mode": "quick" if args.quick else "full", "repeats": cfg["repeats"],
+    mode = ("quick" if args.quick else "full") + (f", only {args.only}" if args.only else "")
+    result = {"mode": mode, "repeats": 1 if args.only == "cifar" else cfg["repeats"],
               "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
               "models": [], "notes": NOTES}
-    specs = [(mnist_mlp(True), cfg["points"]), (mnist_mlp(False), cfg["points"]), (adult_mlp(), cfg["points"])]
+    specs = [] if args.only else [(mnist_mlp(True), cfg["points"]), (mnist_mlp(False), cfg["points"]),
+                                  (adult_mlp(), cfg["points"])]
     cnn = cifar_cnn() if cfg["cifar_points"] else None
     if cnn is not None:
         specs.append((cnn, cfg["cifar_points"]))
@@ -316,7 +330,8 @@ def main() -> None:
               f"{r['FAB']['ms']:.1f}, DeepFool {r['DeepFool']['ms']:.1f}, SLSQP {r['SLSQP']['ms']:.0f} ms/point",
               flush=True)
     result["runtime_s"] = time.perf_counter() - t0
-    stem = "flip_quick" if args.quick else "flip"  # a quick check never overwrites the full results
+    # a quick check or a single row never overwrites the full results
+    stem = f"flip_{args.only}" if args.only else ("flip_quick" if args.quick else "flip")
     atomic_write_json(RESULTS / f"{stem}.json", result)
     md = to_markdown(result)
     atomic_write(RESULTS / f"{stem}.md", lambda p: p.write_text(md))

@@ -1,0 +1,260 @@
+"""The region polish of piecewise-linear models (flipfrag.flip, step 6): the frozen activation pattern against the
+model and torch.func, the polish's QP against an exact face enumeration of the explicit affine region problem of a
+small ReLU MLP, a certificate that refuses a point the polish did not certify, and the shipped ReLU CNNs certified."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flipfrag import flip as F
+from flipfrag.flip import closest_flip_point
+from flipfrag.models import SmallCNN
+
+F64 = torch.float64
+
+
+def _relu_mlp(seed: int = 0, n: int = 4, hidden: int = 12, C: int = 3) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n, hidden), nn.ReLU(), nn.Linear(hidden, C)).double().eval()
+
+
+def _crossing(model, xh: torch.Tensor, seed: int) -> torch.Tensor:
+    """A flip point of each row of xh by plain bisection on the segment toward a random point of the box [0, 1] of
+    another predicted class (test-side code, no flipfrag)."""
+    return _crossing_free(model, xh, torch.zeros(xh.shape[1], dtype=torch.bool), seed)
+
+
+def _problems(model, xh: torch.Tensor, x0: torch.Tensor) -> F._Problems:
+    with torch.no_grad():
+        src, z0 = model(xh).argmax(1), model(x0)
+    tgt = z0.scatter(1, src[:, None], -math.inf).argmax(1)  # the class tied with the source at x0
+    P, n = xh.shape
+    return F._Problems(xh, torch.zeros(P, n, dtype=F64), torch.ones(P, n, dtype=F64), torch.ones(P, n, dtype=F64),
+                       src, tgt)
+
+
+def test_frozen_pattern_is_the_model_on_its_region_and_affine():
+    torch.manual_seed(1)
+    cnn = SmallCNN(in_channels=1, n_classes=3, width=4).double().eval()
+    fn = F._model_fn(cnn, (1, 8, 8))
+    x0 = torch.rand(3, 64, dtype=F64)
+    rec = F._FrozenPattern()
+    with torch.no_grad(), rec:
+        z0 = fn(x0)
+    kinds = [k for k, _ in rec.pattern]
+    assert kinds.count("relu") == 3 and kinds.count("pool") == 2
+    zf, _ = F._frozen_forward(fn, rec.pattern, x0)
+    assert torch.equal(zf, z0)
+    # affine: the frozen map's midpoint is the mean of its ends, although the model itself bends between them
+    v = 0.3 * torch.randn(3, 64, dtype=F64, generator=torch.Generator().manual_seed(2))
+    zp, _ = F._frozen_forward(fn, rec.pattern, x0 + v)
+    zm, _ = F._frozen_forward(fn, rec.pattern, x0 - v)
+    torch.testing.assert_close(0.5 * (zp + zm), z0, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        assert (0.5 * (fn(x0 + v) + fn(x0 - v)) - z0).abs().max() > 1e-3
+    # at x0 every region constraint holds, and the sign rows are the Jacobian rows of the region constraints
+    _, vals, _, sizes = F._sign_state(fn, rec.pattern, x0)
+    assert (vals <= 0).all()
+    gen = torch.Generator().manual_seed(3)
+    finite = torch.isfinite(vals[0])
+    picks = torch.nonzero(finite)[:, 0][torch.randperm(int(finite.sum()), generator=gen)[:40]]
+    rows = F._sign_rows(fn, rec.pattern, x0, picks[None].expand(3, -1).clone(), sizes, chunk=7)
+
+    def all_values(x):
+        _, inputs = F._frozen_forward(fn, rec.pattern, x[None].expand(3, -1))
+        return torch.cat(F._sign_values(rec.pattern, inputs), 1)
+
+    for p in range(3):
+        J = torch.func.jacrev(lambda x, p=p: all_values(x)[p])(x0[p])
+        torch.testing.assert_close(rows[p], J[picks], rtol=1e-12, atol=1e-12)
+
+
+def _explicit_region_optimum(model, xh, x0, src, tgt, w=None, fixed=None):
+    """The region problem written out from the weights — u = W1 x + b1 with the pattern of x0, z = W2 (m u) + b2;
+    minimise ||x - x_hat|| subject to z_s = z_t, z_k <= z_t, sign(u) fixed, 0 <= x <= 1 — solved exactly by
+    enumerating faces: the optimum of a convex QP is the projection of x_hat onto the affine hull of some face, and
+    every feasible such projection is at least as far, so the closest feasible projection is the optimum. ``w``:
+    weights of the squared distance (scale**2); ``fixed``: coordinates held at x_hat (equality rows)."""
+    from itertools import combinations
+
+    W1, b1 = model[0].weight.detach().numpy(), model[0].bias.detach().numpy()
+    W2, b2 = model[2].weight.detach().numpy(), model[2].bias.detach().numpy()
+    xh, x0 = xh.numpy(), x0.numpy()
+    n = len(xh)
+    w = np.ones(n) if w is None else w.numpy()
+    E = np.eye(n)[fixed.numpy()] if fixed is not None else np.zeros((0, n))
+    m = (W1 @ x0 + b1 > 0).astype(float)
+    Weff, beff = W2 @ (m[:, None] * W1), W2 @ (m * b1) + b2
+    sign = np.where(m > 0, -1.0, 1.0)  # rows G x <= h
+    G = [sign[:, None] * W1, np.eye(n), -np.eye(n)]
+    h = [-sign * b1, np.ones(n), np.zeros(n)]
+    for k in range(Weff.shape[0]):
+        if k not in (src, tgt):
+            G.append((Weff[k] - Weff[tgt])[None])
+            h.append(np.array([beff[tgt] - beff[k]]))
+    G, h = np.concatenate(G), np.concatenate(h)
+    a, c = Weff[src] - Weff[tgt], beff[tgt] - beff[src]  # a x = c
+    best = math.inf
+    for size in range(n - len(E)):
+        for S in combinations(range(len(G)), size):
+            M = np.vstack([a[None], E, G[list(S)]])
+            r = np.concatenate([[c], E @ xh, h[list(S)]])
+            if np.linalg.matrix_rank(M) < len(M):
+                continue
+            x = xh - (M.T / w[:, None]) @ np.linalg.solve((M / w) @ M.T, M @ xh - r)  # the projection, weighted
+            if (G @ x <= h + 1e-10).all():
+                best = min(best, float(np.sqrt(np.sum(w * (x - xh) ** 2))))
+    return best
+
+
+def test_region_polish_is_the_exact_region_optimum():
+    model = _relu_mlp()
+    fn = F._model_fn(model, (4,))
+    xh = torch.rand(6, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x0 = _crossing(model, xh, seed=1)
+    pr = _problems(model, xh, x0)
+    pol = F._region_polish(fn, pr, x0, 0.0, rounds=60, add=4, target_gap=0.0)
+    d = torch.sqrt(((pol["x"] - xh) ** 2).sum(1))
+    d0 = torch.sqrt(((x0 - xh) ** 2).sum(1))
+    oracle = torch.tensor([_explicit_region_optimum(model, xh[i], x0[i], int(pr.src[i]), int(pr.tgt[i]))
+                           for i in range(len(xh))], dtype=F64)
+    assert (d <= d0 * (1 + 1e-12)).all()  # never farther than its start
+    assert (oracle < 0.99 * d0).any()  # (the starts are not already optimal)
+    torch.testing.assert_close(d, oracle, rtol=1e-6, atol=1e-9)
+    # weak duality: the lower bound never exceeds the true region optimum, and is tight at the end
+    assert (pol["lb"] <= oracle * (1 + 1e-9)).all()
+    assert (pol["gap"] <= 1e-6).all()
+    # the polished point is a flip point of the model in the region of x0
+    with torch.no_grad():
+        z = model(pol["x"])
+    zs, zt = z.gather(1, pr.src[:, None])[:, 0], z.gather(1, pr.tgt[:, None])[:, 0]
+    assert ((zs - zt).abs() <= 1e-9 * zs.abs().clamp(min=1)).all()
+    _, vals, tol, _ = F._sign_state(fn, pol["pattern"], pol["x"])
+    assert (vals <= tol).all()
+
+
+def test_region_bound_is_a_lower_bound_after_every_round():
+    model = _relu_mlp(seed=5)
+    fn = F._model_fn(model, (4,))
+    xh = torch.rand(6, 4, dtype=F64, generator=torch.Generator().manual_seed(4))
+    x0 = _crossing(model, xh, seed=5)
+    pr = _problems(model, xh, x0)
+    oracle = torch.tensor([_explicit_region_optimum(model, xh[i], x0[i], int(pr.src[i]), int(pr.tgt[i]))
+                           for i in range(len(xh))], dtype=F64)
+    for rounds in (1, 2, 3):
+        pol = F._region_polish(fn, pr, x0, 0.0, rounds=rounds, add=1, target_gap=0.0)
+        d = torch.sqrt(((pol["x"] - xh) ** 2).sum(1))
+        assert (pol["lb"] <= oracle * (1 + 1e-9)).all() and (d >= oracle * (1 - 1e-9)).all()
+
+
+def test_region_polish_with_scale_and_mask():
+    model = _relu_mlp()
+    fn = F._model_fn(model, (4,))
+    xh = torch.rand(6, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x0 = _crossing(model, xh, seed=1)
+    pr = _problems(model, xh, x0)
+    w = torch.tensor([1.0, 4.0, 0.25, 2.0], dtype=F64)
+    fixed = torch.tensor([False, False, False, True])
+    x0 = _crossing_free(model, xh, fixed, seed=2)  # starts that keep the fixed coordinate
+    lo, hi = pr.lo.clone(), pr.hi.clone()
+    lo[:, fixed], hi[:, fixed] = xh[:, fixed], xh[:, fixed]
+    prw = F._Problems(xh, lo, hi, w.expand(6, 4).clone(), pr.src, _problems(model, xh, x0).tgt)
+    pol = F._region_polish(fn, prw, x0, 0.0, rounds=60, add=4, target_gap=0.0)
+    d = torch.sqrt((w * (pol["x"] - xh) ** 2).sum(1))
+    oracle = torch.tensor([_explicit_region_optimum(model, xh[i], x0[i], int(prw.src[i]), int(prw.tgt[i]), w, fixed)
+                           for i in range(len(xh))], dtype=F64)
+    torch.testing.assert_close(d, oracle, rtol=1e-6, atol=1e-9)
+    assert torch.equal(pol["x"][:, fixed], xh[:, fixed])
+
+
+def _crossing_free(model, xh, fixed, seed):
+    """:func:`_crossing` with the ``fixed`` coordinates of the random end points at x_hat."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for x in xh:
+            s = int(model(x[None]).argmax())
+            for _ in range(1000):
+                end = torch.where(fixed, x, torch.rand(x.shape, generator=gen, dtype=F64))
+                if int(model(end[None]).argmax()) != s:
+                    break
+            else:
+                raise AssertionError("no other class in the box")
+            lo, hi = 0.0, 1.0
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                if int(model((x + mid * (end - x))[None]).argmax()) != s:
+                    hi = mid
+                else:
+                    lo = mid
+            out.append(x + hi * (end - x))
+    return torch.stack(out)
+
+
+def _ctx(model, shape) -> F._Ctx:
+    return F._Ctx(model, model, shape, F64, F64, F64, 0.0, 1e-6, 1e-4, 20, 1, 64, False, True, 0)
+
+
+def test_polish_certificate_refuses_a_point_it_did_not_solve():
+    model = _relu_mlp(seed=0)
+    fn = F._model_fn(model, (4,))
+    xh = torch.rand(6, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x0 = _crossing(model, xh, seed=1)
+    pr = _problems(model, xh, x0)
+    pol = F._region_polish(fn, pr, x0, 0.0, rounds=60, add=4, target_gap=0.0)
+    ctx = _ctx(model, (4,))
+    _, chk = F._polish_certificate(ctx, fn, pr, pol)
+    assert chk["ok"].all() and (chk["gap"] <= 1e-6).all()
+    # the start: a flip point of the same region, but more than 1 % farther than its optimum (the bound LB) -> refused
+    far = torch.sqrt(((x0 - xh) ** 2).sum(1)) > 1.02 * pol["lb"]
+    assert far.sum() >= 2
+    _, chk = F._polish_certificate(ctx, fn, pr, dict(pol, x=x0))
+    assert not chk["ok"][far].any()
+    assert (chk["gap"][far] > 0.01).all()
+    # the optimum with the pattern of another region (x_hat's, which does not contain it): its bound does not count
+    rec = F._FrozenPattern()
+    with torch.no_grad(), rec:
+        fn(xh)
+    other = dict(pol, pattern=rec.pattern)
+    _, v, tl, _ = F._sign_state(fn, other["pattern"], pol["x"])
+    outside = ~(v <= tl).all(1)
+    assert outside.any()
+    _, chk2 = F._polish_certificate(ctx, fn, pr, other)
+    base = F._certify(ctx, pr, pol["x"])
+    torch.testing.assert_close(chk2["gap"][outside], base["gap"][outside], equal_nan=True)
+
+
+def test_shipped_mnist_cnn_all_certified_by_the_polish():
+    from flipfrag.models import trained_model
+
+    net, ds, _ = trained_model("mnist-cnn", "quick", seed=0)
+    x = ds.X_test[:8]
+    res = closest_flip_point(net.eval(), x, lower=0.0, upper=1.0)
+    assert res.success_rate == 1.0, res.status
+    assert (res.distance <= 1.01 * res.upper_bound).all()
+    assert ((res.region_gap <= 0.01) | torch.isnan(res.region_gap)).all()
+    with torch.no_grad():
+        z = net(res.x_flip)
+    zs = z.gather(1, res.source[:, None])[:, 0]
+    zt = z.gather(1, res.target[:, None])[:, 0]
+    assert ((zs - zt).abs() <= 1e-6 * torch.maximum(zs.abs(), zt.abs()).clamp(min=1)).all()
+    assert (res.x_flip >= 0).all() and (res.x_flip <= 1).all()
+
+
+@pytest.mark.parametrize("photo", [1])
+def test_cifar10_cnn_photo_certified(photo):
+    from flipfrag import datasets, models
+
+    net = models.cifar10_cnn(pretrained=True)
+    x = datasets.load_cifar10().X_test[photo : photo + 1].float()
+    res = closest_flip_point(net, x, lower=0.0, upper=1.0)
+    assert bool(res.converged[0]), res.status
+    assert int(res.start[0]) == F._START_REGION and float(res.region_gap[0]) <= 0.01
+    assert float(res.distance[0]) <= 1.01 * float(res.upper_bound[0])
+    d = float((res.x_flip - x).flatten(1).norm(dim=1)[0])
+    assert math.isclose(d, float(res.distance[0]), rel_tol=1e-5)
