@@ -13,8 +13,9 @@ closest flip point (Yousefzadeh & O'Leary 2019) solves::
 
 The steps (``closest_flip_point`` -> ``_solve`` -> ``_choose``; all points advanced together)
 ---------------------------------------------------------------------------------------------
-1. **screen** (``_screen``): with ``target=None``, only the ``screen`` (default 3; 1 for piecewise-linear models) classes of smallest linearised
-   distance ``|z_s - z_t| / ||D^-1 grad(z_s - z_t)||`` are solved for — one Jacobian of all classes at ``x_hat``.
+1. **screen** (``_screen``): with ``target=None``, only the ``screen`` (default 3; 1 for piecewise-linear models)
+   classes of smallest linearised distance ``|z_s - z_t| / ||D^-1 grad(z_s - z_t)||`` are solved for — one Jacobian
+   of all classes at ``x_hat``.
 2. **start** (``_solve_candidates``): one SQP solve per (point, screened target) from ``x_hat``; plus random
    ``restarts`` and the ``homotopy`` path when asked.
 3. **bound** (``_start_from_crossings``): on the segment from ``x_hat`` to any label-changing point — a
