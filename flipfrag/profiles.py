@@ -154,7 +154,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # (~0.8 s per photo) and a ReLU flip solve (~4 s per photo). Measured on 2 photos (cold cache, 2 shared
         # cores): top-k and center with 2 iterations of 4/255 -> notebook 02 156 s, but 2 coarse steps do not beat
         # the random sign (top-k ∩ 0.64 vs 0.52); top-k alone with 4 iterations of 2/255 costs the same and does
-        # (∩ 0.34; 8 of 1/255: 0.38, 74 s for top-k alone), so quick runs that (the center attack: smoke, paper)
+        # (final quick run: ∩ 0.25 vs 0.49 random on the same 2 photos; 8 of 1/255: 0.38, 74 s for top-k alone), so
+        # quick runs that (the center attack: smoke, paper)
         "beyond_cifar_diff_n": 2,
         "beyond_cifar_diff_attacks": ["topk"],
         "beyond_cifar_diff_iters": 4,
