@@ -112,17 +112,25 @@ def _explicit_region_optimum(model, xh, x0, src, tgt, w=None, fixed=None):
     return best
 
 
+def _setup(model_seed: int, x_seed: int, cross_seed: int):
+    """A small ReLU MLP, 6 inputs, starts on segment crossings, and their problems."""
+    model = _relu_mlp(seed=model_seed)
+    xh = torch.rand(6, 4, dtype=F64, generator=torch.Generator().manual_seed(x_seed))
+    x0 = _crossing(model, xh, seed=cross_seed)
+    return model, F._model_fn(model, (4,)), xh, x0, _problems(model, xh, x0)
+
+
+def _oracles(model, xh, x0, pr, *extra) -> torch.Tensor:
+    return torch.tensor([_explicit_region_optimum(model, xh[i], x0[i], int(pr.src[i]), int(pr.tgt[i]), *extra)
+                         for i in range(len(xh))], dtype=F64)
+
+
 def test_region_polish_is_the_exact_region_optimum():
-    model = _relu_mlp()
-    fn = F._model_fn(model, (4,))
-    xh = torch.rand(6, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
-    x0 = _crossing(model, xh, seed=1)
-    pr = _problems(model, xh, x0)
+    model, fn, xh, x0, pr = _setup(0, 0, 1)
     pol = F._region_polish(fn, pr, x0, 0.0, rounds=60, add=4, target_gap=0.0)
     d = torch.sqrt(((pol["x"] - xh) ** 2).sum(1))
     d0 = torch.sqrt(((x0 - xh) ** 2).sum(1))
-    oracle = torch.tensor([_explicit_region_optimum(model, xh[i], x0[i], int(pr.src[i]), int(pr.tgt[i]))
-                           for i in range(len(xh))], dtype=F64)
+    oracle = _oracles(model, xh, x0, pr)
     assert (d <= d0 * (1 + 1e-12)).all()  # never farther than its start
     assert (oracle < 0.99 * d0).any()  # (the starts are not already optimal)
     torch.testing.assert_close(d, oracle, rtol=1e-6, atol=1e-9)
@@ -139,13 +147,8 @@ def test_region_polish_is_the_exact_region_optimum():
 
 
 def test_region_bound_is_a_lower_bound_after_every_round():
-    model = _relu_mlp(seed=5)
-    fn = F._model_fn(model, (4,))
-    xh = torch.rand(6, 4, dtype=F64, generator=torch.Generator().manual_seed(4))
-    x0 = _crossing(model, xh, seed=5)
-    pr = _problems(model, xh, x0)
-    oracle = torch.tensor([_explicit_region_optimum(model, xh[i], x0[i], int(pr.src[i]), int(pr.tgt[i]))
-                           for i in range(len(xh))], dtype=F64)
+    model, fn, xh, x0, pr = _setup(5, 4, 5)
+    oracle = _oracles(model, xh, x0, pr)
     for rounds in (1, 2, 3):
         pol = F._region_polish(fn, pr, x0, 0.0, rounds=rounds, add=1, target_gap=0.0)
         d = torch.sqrt(((pol["x"] - xh) ** 2).sum(1))
@@ -153,11 +156,7 @@ def test_region_bound_is_a_lower_bound_after_every_round():
 
 
 def test_region_polish_with_scale_and_mask():
-    model = _relu_mlp()
-    fn = F._model_fn(model, (4,))
-    xh = torch.rand(6, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
-    x0 = _crossing(model, xh, seed=1)
-    pr = _problems(model, xh, x0)
+    model, fn, xh, x0, pr = _setup(0, 0, 1)
     w = torch.tensor([1.0, 4.0, 0.25, 2.0], dtype=F64)
     fixed = torch.tensor([False, False, False, True])
     x0 = _crossing_free(model, xh, fixed, seed=2)  # starts that keep the fixed coordinate
@@ -166,8 +165,7 @@ def test_region_polish_with_scale_and_mask():
     prw = F._Problems(xh, lo, hi, w.expand(6, 4).clone(), pr.src, _problems(model, xh, x0).tgt)
     pol = F._region_polish(fn, prw, x0, 0.0, rounds=60, add=4, target_gap=0.0)
     d = torch.sqrt((w * (pol["x"] - xh) ** 2).sum(1))
-    oracle = torch.tensor([_explicit_region_optimum(model, xh[i], x0[i], int(prw.src[i]), int(prw.tgt[i]), w, fixed)
-                           for i in range(len(xh))], dtype=F64)
+    oracle = _oracles(model, xh, x0, prw, w, fixed)
     torch.testing.assert_close(d, oracle, rtol=1e-6, atol=1e-9)
     assert torch.equal(pol["x"][:, fixed], xh[:, fixed])
 
