@@ -109,6 +109,7 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
         ),
         "claims": (
             "beyond/flip_explanation_fragility",
+            "beyond/flip_relu_surrogate_direction",
             "beyond/flip_target_survival",
         ),
     },

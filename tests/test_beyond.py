@@ -314,7 +314,8 @@ def test_the_surrogate_direction_is_the_derivative_of_the_surrogates_flip_map_ob
         pytest.skip("closest_flip_point(differentiable=True) not in this build")
     model, x, y = _tiny_relu_cnn()
     sur = beyond.flip_surrogate(model, beta=10.0)
-    target = closest_flip_point(model, x, lower=0.0, upper=1.0, max_ineq=2).target  # the ReLU flip points' classes
+    # the ReLU flip points' classes (3 screened targets, 200 iterations: the smooth models' defaults, pinned)
+    target = closest_flip_point(model, x, lower=0.0, upper=1.0, max_ineq=2, screen=3, max_iter=200).target
     atk = cls(model, solver=_TIGHT, surrogate=sur, surrogate_solver={"target": target}, k=6, progress=False)
     assert atk._direction_model(x) is sur
     res = closest_flip_point(sur, x, target=target, **_TIGHT)
