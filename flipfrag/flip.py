@@ -489,10 +489,6 @@ class _DualQP:
             # the eps term's own curvature, plus 1 % damping (it changes the path, not the solution): in the null
             # space of H (parallel rows, all coordinates clipped) the step is then within 1 % of exact
             H = H + eye * (1.01 * eps)
-            sane = torch.isfinite(H).flatten(1).all(1) & torch.isfinite(pg).all(1)
-            if not sane.all():  # non-finite data (e.g. a row computed in float32 overflowed): no step there
-                H = torch.where(sane[:, None, None], H, eye.expand_as(H))
-                pg = torch.where(sane[:, None], pg, torch.zeros_like(pg))
             d = _batched_solve(H, pg)
             step = torch.ones(len(idx), dtype=lam.dtype)
             todo = torch.ones(len(idx), dtype=torch.bool)
@@ -2464,10 +2460,11 @@ def _start_from_valid_crossings(ctx: _Ctx, fn: ScoreFn, pool: _Pool, points: _Pr
     rel = torch.where(torch.isfinite(relaxed_x), relaxed_x.to(ctx.dtype), pr.xh)
     plain = _model_fn(ctx.work, ctx.shape)
     rows = torch.arange(len(pid))
-    best_row = torch.full((N,), -1, dtype=torch.long)  # per point: (choice, end, problem row) of its closest crossing
+    # per point: the pool row, crossing, class and categories of its closest valid crossing
+    best_row = torch.full((N,), -1, dtype=torch.long)
     best_x = torch.zeros_like(points.xh)
     best_cls = torch.zeros(N, dtype=torch.long)
-    best_sub: list[_Problems | None] = [None] * N
+    best_cats = torch.zeros_like(points.xh)
     for cats in _category_choices(pr, rel, groups):
         lo, hi = pr.lo.clone(), pr.hi.clone()
         lo[:, gidx] = cats[:, gidx]
@@ -2499,14 +2496,15 @@ def _start_from_valid_crossings(ctx: _Ctx, fn: ScoreFn, pool: _Pool, points: _Pr
             first = torch.full((N,), len(pid), dtype=torch.long).scatter_reduce(
                 0, pid, torch.where(found & (dist == near[pid]), rows, len(pid)), "amin")
             pool.bound = torch.where(closer, near, pool.bound)
-            for i in torch.nonzero(closer)[:, 0].tolist():
-                j = int(first[i])
-                best_row[i], best_x[i], best_cls[i], best_sub[i] = j, xc[j], cls[j], sub.take(torch.tensor([j]))
+            i = torch.nonzero(closer)[:, 0]
+            j = first[i]
+            best_row[i], best_x[i], best_cls[i], best_cats[i] = j, xc[j], cls[j], cats[j]
     need = torch.nonzero((best_row >= 0) & (pool.bound < (1 - _BOUND_SLACK) * pool.closest_certified(N)))[:, 0]
     if need.numel() == 0:
         return
-    sub = _cat_problems([best_sub[i] for i in need.tolist()])
-    sub.xh = points.xh[need]  # the distance is measured from x_hat, not from the segment's start
+    sub = pr.take(best_row[need])  # x_hat, bounds and source of the pool row; its categories fixed, its new target
+    sub.lo[:, gidx] = best_cats[need][:, gidx]
+    sub.hi[:, gidx] = best_cats[need][:, gidx]
     sub.tgt = best_cls[need]
     pool.add(need, sub, _polish(ctx, fn, sub, best_x[need], _START_ITERATES))
     moved = (best_x[need][:, gidx].to(torch.float64) - relaxed_x[best_row[need]][:, gidx].to(torch.float64))
@@ -2791,14 +2789,8 @@ def _region_polish(fn: ScoreFn, pr: _Problems, x0: torch.Tensor, margin: float, 
         if lam is not None:
             lam = torch.cat([lam, torch.zeros(P, m0 + K - lam.shape[1], dtype=lam.dtype)], 1)
         y, lam = _dual_qp(pr, An, b, is_eq, torch.full((P,), math.inf, dtype=x0.dtype), lam0=lam, iters=100)
-        finite = torch.isfinite(y).all(1) & torch.isfinite(lam).all(1)
-        if not finite.all():  # a QP that broke down: that point keeps x and stops (its bound stays what it was)
-            active &= finite
-            y = torch.where(finite[:, None], y, x)
-            lam = torch.where(finite[:, None], lam, torch.zeros_like(lam))
         raw = lam / nrm  # the multipliers of the unnormalised constraints (0 on rows without gradient)
         lb = _exact_region_bound(fn, pattern, pr, x0, raw[:, :m0], cls, raw[:, m0:], picks, sizes, margin)
-        lb = torch.where(torch.isfinite(lb), lb, torch.zeros_like(lb))  # 0 is always a valid lower bound
         lb_best = torch.maximum(lb_best, lb)
         _, vy, toly, _ = _sign_state(fn, pattern, y)
         viol = vy > 0
