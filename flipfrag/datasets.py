@@ -48,6 +48,8 @@ __all__ = [
     "load_cifar10",
     "NaturalImages",
     "load_natural_images",
+    "load_imagenet_photos",
+    "IMAGENET_PHOTO_SOURCES",
     "NATURAL_SOURCES",
     "load_imagenet_samples",
     "load_flowers",
@@ -497,11 +499,13 @@ NATURAL_SOURCES: dict[str, tuple[str, str, bool]] = {
 
 @dataclass
 class NaturalImages:
-    """Real 32x32 RGB photos for the CIFAR-10 network: ``X`` (N, 3, 32, 32) in [0, 1].
+    """Real RGB photos: ``X`` (N, 3, H, W) in [0, 1] (32x32 for the CIFAR-10 network, :func:`load_natural_images`;
+    224x224 for the ImageNet CNN, :func:`load_imagenet_photos`).
 
-    ``label`` (N,) is the true CIFAR-10 class for the CIFAR-10 test photos and -1 for every other photo (no CIFAR-10
-    label exists for them: attacks use the model's own prediction as the label). ``source`` names the set of each
-    image (a key of :data:`NATURAL_SOURCES`), ``name`` its file.
+    ``label`` (N,) is the true class where the photo has one (CIFAR-10 test photos; ImageNet validation photos) and
+    -1 for every other photo (no label exists for them: attacks use the model's own prediction as the label).
+    ``source`` names the set of each image (a key of :data:`NATURAL_SOURCES` or :data:`IMAGENET_PHOTO_SOURCES`),
+    ``name`` its file.
     """
 
     X: torch.Tensor
@@ -538,6 +542,60 @@ def load_natural_images(sources: tuple[str, ...] | list[str] | None = None) -> N
             src.append(key)
             names.append(Path(f).name)
     return NaturalImages(torch.stack(images), torch.tensor(labels, dtype=torch.int64), src, names)
+
+# real photos for the ImageNet CNN at 224x224: (file prefix, source, whether the name carries an ImageNet label)
+IMAGENET_PHOTO_SOURCES: dict[str, tuple[str, str, bool]] = {
+    "imagenet": ("samples/imagenet_", "ImageNet validation photos (foolbox 3.3.4 wheel), 512 px", True),
+    "skimage": ("photos256/skimage_", "scikit-image 0.26.0 sample photos, 256x256", False),
+    "sklearn": ("photos256/sklearn_", "scikit-learn 1.9.1 sample photos, 256x256", False),
+    "matplotlib": ("photos256/matplotlib_", "matplotlib 3.10.8 sample photo (grace_hopper), 256x256", False),
+}
+
+
+def _imagenet_eval_transform(path: Path, size: int, resize: int) -> torch.Tensor:
+    """The usual ImageNet evaluation transform: short side to ``resize`` (bicubic), central ``size`` x ``size``."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = resize / min(w, h)
+        im = im.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_imagenet_photos(sources: tuple[str, ...] | list[str] | None = None, *, size: int = 224,
+                         resize: int = 256) -> NaturalImages:  # fmt: skip
+    """Real RGB photos for the ImageNet CNN, (N, 3, size, size) in [0, 1], sha256-verified.
+
+    ``sources``: keys of :data:`IMAGENET_PHOTO_SOURCES` (default all, in that order): the 20 shipped ImageNet
+    validation photos (true class in ``label``) and 7 sample photos of scikit-image, scikit-learn and matplotlib
+    (``label`` -1: no ImageNet label exists; attacks use the model's prediction). Each photo gets the standard
+    evaluation transform: short side to ``resize`` (bicubic), central ``size`` x ``size`` crop.
+    """
+    sources = list(IMAGENET_PHOTO_SOURCES) if sources is None else list(sources)
+    unknown = [s for s in sources if s not in IMAGENET_PHOTO_SOURCES]
+    if unknown or not sources:
+        raise ValueError(f"sources must be a non-empty subset of {list(IMAGENET_PHOTO_SOURCES)}, got {sources}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= resize:
+        raise ValueError(f"size must be an integer in [1, resize={resize}], got {size!r}")
+    images, labels, src, names = [], [], [], []
+    for key in sources:
+        prefix, _, labelled = IMAGENET_PHOTO_SOURCES[key]
+        files = sorted(k for k in SHIPPED if k.startswith(prefix))
+        if not files:
+            raise FileNotFoundError(f"no shipped {prefix}* files listed in data/SHA256SUMS")
+        for f in files:
+            images.append(_imagenet_eval_transform(shipped_path(f), size, resize))
+            labels.append(int(re.search(r"_(\d+)\.\w+$", f).group(1)) if labelled else -1)
+            src.append(key)
+            names.append(Path(f).name)
+    return NaturalImages(torch.stack(images), torch.tensor(labels, dtype=torch.int64), src, names)
+
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names (from torchvision's weight metadata; no download)."""

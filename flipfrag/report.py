@@ -188,6 +188,7 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
             "fragility/claim5_shape",
             "fragility/claim6_label_kept",
             "fragility/claim9_dtd",
+            "fragility/imagenet_surrogate_beta",
         ),
         "smoke_omits": ("fragility/claim2b_topk_eps1",),  # the smoke grid has no eps = 1
     },

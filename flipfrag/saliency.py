@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .ops import depthwise_conv2d
 from .smooth import RELU_FUNCS, softplus
 
 __all__ = [
@@ -465,7 +466,7 @@ _LRP_LAYERS = _funcs(
     "adaptive_max_pool2d",
     "adaptive_max_pool3d",
     "batch_norm",
-)
+) | {depthwise_conv2d}
 
 
 def _with_factor(value: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -742,7 +743,7 @@ def lrp(
 # sum x ⊙ g_x + L ⊙ g_L + H ⊙ g_H equals R at the first layer's input whenever the prefix is elementwise affine.
 
 # Layers with a DTD rule; normalisation layers have none and are rejected.
-_DTD_LAYERS = _funcs("linear", "conv1d", "conv2d", "conv3d")
+_DTD_LAYERS = _funcs("linear", "conv1d", "conv2d", "conv3d") | {depthwise_conv2d}
 _NORM_LAYERS = _funcs("batch_norm", "instance_norm", "group_norm", "layer_norm")
 
 

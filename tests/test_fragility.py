@@ -492,18 +492,59 @@ def test_cifar_paper_path_with_stand_in_data():
         fr.cifar_paper_setting(get_profile("smoke"), data=empty)
 
 
-def test_offline_cifar10_settings_use_the_pretrained_cnn_on_disjoint_real_photos():
+def test_offline_settings_use_the_pretrained_cnns_on_real_photos():
     prof = get_profile("smoke")
     cifar = fr.image_setting("cifar", prof, n=20)
-    imnet = fr.image_setting("imagenet", prof, n=46)
-    assert cifar.k == 100 and imnet.k == 20  # the paper's k = 100 of 1,024; F3's 1000 / 51,529 of 1,024 pixels
+    assert cifar.k == 100 and cifar.model_name == "cifar10-cnn"  # the paper's k = 100 of 1,024
     assert len(cifar.x) == 20 and cifar.test_accuracy == 1.0  # all 20 CIFAR-10 photos are classified correctly
-    assert len(imnet.x) == 46 and not set(cifar.image_names) & set(imnet.image_names)
     assert all(n.startswith("cifar10_") for n in cifar.image_names)
-    with torch.no_grad():
-        assert torch.equal(imnet.model(imnet.x).argmax(1), imnet.y)  # labelled by the model's own prediction
     torch.testing.assert_close(cifar.baseline.flatten(), torch.tensor(fr.CIFAR10_MEAN))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in cifar.model.modules())  # folded, for DTD
+    with pytest.raises(ValueError, match="efficientnet_setting"):
+        fr.cifar10_setting("imagenet", prof, n=2)
+    # the ImageNet role: EfficientNet-Lite0 on the correctly classified ImageNet photos, true labels, the paper's k
+    imnet = fr.image_setting("imagenet", prof, n=None)
+    assert imnet.model_name == "efficientnet-lite0" and imnet.k == 1000 and imnet.x.shape[1:] == (3, 224, 224)
+    assert len(imnet.x) == 18 and imnet.test_accuracy == 0.9  # 18 of the 20 shipped photos
+    assert all(n.startswith("imagenet_") for n in imnet.image_names)
+    truth = {n: int(n.rsplit("_", 1)[1].split(".")[0]) for n in imnet.image_names}
+    assert imnet.y.tolist() == [truth[n] for n in imnet.image_names]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in imnet.model.modules())
+    held = fr.efficientnet_setting(prof, n=None, photos="held_out")
+    assert len(held.x) == 7 and not set(held.image_names) & set(imnet.image_names)
+    with torch.no_grad():
+        assert torch.equal(held.model(held.x).argmax(1), held.y)  # no label: the model's own prediction
+    with pytest.raises(ValueError, match="photos"):
+        fr.efficientnet_setting(prof, n=1, photos="cifar")
+
+
+def test_grid_sizes_of_the_imagenet_role_and_setting_subset():
+    quick = get_profile("quick")
+    im, cifar = fr.grid_sizes("imagenet", quick), fr.grid_sizes("cifar", quick)
+    assert im["beta"] == quick["imagenet_grid"]["beta"] and im["iters"] == quick["imagenet_grid"]["iters"]
+    assert cifar["iters"] == quick["grid_iters"] and cifar["beta"] == quick["softplus_beta"]
+    assert fr.grid_sizes("imagenet", get_profile("paper"))["iters"] == 300  # SqueezeNet: the shared paper sizes
+    with pytest.raises(ValueError, match="imagenet_grid"):
+        fr.grid_sizes("imagenet", {**quick, "imagenet_grid": {"iterations": 3}})
+    st = fr.ImageSetting("cifar", torch.nn.Identity(), torch.rand(3, 1, 4, 4), torch.arange(3), torch.zeros(1), 2,
+                         [], 1.0, "toy", image_names=["a", "b", "c"])  # fmt: skip
+    sub = st.subset([2, 0])
+    assert torch.equal(sub.x, st.x[[2, 0]]) and sub.y.tolist() == [2, 0] and sub.image_names == ["c", "a"]
+    with pytest.raises(ValueError, match="idx"):
+        st.subset([3])
+
+
+def test_choose_beta_takes_the_smoothest_faithful_surrogate():
+    import pandas as pd
+
+    fid = pd.DataFrame({"beta": [1.0, 3.0, 10.0, 30.0], "grad_cos": [0.0, 0.2, 0.6, 0.9],
+                        "spearman": [0.1, 0.6, 0.55, 0.8], "topk": [0.0, 0.1, 0.3, 0.6]})  # fmt: skip
+    assert fr.choose_beta(fid) == 10.0  # 3.0 has rho >= 0.5 but its gradient points elsewhere
+    assert fr.choose_beta(fid, {"grad_cos": 0.0, "spearman": 0.0}) == 1.0
+    with pytest.warns(UserWarning, match="no beta"):
+        assert fr.choose_beta(fid, {"grad_cos": 0.95}) == 30.0
+    with pytest.raises(ValueError, match="fidelity"):
+        fr.choose_beta(fid.drop(columns="grad_cos"))
 
 
 def test_image_setting_and_prepare_setting_check_their_arguments(digits_model):

@@ -41,10 +41,12 @@ from .exemplars import (
 )
 from .geometry import geometry_comparison, toy_rotation
 from .grid import (
+    BETA_RULE,
     CELL_COLUMNS,
     GridCacheError,
     GridSpec,
     best_by_metric,
+    choose_beta,
     dimension_table,
     grid_cache_key,
     grid_deviation,
@@ -85,6 +87,8 @@ from .settings import (
     cifar10_setting,
     cifar_paper_setting,
     downsample,
+    efficientnet_setting,
+    grid_sizes,
     image_setting,
     imagenet_paper_setting,
     mnist_setting,
@@ -94,8 +98,11 @@ from .settings import (
 )
 
 __all__ = [
+    "BETA_RULE",
+    "choose_beta",
     "GridSpec",
     "grid_spec",
+    "grid_sizes",
     "ig_steps_convergence",
     "iteration_convergence",
     "IMAGENET_MEAN",
@@ -125,6 +132,7 @@ __all__ = [
     "CIFAR10_MEAN",
     "ROLES",
     "cifar10_setting",
+    "efficientnet_setting",
     "cifar_paper_setting",
     "mnist_setting",
     "best_by_metric",

@@ -9,7 +9,7 @@ import torch
 
 from .grid import _check_list
 from .paper import METHODS
-from .settings import ImageSetting
+from .settings import ImageSetting, grid_sizes
 
 
 def target_box(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -33,8 +33,9 @@ def attack_examples(setting: ImageSetting, prof: dict[str, Any], *, attack: str 
                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Run one attack per method on the first ``n`` images of a setting (F1 / F4 examples).
 
-    ``attack``: "center", "topk" or "targeted" (needs ``mask``, (H, W) or (n, H, W)). Uses ``prof["attack_iters"]``
-    iterations of ``attack_step``, ``softplus_beta``, IG with ``prof["ig_steps"]`` steps and the mean-image reference.
+    ``attack``: "center", "topk" or "targeted" (needs ``mask``, (H, W) or (n, H, W)). Uses the role's sizes
+    (:func:`~flipfrag.fragility.grid_sizes`: ``prof["attack_iters"]`` iterations of ``attack_step``, ``softplus_beta``,
+    IG with ``prof["ig_steps"]`` steps, or ``prof["imagenet_grid"]``'s) and the mean-image reference.
     Returns ``{method: AttackResult}``.
     """
     from ..attacks import MassCenterAttack, TargetedAttack, TopKAttack
@@ -51,12 +52,13 @@ def attack_examples(setting: ImageSetting, prof: dict[str, Any], *, attack: str 
     x, y = setting.x[:n], setting.y[:n]
     if mask is not None and mask.dim() == 3 and mask.shape[0] == len(setting.x):
         mask = mask[:n]  # one mask per image of the setting: keep those of the attacked images
-    kwargs = setting.method_kwargs(prof["ig_steps"])
+    sizes = grid_sizes(setting.role, prof)
+    kwargs = setting.method_kwargs(sizes["example_ig_steps"])
     out = {}
     for method in methods:
         extra = {"mask": mask} if attack == "targeted" else {}
-        atk = classes[attack](setting.model, method, eps=float(eps), step=float(prof["attack_step"]),
-                              iters=int(prof["attack_iters"]), k=setting.k, beta=float(prof["softplus_beta"]),
+        atk = classes[attack](setting.model, method, eps=float(eps), step=float(sizes["step"]),
+                              iters=int(sizes["example_iters"]), k=setting.k, beta=float(sizes["beta"]),
                               method_kwargs=kwargs.get(method, {}), floor_center=not prof.get("offline", True),
                               progress=False, **extra)  # fmt: skip
         out[method] = atk(x, y)

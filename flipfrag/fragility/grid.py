@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -18,8 +19,8 @@ from torch import nn
 from .._io import atomic_write, cache_dir, sha256_files
 from ..attacks import _check_int
 from ..engine import EngineCacheError, Task, TaskCache, TaskResult, default_device, run_tasks
-from .paper import _LOWER_IS_MORE_CHANGE, ATTACKS, GRID_METHODS, METHODS, METRICS, paper_grid
-from .settings import ROLES, ImageSetting
+from .paper import _LOWER_IS_MORE_CHANGE, ATTACKS, GRID_METHODS, METHODS, METRICS, paper_grid, role_k
+from .settings import ROLES, ImageSetting, grid_sizes
 
 # ------------------------------------------------------------------------------------------ the attack grid
 
@@ -394,19 +395,21 @@ def run_attack_grid(
 def grid_spec(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0, methods: Sequence[str] = METHODS,
               **overrides: Any) -> GridSpec:  # fmt: skip
     """The :class:`GridSpec` of a setting with the profile's choices, so that every notebook asking for the same grid
-    gets the same cache cells: ``prof["epsilons"]``, ``grid_iters`` iterations of ``attack_step`` (IG:
-    ``grid_ig_iters``), softplus ``softplus_beta``, IG with ``grid_ig_steps`` steps and the setting's reference image
+    gets the same cache cells: the role's sizes (:func:`grid_sizes`: ``prof["epsilons"]``, ``grid_iters`` iterations
+    of ``attack_step`` (IG: ``grid_ig_iters``), softplus ``softplus_beta``, IG with ``grid_ig_steps`` steps, or
+    ``prof["imagenet_grid"]``'s for the ImageNet CNN) and the setting's reference image
     (also DeepLIFT's), ``k = setting.k``, float centers offline and floored centers (the authors' code) in
     ``paper``. For inputs larger than 64x64 (the paper's 227x227) the images are attacked 16 at a time and IG
     evaluates at most 256 interpolants per pass, which bounds memory without changing any value. ``overrides``
     replace any field (e.g. ``beta=``, ``epsilons=``, ``attacks=``)."""
     big = setting.n_pixels > 64 * 64
-    ig_iters = prof.get("grid_ig_iters")
+    sizes = grid_sizes(setting.role, prof)
+    ig_iters = sizes["ig_iters"]
     fields = dict(
-        k=setting.k, methods=tuple(methods), epsilons=tuple(prof["epsilons"]), iters=int(prof["grid_iters"]),
+        k=setting.k, methods=tuple(methods), epsilons=tuple(sizes["epsilons"]), iters=int(sizes["iters"]),
         method_iters={"integrated_gradients": int(ig_iters)} if ig_iters else {},
-        step=float(prof["attack_step"]), beta=float(prof["softplus_beta"]),
-        method_kwargs=setting.method_kwargs(prof["grid_ig_steps"], 256 if big else None),
+        step=float(sizes["step"]), beta=float(sizes["beta"]),
+        method_kwargs=setting.method_kwargs(sizes["ig_steps"], 256 if big else None),
         floor_center=not prof.get("offline", True), seed=seed, batch_size=16 if big else None,
     )  # fmt: skip
     fields.update(overrides)
@@ -426,16 +429,25 @@ def grid_deviation(setting: ImageSetting, prof: dict[str, Any]) -> str:
     parts = []
     if setting.substitution:
         parts.append(setting.substitution)
-    parts.append(f"k = {setting.k} of {setting.n_pixels} px (paper {paper_k}, same fraction)")
-    ig_iters = int(prof.get("grid_ig_iters") or prof["grid_iters"])
-    if len(setting.x) != 512 or prof["grid_iters"] != 300 or ig_iters != 300 or prof["grid_ig_steps"] != 100:
-        parts.append(f"{len(setting.x)} images, {prof['grid_iters']} iterations (IG {ig_iters}), IG M = "
-                     f"{prof['grid_ig_steps']} (paper 512, 300, 100)")  # fmt: skip
+    sizes = grid_sizes(setting.role, prof)
+    fraction = "same fraction" if setting.k == role_k(ROLES[setting.role], setting.n_pixels) else "the paper's k"
+    parts.append(f"k = {setting.k} of {setting.n_pixels} px (paper {paper_k}, {fraction})")
+    ig_iters = int(sizes["ig_iters"] or sizes["iters"])
+    if len(setting.x) != 512 or sizes["iters"] != 300 or ig_iters != 300 or sizes["ig_steps"] != 100:
+        parts.append(f"{len(setting.x)} images, {sizes['iters']} iterations (IG {ig_iters}), IG M = "
+                     f"{sizes['ig_steps']} (paper 512, 300, 100)")  # fmt: skip
+    if abs(float(sizes["step"]) - 0.5 / 255) > 1e-12:
+        parts.append(f"step {255 * float(sizes['step']):g}/255 (paper 0.5/255)")
+    beta = float(sizes["beta"])
     if setting.model_name == "cifar10-cnn":
-        parts.append(f"softplus β = {prof['softplus_beta']:g} acting on 0–255 pre-activations (the CNN scales its "
+        parts.append(f"softplus β = {beta:g} acting on 0–255 pre-activations (the CNN scales its "
                      "[0, 1] input by 255), as the authors' SqueezeNet")  # fmt: skip
+    elif setting.model_name == "efficientnet-lite0":
+        parts.append(f"softplus β = {beta:g} on both kinks of ReLU6, chosen by the surrogate's fidelity on held-out "
+                     "photos (the authors' β = 1 acted on a network fed 0–255 pixels; this one normalises its input "
+                     "to [-1, 1], where β = 1 is a much smoother surrogate)")  # fmt: skip
     else:
-        parts.append(f"softplus β = {prof['softplus_beta']:g} on [0, 1]-scale inputs (the authors' β = 1 acted on "
+        parts.append(f"softplus β = {beta:g} on [0, 1]-scale inputs (the authors' β = 1 acted on "
                      "0–255 inputs, a much sharper surrogate)")  # fmt: skip
     parts.append("ε on the [0, 1] scale × 255 as in the paper; " +
                  ("float centers of mass" if prof.get("offline", True) else "floored centers (authors' code)"))
@@ -499,18 +511,43 @@ def grid_table(summary: pd.DataFrame, *, paper: bool = True, per_metric: pd.Data
 def surrogate_fidelity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, betas: Sequence[float], *,
                        k: int) -> pd.DataFrame:  # fmt: skip
     """How close the softplus(β) surrogate's simple-gradient map is to the ReLU model's map, per β: mean top-k
-    intersection and Spearman ρ between the two maps over the images (1 = the surrogate explains like the model)."""
+    intersection and Spearman ρ between the two maps and cosine of the two input gradients (``grad_cos``) over the
+    images (1 = the surrogate explains like the model)."""
     from ..metrics import spearman, topk_intersection
     from ..saliency import gradient, saliency_map
     from ..smooth import softplus_surrogate
 
-    relu = saliency_map(gradient(model, x, y))
+    g_relu = gradient(model, x, y)
+    relu = saliency_map(g_relu)
     rows = []
     for beta in betas:
-        smooth = saliency_map(gradient(softplus_surrogate(model, float(beta)), x, y))
+        g = gradient(softplus_surrogate(model, float(beta)), x, y)
+        smooth = saliency_map(g)
+        cos = torch.nn.functional.cosine_similarity(g.flatten(1).double(), g_relu.flatten(1).double(), dim=1)
         rows.append({"beta": float(beta), "topk": float(topk_intersection(relu, smooth, k).mean()),
-                     "spearman": float(spearman(relu, smooth).mean())})  # fmt: skip
+                     "spearman": float(spearman(relu, smooth).mean()), "grad_cos": float(cos.mean())})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+#: The surrogate-fidelity rule of :func:`choose_beta`: the surrogate's input gradient points the model's way and its
+#: map ranks pixels alike, on average over photos.
+BETA_RULE = {"grad_cos": 0.5, "spearman": 0.5}
+
+
+def choose_beta(fidelity: pd.DataFrame, rule: dict[str, float] | None = None) -> float:
+    """The smallest (smoothest) β of a :func:`surrogate_fidelity` table whose mean gradient cosine and map Spearman ρ
+    with the model reach the rule's thresholds (:data:`BETA_RULE`); the largest β if none does (with a warning)."""
+    import warnings
+
+    rule = dict(BETA_RULE if rule is None else rule)
+    missing = set(rule) - set(fidelity.columns)
+    if missing or fidelity.empty:
+        raise ValueError(f"fidelity must be a non-empty surrogate_fidelity table with columns {sorted(rule)}")
+    ok = fidelity[np.logical_and.reduce([fidelity[c] >= v for c, v in rule.items()])]
+    if ok.empty:
+        warnings.warn(f"no beta meets {rule}; using the largest", stacklevel=2)
+        return float(fidelity.beta.max())
+    return float(ok.beta.min())
 
 
 def dimension_table(small: pd.DataFrame, large: pd.DataFrame) -> pd.DataFrame:
