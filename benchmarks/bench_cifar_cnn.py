@@ -1,9 +1,12 @@
-"""Top-k attack speed on the real pretrained CIFAR-10 CNN: flipfrag's loop vs a hand-written one vs the step direction.
+"""Top-k attack speed on a real pretrained CNN: flipfrag's loop vs a hand-written one vs the step direction.
 
-For each saliency method (simple gradient, DeepLIFT, integrated gradients with M steps, DTD) on
-``flipfrag.models.cifar10_cnn(pretrained=True, folded=True)`` and a batch of n real CIFAR-10 photos (labels: the
-model's predictions), P iterations of the top-k attack (k = 100, eps = 8/255, step = 0.5/255), measured in one
-process as image-iterations per second (n * P / seconds; medians of repeats):
+For each saliency method (simple gradient, DeepLIFT, integrated gradients with M steps, DTD) on a pretrained network —
+``--model cifar10-cnn`` (default): ``flipfrag.models.cifar10_cnn(pretrained=True, folded=True)`` on real CIFAR-10
+photos, k = 100, step 0.5/255, surrogate β = 1; ``--model efficientnet-lite0``: the ImageNet CNN
+``flipfrag.models.efficientnet_lite0(pretrained=True, folded=True)`` on the shipped ImageNet photos at 224x224,
+k = 1000, step 1/255, β = 10 (the quick profile's ImageNet settings) — and a batch of n photos (labels: the model's
+predictions), P iterations of the top-k attack at eps = 8/255, measured in one process as image-iterations per second
+(n * P / seconds; medians of repeats):
 
 (a) ``flipfrag.attacks.TopKAttack`` with its full bookkeeping (``record_metrics=True``, the default: per-iterate
     label check, the three metrics, per-metric best iterates, history);
@@ -28,8 +31,12 @@ iterate is the last one). Run::
 
     python benchmarks/bench_cifar_cnn.py            # the sizes in DEFAULTS
     python benchmarks/bench_cifar_cnn.py --smoke    # seconds, to check that the script runs (prints, writes nothing)
+    python benchmarks/bench_cifar_cnn.py --model efficientnet-lite0   # the ImageNet CNN (also: its throughput table)
 
-Writes ``benchmarks/results/bench_cifar_cnn.json`` and ``.md``.
+Writes ``benchmarks/results/bench_cifar_cnn.json`` and ``.md`` (``bench_imagenet.*`` for the ImageNet CNN). For the
+ImageNet CNN it also measures what the attack step costs per image at batch 1, 2 and 4, with flipfrag's depthwise
+convolution (``flipfrag.ops``) against PyTorch's grouped convolution and with channels-last memory, each in a fresh
+process, with that process's peak resident memory (``--no-throughput`` skips it).
 """
 
 from __future__ import annotations
@@ -46,23 +53,44 @@ import torch
 
 from flipfrag._io import atomic_write
 from flipfrag.attacks import TopKAttack
-from flipfrag.datasets import load_natural_images
-from flipfrag.models import cifar10_cnn
+from flipfrag.datasets import load_imagenet_photos, load_natural_images
+from flipfrag.models import cifar10_cnn, efficientnet_lite0
 from flipfrag.saliency import saliency_fn, saliency_map
 from flipfrag.smooth import softplus_surrogate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 mean image (per channel): the IG / DeepLIFT baseline
 METHODS = ("gradient", "deeplift", "integrated_gradients", "dtd")
 LABELS = {"gradient": "SG", "deeplift": "DeepLIFT", "integrated_gradients": "IG", "dtd": "DTD"}
+EPS = 8 / 255
 
-DEFAULTS = {"images": 12, "iters": 10, "ig_steps": 8, "k": 100, "repeats": 3, "threads": 2, "one_at_a_time": True}
-SMOKE = {"images": 2, "iters": 2, "ig_steps": 2, "k": 20, "repeats": 1, "threads": 1, "one_at_a_time": True}
-EPS, STEP = 8 / 255, 0.5 / 255
+# per model: what it is, its photos, the IG / DeepLIFT baseline (per-channel mean), attack settings and sizes
+MODELS = {
+    "cifar10-cnn": {
+        "name": "bench_cifar_cnn", "load": lambda: cifar10_cnn(pretrained=True, folded=True),
+        "photos": lambda: load_natural_images(["cifar10"]).X, "mean": (0.4914, 0.4822, 0.4465),
+        "what": "the real pretrained CIFAR-10 CNN (`cifar10_cnn(pretrained=True, folded=True)`), CIFAR-10 photos",
+        "step": 0.5 / 255, "beta": 1.0,
+        "defaults": {"images": 12, "iters": 10, "ig_steps": 8, "k": 100, "repeats": 3, "threads": 2,
+                     "one_at_a_time": True},
+        "smoke": {"images": 2, "iters": 2, "ig_steps": 2, "k": 20, "repeats": 1, "threads": 1, "one_at_a_time": True},
+    },
+    "efficientnet-lite0": {
+        "name": "bench_imagenet", "load": lambda: efficientnet_lite0(pretrained=True, folded=True),
+        "photos": lambda: load_imagenet_photos(["imagenet"]).X, "mean": (0.485, 0.456, 0.406),
+        "what": "the ImageNet-pretrained EfficientNet-Lite0 (`efficientnet_lite0(pretrained=True, folded=True)`), "
+                "ImageNet photos at 224x224",
+        "step": 1 / 255, "beta": 10.0,
+        "defaults": {"images": 2, "iters": 3, "ig_steps": 4, "k": 1000, "repeats": 2, "threads": 2,
+                     "one_at_a_time": False},
+        "smoke": {"images": 1, "iters": 1, "ig_steps": 2, "k": 1000, "repeats": 1, "threads": 1,
+                  "one_at_a_time": False},
+    },
+}  # fmt: skip
+SPEC = MODELS["cifar10-cnn"]  # the model being measured (set by main)
 
 
 def _method_kwargs(method: str, ig_steps: int) -> dict:
-    baseline = torch.tensor(MEAN).reshape(3, 1, 1)
+    baseline = torch.tensor(SPEC["mean"]).reshape(3, 1, 1)
     if method == "integrated_gradients":
         return {"baseline": baseline, "steps": ig_steps}
     if method == "deeplift":
@@ -86,7 +114,7 @@ class HandLoop:
         self.model, self.method, self.k, self.kwargs = model, method, k, kwargs
         self.fn = saliency_fn(method)
         on_model = method in ("deeplift", "dtd")
-        self.dmodel = model if on_model else softplus_surrogate(model, 1.0)
+        self.dmodel = model if on_model else softplus_surrogate(model, SPEC["beta"])
 
     def top_idx(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.original_map(x0, y).flatten(1).topk(self.k, dim=1).indices
@@ -107,7 +135,7 @@ class HandLoop:
         for _ in range(iters):
             g, value = self.direction(x, y, idx)
             values.append(value)
-            x = torch.minimum(torch.maximum(x + STEP * g.sign(), x0 - EPS), x0 + EPS).clamp(0.0, 1.0)
+            x = torch.minimum(torch.maximum(x + SPEC["step"] * g.sign(), x0 - EPS), x0 + EPS).clamp(0.0, 1.0)
             with torch.no_grad():
                 kept = kept & (self.model(x).argmax(1) == y)  # the label check
         return {"x": x, "objective": torch.stack(values), "label_kept": kept}
@@ -122,8 +150,8 @@ def bench_method(model, x0, y, method: str, p: dict) -> dict:
 
     def attack(record: bool) -> TopKAttack:
         return TopKAttack(
-            model, method, k=p["k"], eps=EPS, step=STEP, iters=iters, method_kwargs=kwargs, progress=False,
-            record_metrics=record,
+            model, method, k=p["k"], eps=EPS, step=SPEC["step"], iters=iters, method_kwargs=kwargs, progress=False,
+            record_metrics=record, beta=SPEC["beta"],
         )  # fmt: skip
 
     full, lean = attack(True), attack(False)
@@ -198,13 +226,14 @@ def _pct(v: float | None) -> str:
 
 def _markdown(res: dict) -> str:
     p = res["parameters"]
+    spec = MODELS[res["model"]]
     lines = [
-        "# bench_cifar_cnn",
+        f"# {spec['name']}",
         "",
-        f"Machine: {res['machine']}; torch {res['torch']}; {p['threads']} torch threads. Model: the real pretrained "
-        f"CIFAR-10 CNN (`cifar10_cnn(pretrained=True, folded=True)`), n = {p['images']} CIFAR-10 photos (labels: the "
-        f"model's predictions), top-k attack k = {p['k']}, eps = 8/255, step = 0.5/255, P = {p['iters']} iterations, "
-        f"IG with M = {p['ig_steps']} steps; IG and DeepLIFT baseline: the CIFAR-10 mean colour. Medians of "
+        f"Machine: {res['machine']}; torch {res['torch']}; {p['threads']} torch threads. Model: {spec['what']}, "
+        f"n = {p['images']} photos (labels: the model's predictions), top-k attack k = {p['k']}, eps = 8/255, step = "
+        f"{255 * spec['step']:g}/255, softplus β = {spec['beta']:g} for SG / IG, P = {p['iters']} iterations, IG with "
+        f"M = {p['ig_steps']} steps; IG and DeepLIFT baseline: the mean colour. Medians of "
         f"{p['repeats']} repeats, interleaved (one of each variant per round).",
         "",
         "**The machine is shared by several agents (2 CPU cores): absolute speeds vary from run to run; the ratios "
@@ -253,6 +282,17 @@ def _markdown(res: dict) -> str:
             f"{f['images_best_is_last']} / {r['images']} | {'-' if xd is None else f'{xd:.1e}'} | "
             f"{f['label_kept_hand']} / {f['label_kept_flipfrag']} |"
         )
+    if res.get("throughput"):
+        lines += ["", "## The attack step per image: batch size, depthwise convolution, memory layout",
+                  "",
+                  "SG top-k step direction (double backward through the softplus surrogate) plus the model's map, per "
+                  "image, each configuration in a fresh process; peak = that process's maximum resident memory "
+                  "(model, photos and the Python runtime included).", "",
+                  "| batch | depthwise convolution | memory layout | s per image-iteration | peak memory (GB) |",
+                  "|---|---|---|---|---|"]
+        for r in res["throughput"]:
+            lines.append(f"| {r['batch']} | {r['depthwise']} | {r['layout']} | {r['seconds_per_image_iter']:.2f} | "
+                         f"{r['peak_rss_gb']:.2f} |")
     lines += ["", "## Notes", ""]
     lines += [f"- {note}" for note in res["notes"]]
     return "\n".join(lines) + "\n"
@@ -263,17 +303,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench_cifar_cnn.json / .md")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--model", default="cifar10-cnn", choices=sorted(MODELS))
+    parser.add_argument("--no-throughput", action="store_true", help="ImageNet CNN: skip the batch / layout table")
     for key in ("images", "iters", "repeats"):
         parser.add_argument(f"--{key}", type=int, default=None, help=f"override the default {key}")
     args = parser.parse_args(argv)
-    p = dict(SMOKE if args.smoke else DEFAULTS)
+    global SPEC
+    SPEC = MODELS[args.model]
+    p = dict(SPEC["smoke"] if args.smoke else SPEC["defaults"])
     p.update({key: getattr(args, key) for key in ("images", "iters", "repeats") if getattr(args, key) is not None})
     threads = torch.get_num_threads()
     torch.set_num_threads(p["threads"])
     try:
         torch.manual_seed(0)
-        model = cifar10_cnn(pretrained=True, folded=True)
-        x0 = load_natural_images(["cifar10"]).X[: p["images"]].float()
+        model = SPEC["load"]()
+        x0 = SPEC["photos"]()[: p["images"]].float()
         with torch.no_grad():
             y = model(x0).argmax(1)
         res: dict = {
@@ -283,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             "parameters": p,
             "methods": [],
             "methods_requested": list(args.methods),
+            "model": args.model,
         }
         for method in args.methods:
             r = bench_method(model, x0, y, method, p)
@@ -297,6 +342,10 @@ def main(argv: list[str] | None = None) -> dict:
             res["notes"] = _notes(res)
             if not args.smoke:  # after every method, so that a long run interrupted keeps what it measured
                 _write(res, args.out)
+        if args.model == "efficientnet-lite0" and not args.no_throughput:
+            res["throughput"] = throughput_table(batches=(1,) if args.smoke else (1, 2, 4), smoke=args.smoke)
+            if not args.smoke:
+                _write(res, args.out)
     finally:
         torch.set_num_threads(threads)
     if args.smoke:
@@ -304,8 +353,55 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
+def _step_in_fresh_process(batch: int, depthwise: str, layout: str, queue) -> None:
+    """One configuration of the throughput table, in its own process (so that its peak memory is its own)."""
+    import resource
+
+    import torch.nn.functional as F
+
+    from flipfrag import efficientnet
+
+    torch.set_num_threads(2)
+    if depthwise == "torch grouped conv":  # PyTorch's own double backward (one convolution per channel)
+        efficientnet.depthwise_conv2d = lambda x, w, b, s, p, d, g: F.conv2d(x, w, b, s, p, d, g)
+    model = efficientnet_lite0(pretrained=True)
+    x = load_imagenet_photos(["imagenet"]).X[:batch]
+    if layout == "channels-last":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    atk = TopKAttack(model, "gradient", k=1000, eps=EPS, step=1 / 255, iters=2, beta=10.0, progress=False,
+                     record_metrics=False)  # fmt: skip
+    atk(x, y)  # warm-up
+    t = time.perf_counter()
+    atk(x, y)
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
+    queue.put({"batch": batch, "depthwise": depthwise, "layout": layout,
+               "seconds_per_image_iter": seconds / (batch * 2), "peak_rss_gb": peak})  # fmt: skip
+
+
+def throughput_table(batches=(1, 2, 4), smoke: bool = False) -> list[dict]:
+    """Seconds per image-iteration of the SG top-k attack (2 iterations after a warm-up call) on the ImageNet CNN."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    configs = [(b, "flipfrag.ops", "contiguous") for b in batches]
+    if not smoke:
+        configs += [(batches[0], "torch grouped conv", "contiguous"), (batches[-1], "flipfrag.ops", "channels-last")]
+    rows = []
+    for batch, depthwise, layout in configs:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_step_in_fresh_process, args=(batch, depthwise, layout, queue))
+        proc.start()
+        rows.append(queue.get())
+        proc.join()
+        print(f"throughput: {rows[-1]}", flush=True)
+    return rows
+
+
 def _write(res: dict, out: Path) -> None:
-    name = "bench_cifar_cnn"
+    name = MODELS[res["model"]]["name"]
     for suffix, text in ((".json", json.dumps(res, indent=2) + "\n"), (".md", _markdown(res))):
         atomic_write(out / f"{name}{suffix}", lambda t, text=text: t.write_text(text))
     print(f"wrote {out / name}.json and .md ({len(res['methods'])} methods)", flush=True)
@@ -313,7 +409,8 @@ def _write(res: dict, out: Path) -> None:
 
 def _notes(res: dict) -> list[str]:
     p = res["parameters"]
-    reduced = [f"{key} = {p[key]} (default {DEFAULTS[key]})" for key in DEFAULTS if p[key] != DEFAULTS[key]]
+    defaults = MODELS[res["model"]]["defaults"]
+    reduced = [f"{key} = {p[key]} (default {defaults[key]})" for key in defaults if p[key] != defaults[key]]
     notes = []
     done = [r["method"] for r in res["methods"]]
     if done != res["methods_requested"]:
@@ -335,11 +432,16 @@ def _notes(res: dict) -> list[str]:
         "iterate come with the direction: flipfrag adds only the metrics and one evaluation of the last iterate.",
         "Times include flipfrag's fixed per-call work (the original map, the reference maps, the softplus-surrogate "
         "and piecewise-linear checks, the final evaluation of the returned images), which weighs more at small P.",
+    ] + ([
         "Where flipfrag's time goes (cProfile, SG, n = 12, P = 10, one call): the P directions and the P + 2 "
         "evaluations of the model's map (start, every iterate, the returned images) are > 95 % of it; the three "
         "metrics and the best-iterate bookkeeping < 0.2 %; the input checks, projections and the two one-image "
         "probes (ReLU / piecewise-linear detection) the rest.",
-    ]
+    ] if res["model"] == "cifar10-cnn" else [
+        "The ImageNet CNN's depthwise convolutions use flipfrag.ops.depthwise_conv2d (the same values; its double "
+        "backward is one grouped convolution per layer, where PyTorch's loops over the channels): the throughput "
+        "table compares the two.",
+    ])
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # 32x32 CNN per image-iteration; see flipfrag.fragility.grid_sizes)
         "imagenet_grid": {"n_images": 1, "iters": 2, "ig_iters": 1, "ig_steps": 2, "step": 4 / 255, "beta": 10.0,
                           "epsilons": [0, 8 / 255], "example_iters": 2, "convergence_iters": 3,
-                          "convergence_n_images": 1, "held_out_n": 2, "hessian_n_images": 1, "lanczos_k": 2},
+                          "convergence_n_images": 1, "held_out_n": 2, "hessian_n_images": 1, "lanczos_k": 2,
+                          "ig_internal_batch": 4},
         # the input-dimension comparison (MNIST CNNs at 28x28 and 14x14) and the convergence tables
         "dim_n_images": 2,
         "dim_iters": 3,
@@ -146,7 +147,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "imagenet_grid": {"n_images": 2, "iters": 8, "ig_iters": 4, "ig_steps": 4, "step": 1 / 255, "beta": 10.0,
                           "epsilons": [0, 1 / 255, 2 / 255, 4 / 255, 8 / 255], "example_iters": 10,
                           "convergence_iters": 20, "convergence_n_images": 2, "held_out_n": 7,
-                          "hessian_n_images": 2, "lanczos_k": 4},
+                          "hessian_n_images": 2, "lanczos_k": 4,
+                          "ig_internal_batch": 4},  # IG interpolants per double backward: <= 2 GB resident
         "dim_n_images": 12,
         "dim_iters": 30,
         "convergence_iters": 100,

@@ -53,7 +53,7 @@ def attack_examples(setting: ImageSetting, prof: dict[str, Any], *, attack: str 
     if mask is not None and mask.dim() == 3 and mask.shape[0] == len(setting.x):
         mask = mask[:n]  # one mask per image of the setting: keep those of the attacked images
     sizes = grid_sizes(setting.role, prof)
-    kwargs = setting.method_kwargs(sizes["example_ig_steps"])
+    kwargs = setting.method_kwargs(sizes["example_ig_steps"], sizes["ig_internal_batch"])
     out = {}
     for method in methods:
         extra = {"mask": mask} if attack == "targeted" else {}

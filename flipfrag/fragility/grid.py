@@ -409,7 +409,7 @@ def grid_spec(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0, met
         k=setting.k, methods=tuple(methods), epsilons=tuple(sizes["epsilons"]), iters=int(sizes["iters"]),
         method_iters={"integrated_gradients": int(ig_iters)} if ig_iters else {},
         step=float(sizes["step"]), beta=float(sizes["beta"]),
-        method_kwargs=setting.method_kwargs(sizes["ig_steps"], 256 if big else None),
+        method_kwargs=setting.method_kwargs(sizes["ig_steps"], sizes["ig_internal_batch"] or (256 if big else None)),
         floor_center=not prof.get("offline", True), seed=seed, batch_size=16 if big else None,
     )  # fmt: skip
     fields.update(overrides)
@@ -600,18 +600,21 @@ def iteration_convergence(setting: ImageSetting, prof: dict[str, Any], *, method
 
 
 def ig_steps_convergence(setting: ImageSetting, steps: Sequence[int] = (4, 8, 16, 32, 100), *, reference: int = 200,
-                         n: int | None = None) -> pd.DataFrame:  # fmt: skip
+                         n: int | None = None, internal_batch_size: int | None = None) -> pd.DataFrame:  # fmt: skip
     """How close integrated gradients with M Riemann steps is to M = ``reference`` on the setting's images (its
     reference image as baseline): mean top-k intersection (``setting.k``) and Spearman ρ between the two maps, and
-    the mean completeness gap |sum(IG) - (S(x) - S(baseline))| / |S(x) - S(baseline)|."""
+    the mean completeness gap |sum(IG) - (S(x) - S(baseline))| / |S(x) - S(baseline)|. ``internal_batch_size``
+    bounds the interpolants per pass (memory; the values are the same)."""
     from ..metrics import spearman, topk_intersection
     from ..saliency import completeness_gap, integrated_gradients, saliency_map
 
     x, y = (setting.x, setting.y) if n is None else (setting.x[:n], setting.y[:n])
-    ref = saliency_map(integrated_gradients(setting.model, x, y, baseline=setting.baseline, steps=int(reference)))
+    chunk = {} if internal_batch_size is None else {"internal_batch_size": int(internal_batch_size)}
+    ref = saliency_map(integrated_gradients(setting.model, x, y, baseline=setting.baseline, steps=int(reference),
+                                            **chunk))  # fmt: skip
     rows = []
     for m in steps:
-        attr = integrated_gradients(setting.model, x, y, baseline=setting.baseline, steps=int(m))
+        attr = integrated_gradients(setting.model, x, y, baseline=setting.baseline, steps=int(m), **chunk)
         mp = saliency_map(attr)
         gap = completeness_gap(setting.model, x, y, attr, baseline=setting.baseline)
         diff = attr.detach().flatten(1).sum(1) - gap  # S(x) - S(baseline)

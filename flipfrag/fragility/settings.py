@@ -67,7 +67,8 @@ def substitution_text(kind: str, prof: dict[str, Any]) -> str | None:
 def grid_sizes(role: str, prof: dict[str, Any]) -> dict[str, Any]:
     """The attack sizes of a role in a profile: the shared ``grid_*`` keys (images, iterations, IG's iterations and
     steps), ``attack_step``, ``softplus_beta``, ``epsilons``, ``attack_iters`` (``example_iters``: the single
-    attacks of F1 / F4 / F6), ``convergence_*``, ``hessian_n_images`` and ``lanczos_k``, overridden for
+    attacks of F1 / F4 / F6), ``convergence_*``, ``hessian_n_images``, ``lanczos_k`` and ``ig_internal_batch`` (IG
+    interpolants per pass; None = the grid's default), overridden for
     ``role="imagenet"`` by ``prof["imagenet_grid"]`` where the profile gives one (offline: EfficientNet-Lite0 at
     224x224, about a hundred times the 32x32 CNN's cost per image-iteration)."""
     sizes = {"n_images": prof["grid_n_images"], "iters": prof["grid_iters"], "ig_iters": prof.get("grid_ig_iters"),
@@ -75,7 +76,8 @@ def grid_sizes(role: str, prof: dict[str, Any]) -> dict[str, Any]:
              "epsilons": list(prof["epsilons"]), "example_iters": prof["attack_iters"],
              "example_ig_steps": prof["ig_steps"], "convergence_iters": prof["convergence_iters"],
              "convergence_n_images": prof["convergence_n_images"], "held_out_n": None,
-             "hessian_n_images": prof["hessian_n_images"], "lanczos_k": prof["lanczos_k"]}  # fmt: skip
+             "hessian_n_images": prof["hessian_n_images"], "lanczos_k": prof["lanczos_k"],
+             "ig_internal_batch": None}  # fmt: skip
     if role == "imagenet" and prof.get("imagenet_grid"):
         own = dict(prof["imagenet_grid"])
         unknown = set(own) - set(sizes)
