@@ -206,14 +206,13 @@ def test_every_saliency_method_runs_deeplift_is_complete_dtd_is_positive(net, sm
     with torch.no_grad():
         delta = (net(small) - net(base.expand_as(small)))[0, y]
     assert float(gap.abs().max()) <= 1e-3 * float(delta.abs().max())
-    # DTD: the z^B rule at the stem, z+ in the depthwise and 1x1 layers: non-negative for a positive score
-    r = dtd(folded, small, y)
-    with torch.no_grad():
-        score = folded(small)[0, y]
-    if float(score) > 0:
-        assert float(r.min()) >= -1e-6 * float(r.abs().max())
-    # LRP-eps conserves up to the relevance the biases and saturated ReLU6 units absorb: same sign, finite
-    assert torch.isfinite(lrp(folded, small, y)).all()
+    # DTD and LRP-eps run on the folded network (no BatchNorm rule needed) and give non-trivial relevance; no sign or
+    # conservation property is asserted: the 1x1 convolutions after the linear bottlenecks see negative inputs, where
+    # the z+ rule has no Deep-Taylor guarantee, and saturated ReLU6 units absorb relevance like biases
+    for r in (dtd(folded, small, y), lrp(folded, small, y)):
+        assert torch.isfinite(r).all() and float(r.abs().sum()) > 0
+    with pytest.raises(ValueError, match="fold"):
+        dtd(net, small, y)  # BatchNorm present: DTD asks for the folded model
 
 
 @pytest.mark.slow
