@@ -257,6 +257,7 @@ def test_gpu_marker_is_registered_and_applied():
     text = (REPO / "pyproject.toml").read_text()
     assert '"gpu: ' in text
     this = sys.modules[__name__]
-    cuda_tests = [getattr(this, n) for n in dir(this) if n.startswith("test_") and "cuda" in n]
+    names = [n for n in dir(this) if n.startswith("test_") and "cuda" in n and "without_cuda" not in n]
+    cuda_tests = [getattr(this, n) for n in names]
     assert cuda_tests and all(any(m.name == "gpu" for m in getattr(t, "pytestmark", [])) for t in cuda_tests)
     assert engine.task_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
