@@ -1,37 +1,52 @@
-"""Closest flip points: flipfrag vs the minimal-perturbation attacks FAB and DeepFool (torchattacks) and SciPy SLSQP.
+"""Closest flip points: flipfrag vs the minimum-norm attacks FAB, DeepFool (torchattacks), FMN, DDN (foolbox) and SLSQP.
 
 The problem (per input x_hat, all target classes): minimise ||x - x_hat||_2 subject to z_s(x) = z_t(x) for some
 t != s with every other class below, inside the data's box (images: [0, 1]).
 
 * **flipfrag** ``closest_flip_point(model, x, lower, upper)`` — all points and targets in one batched call, every
-  result certified (residual, margin, bounds, KKT, and within 1 % of its own segment-crossing upper bound).
-* **FAB** ``torchattacks.FAB(model, norm="L2", eps=10, steps=100, n_restarts=1)`` (Croce & Hein 2020) and
-  **DeepFool** ``torchattacks.DeepFool(model, steps=50, overshoot=0.02)``: label-changing points, not flip points.
-  Their distance ``||x_adv - x||`` bounds the closest flip point's from above (the segment to x_adv crosses the
-  boundary); so does the first crossing on that segment (``crossing``), found here by a fine scan and bisection.
-  flipfrag is given neither.
+  result certified (residual, margin, bounds, KKT or region gap, and within 1 % of its own segment-crossing bound).
+* **FAB** ``torchattacks.FAB(model, norm="L2", eps=10, steps=100, n_restarts=1)`` (Croce & Hein 2020),
+  **DeepFool** ``torchattacks.DeepFool(model, steps=50, overshoot=0.02)``, **FMN** ``foolbox.attacks.L2FMNAttack()``
+  (Pintor et al. 2021) and **DDN** ``foolbox.attacks.DDNAttack()`` (Rony et al. 2019), the latter two at their
+  documented defaults (100 steps) and at flipfrag's budget (``@budget``: as many steps as flipfrag's forward /
+  backward passes per point on that model): label-changing points, not flip points. Their distance
+  ``||x_adv - x||`` bounds the closest flip point's from above (the segment to x_adv crosses the boundary); so does
+  the first crossing on that segment (``crossing``), found here by a fine scan and bisection. flipfrag is given none.
 * **SLSQP** (``scipy.optimize.minimize(method="SLSQP")``, float64, exact score Jacobians by autograd, one call per
   (point, target)); it is slow (dense n x n quasi-Newton matrices), so it runs on a few points only — all targets of
   one point ("measured"), or in ``--quick`` mode the runner-up target of one point times (C - 1) ("estimated").
 
-Models: a 784-100-100-10 tanh MLP trained 15 epochs on the 4,000 training digits of the shipped MNIST-5k, the same
-MLP untrained (random), an Adult MLP (104 features, one-hot blocks relaxed to [0, 1]), and — when
-``flipfrag.models.cifar10_cnn`` is available and not ``--quick`` — the pretrained CIFAR-10 CNN on 10 of the 20 shipped
-CIFAR-10 photos (no SLSQP there: hours per point at n = 3072).
-All models float32 (as users run them); flipfrag solves in float64 and certifies in float32.
+**Passes** (AttackBench's cost measure): every method runs on the model wrapped in :class:`PassCounter` — forward
+calls x batch rows, backward passes reaching the output x their rows — reported per point, so that speed is compared
+per pass as well as per second.
 
-Reported per model: ms per point for every method (same batch, after a warm-up), certified share (flipfrag) or
-label-changed share (attacks), and per point the distance ratio flipfrag / peer (median, max, count > 1.01),
-against the peer's distance and against the crossing on the segment to the peer's point.
+**Goals** per model (issue 25): >= 2x the fastest peer that gets within 1 % of flipfrag's distance (a peer
+*qualifies* when it changes >= 99 % of the labels and its median crossing is within 1 % of flipfrag's distance);
+never farther than 1.01 x any peer's crossing; >= 99 % certified.
+
+Models: a 784-100-100-10 tanh MLP trained 15 epochs on the 4,000 training digits of the shipped MNIST-5k, the same
+MLP untrained (random), an Adult MLP (104 features, one-hot blocks relaxed to [0, 1]), the pretrained CIFAR-10 CNN
+on the shipped CIFAR-10 photos and the shipped MNIST SmallCNN (ReLU, max-pooling) on MNIST-5k test digits (no SLSQP
+on the CNNs: hours per point). All models float32 (as users run them); flipfrag solves in float64 and certifies in
+float32.
+
+Reported per model: ms and passes per point for every method (same batch, after a warm-up, the methods taking
+turns), certified share (flipfrag) or label-changed share (attacks), per point the distance ratio flipfrag / peer
+(median, max, count > 1.01) against the peer's distance and against its crossing, and the goal columns. The JSON
+also has ``rows``: one flat record per (model, method) — ``ms_per_point``, ``passes_fwd``, ``passes_bwd``,
+``certified_share``, ``label_changed_share``, ratios, ``qualifies`` and the ``goal_*`` fields.
 
 Usage::
 
-    python benchmarks/bench_flip.py            # ~15 minutes on shared cores (1 torch thread)
-    python benchmarks/bench_flip.py --quick    # ~3 minutes: fewer points, no CNN, SLSQP estimated from one solve
+    python benchmarks/bench_flip.py            # 64 points per MLP, 10 photos, 64 digits, 3 rounds (long)
+    python benchmarks/bench_flip.py --quick    # 16 / 2 / 8 points, one round, SLSQP estimated (~12 min loaded)
     python benchmarks/bench_flip.py --only cifar --cifar-points 10   # the CIFAR-10 CNN row alone, 10 photos
+    python benchmarks/bench_flip.py --only mnist-cnn --cnn-points 64 # the MNIST SmallCNN row alone
+    python benchmarks/bench_flip.py --smoke    # 2 random-MLP points, 1 digit: prints only
 
-Writes ``benchmarks/results/flip.{json,md}`` (``flip_quick.*`` with ``--quick``, ``flip_cifar.*`` with
-``--only cifar``).
+Writes ``benchmarks/results/flip.{json,md}`` (``flip_quick.*``, git-ignored, with ``--quick``; ``flip_<only>.*``
+with ``--only``; ``--stem`` / ``--out`` choose others, ``--note`` adds a sentence on the run, e.g. the load).
+``benchmarks/results/flip_peers.*`` is a ``--quick`` run kept in git.
 """
 
 from __future__ import annotations
