@@ -137,6 +137,8 @@ def test_bench_flip_row_on_a_tiny_mlp():
     assert r["SLSQP"]["passes_bwd"] > 0 and "estimated" in r["SLSQP"]["basis"]
     g = r["goals"]
     assert set(g) == {"fastest_qualifying_peer", "speedup_vs_fastest_qualifying", "speed_2x",
+                      "fastest_qualifying_peer_own_distance", "speedup_vs_fastest_qualifying_own_distance",
+                      "speed_2x_own_distance",
                       "farther_than_1pct_of_a_crossing", "never_farther", "certified_99"}
     if g["fastest_qualifying_peer"] is not None:
         q = g["fastest_qualifying_peer"]
