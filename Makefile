@@ -23,7 +23,7 @@ export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
 .DEFAULT_GOAL := help
-.PHONY: help figures html models test lint lab bench data clean distclean venv
+.PHONY: help figures html models test lint lab bench gpu-check data clean distclean venv
 
 help: ## show this help
 	@echo "flipfrag — regenerate the figures of two papers (see README.md)"
@@ -66,6 +66,13 @@ lab: $(STAMP) ## open JupyterLab on the notebooks (same venv and kernel; works a
 
 bench: $(STAMP) ## run the benchmarks (results in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# No $(STAMP) prerequisite: a GPU machine may get a copy of the tree without network access, where reinstalling the
+# venv would fail; it runs with .venv's Python when there is one, else python3 (flipfrag imported from the tree).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check: ## CUDA only: pytest -m gpu + one bench_flip row per model (<10 min) -> benchmarks/results/gpu_check.*; no GPU: skips
+	PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH)) $(GPU_PY) benchmarks/gpu_check.py
 
 models: $(STAMP) ## retrain the shipped quick-profile weights (data/models/) from scratch, report the gaps; WRITE=1 replaces them
 	$(PY) data/train_shipped_models.py $(if $(WRITE),--write)

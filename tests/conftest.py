@@ -26,3 +26,19 @@ def repo() -> Path:
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+#: Why a test marked ``gpu`` did not run: printed by ``pytest -rs`` (tests/test_gpu.py checks this text).
+NO_CUDA_REASON = ("gpu: no CUDA device visible to torch (torch.cuda.is_available() is False) — these tests compare "
+                  "CUDA results with the CPU's; run them on a GPU machine with `make gpu-check` or `pytest -m gpu`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, with :data:`NO_CUDA_REASON`, where torch sees no CUDA device; the default run
+    deselects nothing (on a GPU machine the same ``pytest`` runs them)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA_REASON)
+    for item in gpu_items:
+        item.add_marker(skip)

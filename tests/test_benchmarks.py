@@ -82,3 +82,81 @@ def test_bench_cifar_cnn_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| SG |" in out and "| DTD |" in out and "ratios" in out
     assert not list(tmp_path.iterdir())  # --smoke prints, it does not overwrite the recorded results
+
+
+# --------------------------------------------------------------------------------------------- bench_flip / gpu_check
+
+
+def test_pass_counter_counts_forward_rows_and_backward_passes():
+    """AttackBench counting: forward calls x batch rows; each backward pass reaching the output x its rows; copies
+    (flipfrag's float64 working copy) share the tally."""
+    import copy
+
+    import torch
+
+    bench = _load("bench_flip")
+    torch.manual_seed(0)
+    net = bench.PassCounter(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
+    x = torch.rand(5, 6, requires_grad=True)
+    with torch.no_grad():
+        net(x)
+    assert (net.tally.fwd, net.tally.bwd) == (5, 0)
+    z = net(x)
+    for c in range(3):  # a Jacobian by one backward pass per class (FAB's way): 3 x 5 backward passes
+        torch.autograd.grad(z, x, torch.nn.functional.one_hot(torch.full((5,), c), 3).float(), retain_graph=True)
+    assert (net.tally.fwd, net.tally.bwd) == (10, 15)
+    net.tally.reset()
+    xr = x.detach().repeat_interleave(3, 0).requires_grad_(True)  # flipfrag's way: one pass of 15 rows
+    torch.autograd.grad(net(xr), xr, torch.eye(3).repeat(5, 1))
+    assert (net.tally.fwd, net.tally.bwd) == (15, 15)
+    twin = copy.deepcopy(net).double()
+    twin(x.detach().double())
+    assert twin.tally is net.tally and net.tally.fwd == 20
+
+
+def test_bench_flip_row_on_a_tiny_mlp():
+    """One model row with every kind of peer on a tiny MLP: passes per point, the budget-matched steps, the goal
+    columns and the flat rows the README generator reads."""
+    import torch
+
+    bench = _load("bench_flip")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).eval()
+    spec = {"net": net, "X": torch.rand(8, 6), "lo": 0.0, "hi": 1.0, "label": "tiny", "key": "tiny"}
+    peers = ("FAB", "DeepFool", "FMN", "FMN@budget", "DDN@budget")
+    cfg = {"repeats": 1, "slsqp": "estimated"}
+    r = bench.run_model(spec, cfg, 3, peers=peers)
+    assert r["points"] == 3 and r["certified"] == 1.0
+    assert r["ours_passes_fwd"] > 0 and r["ours_passes_bwd"] > 0
+    assert r["budget_steps"] == max(1, int(min(r["ours_passes_fwd"], r["ours_passes_bwd"])))
+    assert r["FMN"]["passes_bwd"] == 100 and r["FMN"]["steps"] is None  # the documented default: 100 steps
+    for p in ("FMN@budget", "DDN@budget"):
+        assert r[p]["steps"] == r["budget_steps"] and r[p]["passes_bwd"] == r["budget_steps"]
+        assert r[p]["passes_fwd"] <= r["budget_steps"] + 3  # + foolbox's own checks
+    assert r["FAB"]["passes_bwd"] == 100 * 3  # 100 steps x one backward pass per class
+    assert r["SLSQP"]["passes_bwd"] > 0 and "estimated" in r["SLSQP"]["basis"]
+    g = r["goals"]
+    assert set(g) == {"fastest_qualifying_peer", "speedup_vs_fastest_qualifying", "speed_2x",
+                      "fastest_qualifying_peer_own_distance", "speedup_vs_fastest_qualifying_own_distance",
+                      "speed_2x_own_distance",
+                      "farther_than_1pct_of_a_crossing", "never_farther", "certified_99"}
+    if g["fastest_qualifying_peer"] is not None:
+        q = g["fastest_qualifying_peer"]
+        assert r[q]["qualifies"] and math.isclose(g["speedup_vs_fastest_qualifying"], r[q]["ms"] / r["ours_ms"])
+    rows = bench.flat_rows({"mode": "test", "models": [r]})
+    assert [x["method"] for x in rows] == ["flipfrag", *peers, "SLSQP"]
+    assert all({"ms_per_point", "passes_fwd", "passes_bwd", "model_key"} <= set(x) for x in rows)
+    assert rows[0]["certified_share"] == 1.0 and rows[1]["label_changed_share"] is not None
+    md = bench.to_markdown({"machine": "test", "mode": "test", "repeats": 1, "models": [r], "notes": []})
+    assert f"FMN ({r['budget_steps']} steps)" in md and "| tiny | flipfrag |" in md
+
+
+def test_gpu_check_without_cuda_says_why_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import torch
+
+    check = _load("gpu_check")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check.main(["--out", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "gpu-check: skipped" in out and "no CUDA" in out and "nothing written" in out
+    assert not (tmp_path / "results").exists()
