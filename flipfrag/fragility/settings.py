@@ -70,14 +70,15 @@ def grid_sizes(role: str, prof: dict[str, Any]) -> dict[str, Any]:
     attacks of F1 / F4 / F6), ``convergence_*``, ``hessian_n_images``, ``lanczos_k`` and ``ig_internal_batch`` (IG
     interpolants per pass; None = the grid's default), overridden for
     ``role="imagenet"`` by ``prof["imagenet_grid"]`` where the profile gives one (offline: EfficientNet-Lite0 at
-    224x224, about a hundred times the 32x32 CNN's cost per image-iteration)."""
+    224x224, about a hundred times the 32x32 CNN's cost per image-iteration; ``side``: the photos' size, None = 224,
+    smaller only in the smoke profile, to keep it seconds)."""
     sizes = {"n_images": prof["grid_n_images"], "iters": prof["grid_iters"], "ig_iters": prof.get("grid_ig_iters"),
              "ig_steps": prof["grid_ig_steps"], "step": prof["attack_step"], "beta": prof["softplus_beta"],
              "epsilons": list(prof["epsilons"]), "example_iters": prof["attack_iters"],
              "example_ig_steps": prof["ig_steps"], "convergence_iters": prof["convergence_iters"],
              "convergence_n_images": prof["convergence_n_images"], "held_out_n": None,
              "hessian_n_images": prof["hessian_n_images"], "lanczos_k": prof["lanczos_k"],
-             "ig_internal_batch": None}  # fmt: skip
+             "ig_internal_batch": None, "side": None}  # fmt: skip
     if role == "imagenet" and prof.get("imagenet_grid"):
         own = dict(prof["imagenet_grid"])
         unknown = set(own) - set(sizes)
@@ -295,15 +296,17 @@ def efficientnet_setting(prof: dict[str, Any], *, n: int | None, seed: int = 0, 
     ones only (18 of 20; the paper's rule). ``photos="held_out"``: the 7 scikit-image / scikit-learn / matplotlib
     sample photos, which have no ImageNet label (the model's prediction is their label), kept out of the figures so
     that choices made on them (the surrogate's beta) are not tuned on the figures' images. ``k = 1000`` (the paper's
-    k; 1.99 % of 50,176 pixels vs the paper's 1.94 % of 51,529). Reference image of IG / DeepLIFT: the per-channel
-    ImageNet mean image (as the authors' mean-image reference).
+    k; 1.99 % of 50,176 pixels vs the paper's 1.94 % of 51,529). The photos are 224x224 unless the profile's
+    ``imagenet_grid`` sets a smaller ``side`` (smoke: 64, k at the same fraction). Reference image of IG / DeepLIFT:
+    the per-channel ImageNet mean image (as the authors' mean-image reference).
     """
     from .. import datasets, models
 
     if photos not in IMAGENET_PHOTO_SETS:
         raise ValueError(f"photos must be one of {sorted(IMAGENET_PHOTO_SETS)}, got {photos!r}")
     model = models.efficientnet_lite0(pretrained=True, folded=folded)
-    data = datasets.load_imagenet_photos(IMAGENET_PHOTO_SETS[photos])
+    side = int(grid_sizes("imagenet", prof)["side"] or 224)
+    data = datasets.load_imagenet_photos(IMAGENET_PHOTO_SETS[photos], size=side, resize=round(side * 256 / 224))
     if photos == "imagenet":
         labels = data.label
         what = "the 20 ImageNet validation photos shipped in data/samples at 224x224 (true labels)"
@@ -318,7 +321,7 @@ def efficientnet_setting(prof: dict[str, Any], *, n: int | None, seed: int = 0, 
     baseline = torch.tensor(IMAGENET_MEAN).reshape(3, 1, 1)
     return prepare_setting("imagenet", model, data.X, labels, n=n, baseline=baseline,
                            class_names=datasets.imagenet_class_names(), description=desc, substitution=sub, seed=seed,
-                           model_name="efficientnet-lite0", image_names=data.name, k=1000,
+                           model_name="efficientnet-lite0", image_names=data.name, k=round(1000 * side**2 / 224**2),
                            meta={"source": what, "photos": photos})  # fmt: skip
 
 
