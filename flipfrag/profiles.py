@@ -77,7 +77,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # the ImageNet role offline: the pretrained EfficientNet-Lite0 at 224x224 (its own sizes: ~100x the cost of the
         # 32x32 CNN per image-iteration; see flipfrag.fragility.grid_sizes)
         "imagenet_grid": {"n_images": 1, "iters": 1, "ig_iters": 1, "ig_steps": 2, "step": 8 / 255, "beta": 10.0,
-                          "epsilons": [0, 8 / 255], "example_iters": 1, "convergence_iters": 2,
+                          "epsilons": [0, 2 / 255, 8 / 255], "example_iters": 1, "convergence_iters": 2,
                           "convergence_n_images": 1, "held_out_n": 2, "hessian_n_images": 1, "lanczos_k": 2,
                           "ig_internal_batch": 4, "side": 64},  # smoke: the photos at 64x64 (seconds per notebook)
         # the input-dimension comparison (MNIST CNNs at 28x28 and 14x14) and the convergence tables

@@ -309,11 +309,11 @@ def efficientnet_setting(prof: dict[str, Any], *, n: int | None, seed: int = 0, 
     data = datasets.load_imagenet_photos(IMAGENET_PHOTO_SETS[photos], size=side, resize=round(side * 256 / 224))
     if photos == "imagenet":
         labels = data.label
-        what = "the 20 ImageNet validation photos shipped in data/samples at 224x224 (true labels)"
+        what = f"the 20 ImageNet validation photos shipped in data/samples at {side}x{side} (true labels)"
     else:
         with torch.no_grad():
             labels = model(data.X).argmax(1)
-        what = (f"{len(data)} real sample photos (scikit-image, scikit-learn, matplotlib) at 224x224 without an "
+        what = (f"{len(data)} real sample photos (scikit-image, scikit-learn, matplotlib) at {side}x{side} without an "
                 "ImageNet label, labelled by the model's own prediction")  # fmt: skip
     desc = f"pretrained EfficientNet-Lite0 (ImageNet, ReLU6, BatchNorm folded) on {what}"
     sub = ("the ImageNet-pretrained EfficientNet-Lite0 at 224x224 for SqueezeNet 1.0 at 227x227; the 20 shipped "
