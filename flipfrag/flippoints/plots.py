@@ -1,0 +1,96 @@
+"""The flip-point figures that need more than a few lines of matplotlib (drawn from the studies' results)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .study_pca import leading_directions
+
+_SPECTRUM_STYLES = {
+    "flip directions, centred": ("#1f77b4", "-"),
+    "flip directions, unit rows, centred": ("#2ca02c", "-"),
+    "flip directions, unit rows, uncentred": ("#2ca02c", "--"),
+    "data (inputs), centred": ("0.4", ":"),
+}
+
+
+def plot_pca_rrqr(spectra: dict[str, dict], qrs: dict, adult_train: Any, mnist_train: Any, *, profile: str):
+    """``flip_points/fig_pca``: (a, b) cumulative PCA spectra of the flip directions vs the data (Adult, MNIST),
+    (c) the RR-QR diagonals, (d) Adult's and (e) MNIST's dominant flip direction per predicted class.
+    ``spectra``: dataset -> :func:`~flipfrag.flippoints.study_pca.pca_spectra`; ``qrs``: (dataset, label) -> the
+    unit-row RR-QR of :func:`~flipfrag.flippoints.study_pca.rrqr_study`. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(15, 10.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.05])
+    ax_a, ax_b, ax_c = top.subplots(1, 3)
+    for ax, name, kmax in ((ax_a, "Adult", 30), (ax_b, "MNIST", 150)):
+        _spectra_panel(ax, spectra[name], name, kmax)
+    _rrqr_panel(ax_c, qrs)
+    left, right = bottom.subfigures(1, 2, width_ratios=[1, 1.25])
+    _adult_direction_panel(left.subplots(1, 1), adult_train)
+    _mnist_direction_panels(right, mnist_train)
+    fig.suptitle(f"Flip directions of a whole training subset: PCA and rank-revealing QR (erf MLPs, profile={profile})")
+    return fig
+
+
+def _spectra_panel(ax, spectra: dict, name: str, kmax: int) -> None:
+    for label, p in spectra.items():
+        c, ls = _SPECTRUM_STYLES[label]
+        cum = 100 * np.cumsum(p.explained)[:kmax]
+        ax.plot(np.arange(1, len(cum) + 1), cum, color=c, ls=ls, lw=2, label=f"{label} (90% at {p.n_components(0.9)})")
+    ax.axhline(90, color="0.75", lw=0.8)
+    ax.set_xlabel("number of principal components")
+    ax.set_ylabel("cumulative share of variance (%)")
+    ax.set_title(f"({'a' if name == 'Adult' else 'b'}) {name}: PCA of flip directions vs data")
+    ax.legend(fontsize=7.5, loc="lower right")
+    ax.set_ylim(0, 101)
+
+
+def _rrqr_panel(ax, qrs: dict) -> None:
+    for (ds, label), q in qrs.items():
+        if label.startswith("flips out of") and (
+            ds == "Adult" or label.endswith("3 (training)") or label.endswith("8 (training)")
+        ):
+            ax.semilogy(
+                np.arange(1, len(q.r_diag) + 1), q.r_diag / q.r_diag[0], lw=1.6, label=f"{ds}: {label.split(' (')[0]}"
+            )
+    ax.axhline(1e-2, color="0.75", lw=0.8)
+    ax.set_ylim(1e-6, 2)  # below ~1e-6 the remaining pivots are columns the flips never move (rank deficiency)
+    ax.set_xlabel("pivot k (features in RR-QR order)")
+    ax.set_ylabel("|R_kk| / |R_11|")
+    ax.set_title("(c) RR-QR of flip directions (unit rows)")
+    ax.legend(fontsize=7.5)
+
+
+def _adult_direction_panel(ax, adult_train: Any) -> None:
+    cls = adult_train.data.class_names
+    anames = adult_train.data.feature_names
+    vecs = leading_directions(adult_train, list(cls), adult_train.x.shape[1])
+    top_idx = np.argsort(-(np.abs(vecs[cls[0]]) + np.abs(vecs[cls[1]])))[:12][::-1]
+    yy = np.arange(len(top_idx))
+    ax.barh(yy + 0.2, vecs[cls[0]][top_idx], height=0.4, color="#d62728", label=f"flips out of {cls[0]}")
+    ax.barh(yy - 0.2, vecs[cls[1]][top_idx], height=0.4, color="#1f77b4", label=f"flips out of {cls[1]}")
+    ax.set_yticks(yy, [anames[i] for i in top_idx], fontsize=8)
+    ax.axvline(0, color="0.3", lw=0.8)
+    ax.set_xlabel("entry of the leading singular vector (unit-length flip directions)")
+    ax.set_title("(d) Adult: dominant flip direction per predicted class")
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _mnist_direction_panels(subfig, mnist_train: Any) -> None:
+    img_axes = subfig.subplots(2, 5)
+    comps = {c: v.reshape(28, 28) for c, v in leading_directions(mnist_train, list(range(10)), 784).items()}
+    vm = max(np.abs(v).max() for v in comps.values())
+    for c, ax in enumerate(img_axes.flat):
+        im = ax.imshow(comps[c], cmap="RdBu_r", vmin=-vm, vmax=vm)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"out of {c}" if comps[c].any() else f"out of {c}: no flips", fontsize=9)
+    subfig.colorbar(im, ax=img_axes, shrink=0.7, label="entry of the leading singular vector")
+    subfig.suptitle("(e) MNIST: dominant flip direction per predicted digit", fontsize=11)
+
+
+__all__ = ["plot_pca_rrqr"]
