@@ -29,8 +29,9 @@ class FlipResult:
     bound_violation : Tensor (N,)
         ``max(lower - x, x - upper, |x - x_hat| on masked features, 0)`` at ``x_attempt``.
     kkt : Tensor (N,)
-        First-order optimality measure (``docs/flip_solver.md``); 0 when ``x`` itself is a flip point. For piecewise-linear
-        models, the measure on the point's activation region (kinks as constraints) where the plain one fails.
+        First-order optimality measure (``docs/flip_solver.md``); 0 when ``x`` itself is a flip point. For
+        piecewise-linear models, the measure on the point's activation region (kinks as constraints) where the plain
+        one fails.
     iterations : LongTensor (N,)
         SQP iterations used by the returned candidate (summed over homotopy steps for the homotopy candidate).
     converged : BoolTensor (N,)
