@@ -24,8 +24,10 @@ module: concept                 functions
 ``directions`` (E6, E7)         :func:`flip_directions`, :func:`direction_matrix`, :func:`pca_directions`,
                                 :func:`rrqr_directions`
 ``agnostic`` (E8)               model-agnostic: :class:`LinearScores`, :func:`linear_flip_point`
-``study_pca``, ``claims``,      notebook 07's study (:func:`pca_spectra`, :func:`rrqr_study`), its REPRODUCTION.md
-``plots``                       rows (:func:`pca_claim`, :func:`rrqr_claim`) and figure (:func:`plot_pca_rrqr`)
+``study_*``, ``claims``,        the notebooks' studies (02: :func:`confidence_study`; 07: :func:`pca_spectra`,
+``plots``                       :func:`rrqr_study`), their REPRODUCTION.md rows (:func:`confidence_claim`,
+                                :func:`pca_claim`, :func:`rrqr_claim`) and figures (:func:`plot_confidence`,
+                                :func:`plot_pca_rrqr`)
 ==============================  =======================================================================================
 
 Conventions
@@ -51,7 +53,7 @@ from .cache import (
     save_flip_result,
     solver_arguments,
 )
-from .claims import pca_claim, rrqr_claim
+from .claims import confidence_claim, pca_claim, rrqr_claim
 from .confidence import (
     auroc,
     auroc_difference,
@@ -74,8 +76,9 @@ from .features import (
     topk_mask,
     unit_flips,
 )
-from .plots import plot_pca_rrqr
+from .plots import plot_confidence, plot_pca_rrqr
 from .runs import FlipSet, data_bounds, flip_options, is_image_data, standard_flips, trained_variant
+from .study_confidence import CONFIDENCE_MODELS, confidence_row, confidence_study
 from .study_pca import SPECTRA, leading_directions, pca_spectra, rrqr_groups, rrqr_study
 from .training import TrainedPredictor, mlp_trainer, retraining_experiment, select_training_subset
 
@@ -127,7 +130,12 @@ __all__ = [
     "pca_directions",
     "RRQRResult",
     "rrqr_directions",
-    # the PCA / RR-QR study (notebook 07): results, claims, figure
+    # the studies of the notebooks: results, claims, figures
+    "CONFIDENCE_MODELS",
+    "confidence_row",
+    "confidence_study",
+    "confidence_claim",
+    "plot_confidence",
     "SPECTRA",
     "pca_spectra",
     "rrqr_groups",

@@ -93,4 +93,61 @@ def _mnist_direction_panels(subfig, mnist_train: Any) -> None:
     subfig.suptitle("(e) MNIST: dominant flip direction per predicted digit", fontsize=11)
 
 
-__all__ = ["plot_pca_rrqr"]
+def plot_confidence(tables: dict, table: Any, *, profile: str):
+    """``flip_points/fig_confidence``: per dataset (erf MLPs) the distance to the closest certified flip point
+    against the max softmax, correct and misclassified inputs apart (top), and the ROC curves of misclassification
+    detection by distance, softmax and linearised distance (bottom). ``tables`` / ``table``:
+    :func:`~flipfrag.flippoints.study_confidence.confidence_study`. Returns the figure."""
+    from matplotlib.ticker import NullFormatter
+
+    from ..plotting import PALETTE, subplots
+
+    names = {
+        "adult": "Adult income",
+        "breast_cancer": "Breast cancer (WDBC)",
+        "mnist": "MNIST" + ("" if profile == "paper" else "-5k"),
+    }
+    fig, axes = subplots(2, 3, figsize=(13, 7.6))
+    for j, name in enumerate(["adult", "breast_cancer", "mnist"]):
+        t = tables[(name, "erf")]
+        t = t[t["certified"]]
+        ax = axes[0, j]
+        for correct, label in ((True, "correct"), (False, "misclassified")):
+            part = t[t["correct"] == correct]
+            ax.scatter(part["softmax"], part["distance"], s=10 if correct else 16, alpha=0.45 if correct else 0.9,
+                       color=PALETTE["correct" if correct else "misclassified"], label=f"{label} ({len(part)})",
+                       edgecolors="none")  # fmt: skip
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("max softmax probability")
+        ax.set_ylabel("distance to closest flip point (scaled units)")
+        ax.set_title(names[name])
+        ax.legend(loc="lower right", frameon=True)
+        row = table[(table["dataset"] == name) & (table["activation"] == "erf")].iloc[0]
+        _roc_panel(axes[1, j], t, row)
+    fig.suptitle(
+        f"Confidence: distance to the closest flip point vs softmax, erf MLPs, test subsets (profile={profile})"
+    )
+    return fig
+
+
+def _roc_panel(ax, t: Any, row: Any) -> None:
+    from sklearn.metrics import roc_curve
+
+    wrong = ~t["correct"].to_numpy()
+    for col, label, color, auc in (
+        ("distance", "distance to flip point", "#2ca02c", row["AUROC distance"]),
+        ("softmax", "max softmax", "#7f7f7f", row["AUROC softmax"]),
+        ("linearized", "linearised distance", "#ff7f0e", row["AUROC linearised distance"]),
+    ):
+        if wrong.any() and (~wrong).any():
+            fpr, tpr, _ = roc_curve(wrong, -t[col].to_numpy())
+            ax.plot(fpr, tpr, color=color, lw=1.8, label=f"{label} (AUROC {auc:.3f})",
+                    ls="--" if col == "linearized" else "-")  # fmt: skip
+    ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
+    ax.set_xlabel("false-positive rate (correct outputs flagged)")
+    ax.set_ylabel("true-positive rate (mistakes flagged)")
+    ax.legend(loc="lower right", fontsize=8)
+
+
+__all__ = ["plot_confidence", "plot_pca_rrqr"]
