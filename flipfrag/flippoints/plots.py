@@ -150,4 +150,100 @@ def _roc_panel(ax, t: Any, row: Any) -> None:
     ax.legend(loc="lower right", fontsize=8)
 
 
-__all__ = ["plot_confidence", "plot_pca_rrqr"]
+def plot_adversarial(study: Any, test: Any, ks: list, *, profile: str):
+    """``flip_points/fig_adversarial``: the digits, their closest flip points, the change and the flip point with
+    the first k RR-QR pixels free (top; k the smallest with half of the digits flipped), and the distance and share
+    of digits flipped against k per pixel order (bottom). ``study``:
+    :func:`~flipfrag.flippoints.study_adversarial.adversarial_study` of the test flip set ``test``. Returns the
+    figure."""
+    import matplotlib.pyplot as plt
+
+    from .study_adversarial import RRQR_ORDER
+
+    summary = study.summary
+    k_show = min(
+        (k for k in ks if summary.query("order.str.startswith('RR-QR') and k == @k")["flipped"].iloc[0] >= 0.5),
+        default=ks[-1],
+    )
+    n_img = len(study.picked)
+    fig = plt.figure(figsize=(max(9, 1.45 * n_img + 1.5), 12.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.45, 1])
+    _adversarial_images(top, study, test, study.results[RRQR_ORDER], ks.index(k_show), k_show)
+    _adversarial_curves(bottom.subplots(1, 4, sharey=False), study)
+    bottom.suptitle(
+        f"Flip points restricted to the first k pixels of each order; a missing dot = no flip point with k pixels "
+        f"({n_img} digits, profile={profile})",
+        fontsize=11,
+    )
+    return fig
+
+
+def _adversarial_images(top, study: Any, test: Any, rq: Any, j_show: int, k_show: int) -> None:
+    res, picked, x, src, tgt = test.res, study.picked, study.x, study.src, study.tgt
+    n_img = len(picked)
+    axes = top.subplots(4, n_img, squeeze=False)
+    diff = res.x_flip[picked] - x
+    vmax = float(diff.abs().max())
+    for j in range(n_img):
+        i = int(picked[j])
+        p = j_show * n_img + j
+        imgs = [
+            (x[j, 0], "gray", 0, 1),
+            (res.x_flip[i, 0], "gray", 0, 1),
+            (diff[j, 0], "RdBu_r", -vmax, vmax),
+            (rq.x_flip[p, 0] if bool(rq.converged[p]) else None, "gray", 0, 1),
+        ]
+        for r_, (im, cmap, lo, hi) in enumerate(imgs):
+            ax = axes[r_, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if im is None:
+                ax.text(0.5, 0.5, "no flip point", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                continue
+            ax.imshow(im.numpy(), cmap=cmap, vmin=lo, vmax=hi)
+        axes[0, j].set_title(f"{int(src[j])} → {int(tgt[j])}", fontsize=10)
+        axes[1, j].set_xlabel(f"L2 {float(res.distance[i]):.2f}", fontsize=8)
+        axes[3, j].set_xlabel(f"L2 {float(rq.distance[p]):.2f}" if bool(rq.converged[p]) else "", fontsize=8)
+    for r_, label in enumerate(
+        ["original", "closest flip point", "change (flip − original)", f"flip, {k_show} RR-QR pixels"]
+    ):
+        axes[r_, 0].set_ylabel(label, fontsize=9)
+    top.colorbar(axes[2, 0].images[0], ax=axes[2, :].tolist(), shrink=0.8, label="pixel change")
+    top.suptitle(
+        "MNIST test digits: predicted class → class of the closest flip point; pixel values in [0, 1]", fontsize=11
+    )
+
+
+def _adversarial_curves(bax, study: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    src, tgt, curve, summary = study.src, study.tgt, study.curve, study.summary
+    n_img = len(study.picked)
+    digit_colors = plt.get_cmap("tab10")(np.arange(n_img) % 10)
+    for a, (name, part) in enumerate(curve.groupby("order", sort=False)):
+        ax = bax[a]
+        for j in range(n_img):
+            d = part[part["point"] == j].sort_values("k")
+            ax.plot(d["k"], d["distance"], "o-", ms=3, lw=1, color=digit_colors[j],
+                    label=f"{int(src[j])} → {int(tgt[j])}")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("k = pixels allowed to change")
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel("L2 distance to the flip point (pixel units)" if a == 0 else "")
+    bax[0].legend(fontsize=7, ncol=2, title="digit", title_fontsize=7)
+    ymax = max(ax.get_ylim()[1] for ax in bax[:3])
+    for ax in bax[:3]:
+        ax.set_ylim(0, ymax)
+    colors = {"RR-QR (training flips of the class)": "#2ca02c", "own flip direction": "#1f77b4",
+              "random pixels": "#7f7f7f"}  # fmt: skip
+    for name, part in summary.groupby("order"):
+        bax[3].plot(part["k"], 100 * part["flipped"], "o-", color=colors[name], label=name)
+    bax[3].set_xscale("log")
+    bax[3].set_xlabel("k = pixels allowed to change")
+    bax[3].set_ylabel("digits with a flip point (%)")
+    bax[3].set_title("Digits that can be flipped", fontsize=10)
+    bax[3].set_ylim(-3, 103)
+    bax[3].legend(fontsize=7)
+
+
+__all__ = ["plot_adversarial", "plot_confidence", "plot_pca_rrqr"]
