@@ -25,10 +25,8 @@ module: concept                 functions
                                 :func:`rrqr_directions`
 ``agnostic`` (E8)               model-agnostic: :class:`LinearScores`, :func:`linear_flip_point`
 ``study_*``, ``claims``,        the notebooks' studies (02: :func:`confidence_study`; 05: :func:`adversarial_study`;
-``plots``                       07: :func:`pca_spectra`, :func:`rrqr_study`), their REPRODUCTION.md rows
-                                (:func:`confidence_claim`, :func:`adversarial_claim`, :func:`pca_claim`,
-                                :func:`rrqr_claim`) and figures (:func:`plot_confidence`, :func:`plot_adversarial`,
-                                :func:`plot_pca_rrqr`)
+``plots``                       06: :func:`training_study`; 07: :func:`pca_spectra`, :func:`rrqr_study`), their
+                                REPRODUCTION.md rows (``claims``) and figures (``plots``)
 ==============================  =======================================================================================
 
 Conventions
@@ -54,7 +52,7 @@ from .cache import (
     save_flip_result,
     solver_arguments,
 )
-from .claims import adversarial_claim, confidence_claim, pca_claim, rrqr_claim
+from .claims import adversarial_claim, confidence_claim, pca_claim, rrqr_claim, training_claim
 from .confidence import (
     auroc,
     auroc_difference,
@@ -77,11 +75,12 @@ from .features import (
     topk_mask,
     unit_flips,
 )
-from .plots import plot_adversarial, plot_confidence, plot_pca_rrqr
+from .plots import plot_adversarial, plot_confidence, plot_influential_training, plot_pca_rrqr
 from .runs import FlipSet, data_bounds, flip_options, is_image_data, standard_flips, trained_variant
 from .study_adversarial import AdversarialStudy, adversarial_study, pick_digits
 from .study_confidence import CONFIDENCE_MODELS, confidence_row, confidence_study
 from .study_pca import SPECTRA, leading_directions, pca_spectra, rrqr_groups, rrqr_study
+from .study_training import RETRAIN_SETUPS, summarize_training, training_study
 from .training import TrainedPredictor, mlp_trainer, retraining_experiment, select_training_subset
 
 __all__ = [
@@ -133,6 +132,11 @@ __all__ = [
     "RRQRResult",
     "rrqr_directions",
     # the studies of the notebooks: results, claims, figures
+    "RETRAIN_SETUPS",
+    "training_study",
+    "summarize_training",
+    "training_claim",
+    "plot_influential_training",
     "AdversarialStudy",
     "adversarial_study",
     "pick_digits",

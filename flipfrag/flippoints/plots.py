@@ -246,4 +246,42 @@ def _adversarial_curves(bax, study: Any) -> None:
     bax[3].legend(fontsize=7)
 
 
-__all__ = ["plot_adversarial", "plot_confidence", "plot_pca_rrqr"]
+def plot_influential_training(agg: Any, pools: dict, prof: Any, *, profile: str):
+    """``flip_points/fig_influential_training``: test accuracy and agreement with the reference model against the
+    share of the pool kept, per selection (closest / random / farthest), Adult and breast cancer. ``agg``:
+    :func:`~flipfrag.flippoints.study_training.summarize_training`; ``pools``: the study's per-dataset facts.
+    Returns the figure."""
+    from ..plotting import subplots
+
+    titles = {"adult": "Adult income", "breast_cancer": "Breast cancer (WDBC)"}
+    colors = {"closest": "#d62728", "random": "#7f7f7f", "farthest": "#1f77b4"}
+    sel_labels = {"closest": "closest to the boundary", "random": "random", "farthest": "farthest from the boundary"}
+    fig, axes = subplots(2, 2, figsize=(11, 8.4))
+    for r, name in enumerate(["adult", "breast_cancer"]):
+        part = agg[agg["dataset"] == name]
+        for c, (col, label) in enumerate(
+            (("test_acc", "test accuracy"), ("agreement", "agreement with the reference model"))
+        ):
+            ax = axes[r, c]
+            for sel in ("closest", "random", "farthest"):
+                d = part[part["selection"] == sel].sort_values("fraction")
+                ax.errorbar(100 * d["fraction"], d[col], yerr=d[col + "_sd"].fillna(0), fmt="o-", capsize=3, ms=4,
+                            color=colors[sel], label=sel_labels[sel])  # fmt: skip
+            if col == "test_acc":
+                ax.axhline(pools[name]["reference test acc"], color="0.3", ls=":", lw=1,
+                           label="reference (whole pool)")  # fmt: skip
+            ax.set_xscale("log")
+            fr = prof["retrain_fractions"]
+            ax.set_xticks([100 * f for f in fr], [f"{100 * f:g}" for f in fr])
+            ax.set_xlabel(f"% of the training pool kept (pool: {pools[name]['pool']} points)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{titles[name]}: {label}")
+        axes[r, 0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(
+        f"Retraining on the training points closest to / farthest from their flip points "
+        f"(erf MLP, {prof['retrain_repeats']} seeds, {prof['retrain_steps']} Adam steps each; profile={profile})"
+    )
+    return fig
+
+
+__all__ = ["plot_adversarial", "plot_confidence", "plot_influential_training", "plot_pca_rrqr"]
