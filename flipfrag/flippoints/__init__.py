@@ -25,7 +25,8 @@ module: concept                 functions
                                 :func:`rrqr_directions`
 ``agnostic`` (E8)               model-agnostic: :class:`LinearScores`, :func:`linear_flip_point`
 ``study_*``, ``claims``,        the notebooks' studies (02: :func:`confidence_study`; 05: :func:`adversarial_study`;
-``plots``                       06: :func:`training_study`; 07: :func:`pca_spectra`, :func:`rrqr_study`), their
+``plots``                       06: :func:`training_study`; 07: :func:`pca_spectra`, :func:`rrqr_study`; 08:
+                                :func:`agnostic_study`), their
                                 REPRODUCTION.md rows (``claims``) and figures (``plots``)
 ==============================  =======================================================================================
 
@@ -52,7 +53,7 @@ from .cache import (
     save_flip_result,
     solver_arguments,
 )
-from .claims import adversarial_claim, confidence_claim, pca_claim, rrqr_claim, training_claim
+from .claims import adversarial_claim, agnostic_claim, confidence_claim, pca_claim, rrqr_claim, training_claim
 from .confidence import (
     auroc,
     auroc_difference,
@@ -75,9 +76,16 @@ from .features import (
     topk_mask,
     unit_flips,
 )
-from .plots import plot_adversarial, plot_confidence, plot_influential_training, plot_pca_rrqr
+from .plots import (
+    plot_adversarial,
+    plot_confidence,
+    plot_influential_training,
+    plot_model_agnostic,
+    plot_pca_rrqr,
+)
 from .runs import FlipSet, data_bounds, flip_options, is_image_data, standard_flips, trained_variant
 from .study_adversarial import AdversarialStudy, adversarial_study, pick_digits
+from .study_agnostic import agnostic_study
 from .study_confidence import CONFIDENCE_MODELS, confidence_row, confidence_study
 from .study_pca import SPECTRA, leading_directions, pca_spectra, rrqr_groups, rrqr_study
 from .study_training import RETRAIN_SETUPS, summarize_training, training_study
@@ -132,6 +140,9 @@ __all__ = [
     "RRQRResult",
     "rrqr_directions",
     # the studies of the notebooks: results, claims, figures
+    "agnostic_study",
+    "agnostic_claim",
+    "plot_model_agnostic",
     "RETRAIN_SETUPS",
     "training_study",
     "summarize_training",

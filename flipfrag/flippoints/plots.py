@@ -284,4 +284,48 @@ def plot_influential_training(agg: Any, pools: dict, prof: Any, *, profile: str)
     return fig
 
 
-__all__ = ["plot_adversarial", "plot_confidence", "plot_influential_training", "plot_pca_rrqr"]
+def plot_model_agnostic(pts: dict, spectra: dict, *, profile: str):
+    """``flip_points/fig_model_agnostic``: (a) solver vs closed-form distance of logistic regression, (b) their
+    relative difference, (c) the spectra of the flip directions, logistic regression vs the erf MLP (``pts``,
+    ``spectra``: :func:`~flipfrag.flippoints.study_agnostic.agnostic_study`). Returns the figure."""
+    from ..plotting import subplots
+
+    names = {"adult": "Adult", "breast_cancer": "Breast cancer"}
+    colors = {"adult": "#1f77b4", "breast_cancer": "#ff7f0e"}
+    fig, axes = subplots(1, 3, figsize=(15, 4.6))
+    ax = axes[0]
+    for n, (d, s, _) in pts.items():
+        ax.scatter(d, s, s=12, alpha=0.6, color=colors[n], label=f"{names[n]} ({len(d)} inputs)")
+    lim = [min(p[0].min() for p in pts.values()) * 0.8, max(p[0].max() for p in pts.values()) * 1.25]
+    ax.plot(lim, lim, color="0.3", lw=1, ls=":", label="y = x")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("closed-form distance (projection onto w·x + b = 0 within [0, 1])")
+    ax.set_ylabel("distance found by closest_flip_point")
+    ax.set_title("(a) solver vs closed form, logistic regression")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    allrel = np.concatenate([p[2] for p in pts.values()])
+    bins = np.logspace(np.log10(max(allrel.min(), 1e-17)), np.log10(max(allrel.max(), 1e-15)) + 0.1, 30)
+    for n, (_, _, rel) in pts.items():
+        ax.hist(np.maximum(rel, 1e-17), bins=bins, alpha=0.6, color=colors[n], label=names[n])
+    ax.set_xscale("log")
+    ax.set_xlabel("relative difference |d_solver − d_closed| / d_closed")
+    ax.set_ylabel("test inputs")
+    ax.set_title("(b) agreement with the closed form")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for n, sp in spectra.items():
+        for model_name, p in sp.items():
+            ax.plot(np.arange(1, 7), 100 * np.cumsum(p.explained)[:6], "o-" if model_name == "erf MLP" else "s--",
+                    color=colors[n], ms=4, label=f"{names[n]}, {model_name}")  # fmt: skip
+    ax.set_xlabel("number of singular vectors (unit-length flip directions, uncentred)")
+    ax.set_ylabel("cumulative share (%)")
+    ax.set_title("(c) flip directions: linear model vs network")
+    ax.set_ylim(min(70, ax.get_ylim()[0]), 100.5)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"The flip-point pipeline on a non-neural model: logistic regression (profile={profile})")
+    return fig
+
+
+__all__ = ["plot_adversarial", "plot_confidence", "plot_influential_training", "plot_model_agnostic", "plot_pca_rrqr"]
