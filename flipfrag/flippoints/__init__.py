@@ -26,7 +26,7 @@ module: concept                 functions
 ``agnostic`` (E8)               model-agnostic: :class:`LinearScores`, :func:`linear_flip_point`
 ``study_*``, ``claims``,        the notebooks' studies (02: :func:`confidence_study`; 05: :func:`adversarial_study`;
 ``plots``                       06: :func:`training_study`; 07: :func:`pca_spectra`, :func:`rrqr_study`; 08:
-                                :func:`agnostic_study`), their
+                                :func:`agnostic_study`; 09: :func:`homotopy_study`), their
                                 REPRODUCTION.md rows (``claims``) and figures (``plots``)
 ==============================  =======================================================================================
 
@@ -53,7 +53,7 @@ from .cache import (
     save_flip_result,
     solver_arguments,
 )
-from .claims import adversarial_claim, agnostic_claim, confidence_claim, pca_claim, rrqr_claim, training_claim
+from .claims import adversarial_claim, agnostic_claim, homotopy_claim, confidence_claim, pca_claim, rrqr_claim, training_claim
 from .confidence import (
     auroc,
     auroc_difference,
@@ -79,6 +79,7 @@ from .features import (
 from .plots import (
     plot_adversarial,
     plot_confidence,
+    plot_homotopy,
     plot_influential_training,
     plot_model_agnostic,
     plot_pca_rrqr,
@@ -87,6 +88,7 @@ from .runs import FlipSet, data_bounds, flip_options, is_image_data, standard_fl
 from .study_adversarial import AdversarialStudy, adversarial_study, pick_digits
 from .study_agnostic import agnostic_study
 from .study_confidence import CONFIDENCE_MODELS, confidence_row, confidence_study
+from .study_homotopy import homotopy_strategies, homotopy_study
 from .study_pca import SPECTRA, leading_directions, pca_spectra, rrqr_groups, rrqr_study
 from .study_training import RETRAIN_SETUPS, summarize_training, training_study
 from .training import TrainedPredictor, mlp_trainer, retraining_experiment, select_training_subset
@@ -140,6 +142,10 @@ __all__ = [
     "RRQRResult",
     "rrqr_directions",
     # the studies of the notebooks: results, claims, figures
+    "homotopy_strategies",
+    "homotopy_study",
+    "homotopy_claim",
+    "plot_homotopy",
     "agnostic_study",
     "agnostic_claim",
     "plot_model_agnostic",
