@@ -53,7 +53,15 @@ from .cache import (
     save_flip_result,
     solver_arguments,
 )
-from .claims import adversarial_claim, agnostic_claim, homotopy_claim, confidence_claim, pca_claim, rrqr_claim, training_claim
+from .claims import (
+    adversarial_claim,
+    agnostic_claim,
+    confidence_claim,
+    homotopy_claim,
+    pca_claim,
+    rrqr_claim,
+    training_claim,
+)
 from .confidence import (
     auroc,
     auroc_difference,
