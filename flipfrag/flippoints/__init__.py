@@ -24,9 +24,9 @@ module: concept                 functions
 ``directions`` (E6, E7)         :func:`flip_directions`, :func:`direction_matrix`, :func:`pca_directions`,
                                 :func:`rrqr_directions`
 ``agnostic`` (E8)               model-agnostic: :class:`LinearScores`, :func:`linear_flip_point`
-``study_*``, ``claims``,        the notebooks' studies (02: :func:`confidence_study`; 05: :func:`adversarial_study`;
-``plots``                       06: :func:`training_study`; 07: :func:`pca_spectra`, :func:`rrqr_study`; 08:
-                                :func:`agnostic_study`; 09: :func:`homotopy_study`), their
+``study_*``, ``claims``,        the notebooks' studies — 02 :func:`confidence_study`, 03 :func:`feature_study`, 05
+``plots``                       :func:`adversarial_study`, 06 :func:`training_study`, 07 :func:`pca_spectra` /
+                                :func:`rrqr_study`, 08 :func:`agnostic_study`, 09 :func:`homotopy_study` — their
                                 REPRODUCTION.md rows (``claims``) and figures (``plots``)
 ==============================  =======================================================================================
 
@@ -57,6 +57,7 @@ from .claims import (
     adversarial_claim,
     agnostic_claim,
     confidence_claim,
+    features_claim,
     homotopy_claim,
     pca_claim,
     rrqr_claim,
@@ -87,6 +88,7 @@ from .features import (
 from .plots import (
     plot_adversarial,
     plot_confidence,
+    plot_features,
     plot_homotopy,
     plot_influential_training,
     plot_model_agnostic,
@@ -96,6 +98,7 @@ from .runs import FlipSet, data_bounds, flip_options, is_image_data, standard_fl
 from .study_adversarial import AdversarialStudy, adversarial_study, pick_digits
 from .study_agnostic import agnostic_study
 from .study_confidence import CONFIDENCE_MODELS, confidence_row, confidence_study
+from .study_features import ADULT_UNITS, IMMUTABLE, FeatureStudy, feature_study, pick_examples
 from .study_homotopy import homotopy_strategies, homotopy_study
 from .study_pca import SPECTRA, leading_directions, pca_spectra, rrqr_groups, rrqr_study
 from .study_training import RETRAIN_SETUPS, summarize_training, training_study
@@ -150,6 +153,13 @@ __all__ = [
     "RRQRResult",
     "rrqr_directions",
     # the studies of the notebooks: results, claims, figures
+    "ADULT_UNITS",
+    "IMMUTABLE",
+    "FeatureStudy",
+    "feature_study",
+    "pick_examples",
+    "features_claim",
+    "plot_features",
     "homotopy_strategies",
     "homotopy_study",
     "homotopy_claim",

@@ -364,5 +364,57 @@ def plot_homotopy(table: Any, strategies: list[str], *, profile: str):
     return fig
 
 
-__all__ = ["plot_adversarial", "plot_confidence", "plot_homotopy", "plot_influential_training", "plot_model_agnostic",
-           "plot_pca_rrqr"]  # fmt: skip
+def plot_features(fset: Any, study: Any, *, profile: str):
+    """``flip_points/fig_features``: per example (rows) the changes at its flip point with all features free (a),
+    with the immutable attributes fixed (b), and the distance when only one attribute may change (c). ``study``:
+    :func:`~flipfrag.flippoints.study_features.feature_study` of the Adult flip set ``fset``. Returns the figure."""
+    import torch
+
+    from ..plotting import subplots
+    from .study_features import ADULT_UNITS
+
+    data, res, pred = fset.data, fset.res, fset.res.source
+    names = data.feature_names
+    bar_colors = {True: "#2ca02c", False: "#d62728"}
+    fig, axes = subplots(2, 3, figsize=(17, 10), gridspec_kw={"width_ratios": [1.2, 1.2, 0.9]})
+    for r, (label, i) in enumerate(study.examples.items()):
+        head = f"{label}: true {data.class_names[int(fset.y[i])]}, predicted {data.class_names[int(pred[i])]}"
+        panels = (
+            (study.ranked[label], f"(a) all features free\ndistance {float(res.distance[i]):.3f}"),
+            (study.ranked_mut[label], "(b) sex, race, native country fixed; age may only grow\n"
+             f"distance {float(study.res_mut.distance[r]):.3f}"),
+        )  # fmt: skip
+        for c, (tab, sub) in enumerate(panels):
+            ax = axes[r, c]
+            tab = tab.iloc[::-1]
+            labels = [
+                f"{f}  ({o:+.3g} {ADULT_UNITS[f]})" if f in ADULT_UNITS else f"{f}  ({o:+.3f})"
+                for f, o in zip(tab["feature"], tab["change_original"])
+            ]
+            ax.barh(labels, tab["change"], color=[bar_colors[v > 0] for v in tab["change"]])
+            ax.axvline(0, color="0.3", lw=0.8)
+            ax.set_xlabel("change at the flip point (scaled units)")
+            ax.set_title(sub, fontsize=10)
+            ax.tick_params(axis="y", labelsize=8)
+        ax = axes[r, 2]
+        t = study.single[label].sort_values("distance", ascending=False, na_position="first")  # closest on top
+        ax.barh(t["unit"], t["distance"].fillna(0), color=["#1f77b4" if f else "0.8" for f in t["flips"]])
+        for y, (u, d, f, col, ch) in enumerate(zip(t["unit"], t["distance"], t["flips"], t["column"], t["change"])):
+            if not f:
+                ax.text(0, y, "  no flip", va="center", fontsize=8, color="0.45")
+                continue
+            orig = float(data.delta_to_original_units(torch.eye(len(names))[col] * ch)[col])
+            note = f" {d:.2f}" + (f" ({orig:+.3g} {ADULT_UNITS[u]})" if u in ADULT_UNITS else "")
+            ax.text(d, y, note, va="center", fontsize=8)
+        ax.set_xlim(0, 1.6 * max(0.05, float(t["distance"].max(skipna=True) if t["flips"].any() else 0.05)))
+        ax.set_xlabel("distance (scaled units)")
+        ax.set_title("(c) only one attribute may change", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+        axes[r, 0].annotate(head, xy=(0, 1.2), xycoords="axes fraction", fontsize=12, fontweight="bold")
+    fig.suptitle(f"Adult income, erf MLP: which features flip the decision for one person (profile={profile})",
+                 y=1.05)  # fmt: skip
+    return fig
+
+
+__all__ = ["plot_adversarial", "plot_confidence", "plot_features", "plot_homotopy", "plot_influential_training",
+           "plot_model_agnostic", "plot_pca_rrqr"]  # fmt: skip
