@@ -24,10 +24,11 @@ module: concept                 functions
 ``directions`` (E6, E7)         :func:`flip_directions`, :func:`direction_matrix`, :func:`pca_directions`,
                                 :func:`rrqr_directions`
 ``agnostic`` (E8)               model-agnostic: :class:`LinearScores`, :func:`linear_flip_point`
-``study_*``, ``claims``,        the notebooks' studies — 02 :func:`confidence_study`, 03 :func:`feature_study`, 05
-``plots``                       :func:`adversarial_study`, 06 :func:`training_study`, 07 :func:`pca_spectra` /
-                                :func:`rrqr_study`, 08 :func:`agnostic_study`, 09 :func:`homotopy_study` — their
-                                REPRODUCTION.md rows (``claims``) and figures (``plots``)
+``study_*``, ``claims``,        the notebooks' studies — 02 :func:`confidence_study`, 03 :func:`feature_study`, 04
+``plots``                       :func:`bias_study`, 05 :func:`adversarial_study`, 06 :func:`training_study`, 07
+                                :func:`pca_spectra` / :func:`rrqr_study`, 08 :func:`agnostic_study`, 09
+                                :func:`homotopy_study` — their REPRODUCTION.md rows (``claims``) and figures
+                                (``plots``)
 ==============================  =======================================================================================
 
 Conventions
@@ -56,6 +57,7 @@ from .cache import (
 from .claims import (
     adversarial_claim,
     agnostic_claim,
+    bias_claim,
     confidence_claim,
     features_claim,
     homotopy_claim,
@@ -97,6 +99,7 @@ from .plots import (
 from .runs import FlipSet, data_bounds, flip_options, is_image_data, standard_flips, trained_variant
 from .study_adversarial import AdversarialStudy, adversarial_study, pick_digits
 from .study_agnostic import agnostic_study
+from .study_bias import bias_study
 from .study_confidence import CONFIDENCE_MODELS, confidence_row, confidence_study
 from .study_features import ADULT_UNITS, IMMUTABLE, FeatureStudy, feature_study, pick_examples
 from .study_homotopy import homotopy_strategies, homotopy_study
@@ -153,6 +156,8 @@ __all__ = [
     "RRQRResult",
     "rrqr_directions",
     # the studies of the notebooks: results, claims, figures
+    "bias_study",
+    "bias_claim",
     "ADULT_UNITS",
     "IMMUTABLE",
     "FeatureStudy",
