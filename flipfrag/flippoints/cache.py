@@ -56,8 +56,8 @@ def solver_arguments(options: FlipOptions | None = None, **solver_kwargs: Any) -
 
 def flip_cache_key(model: nn.Module, x: torch.Tensor, options: FlipOptions | None = None,
                    **solver_kwargs: Any) -> str:  # fmt: skip
-    """A 16-hex key (:func:`flipfrag.engine.task_key`) for (model weights + config, inputs, solver arguments, solver
-    source).
+    """A 16-hex key (:func:`flipfrag.engine.task_key`, the engine's canonical form) for (model weights + config,
+    inputs, solver arguments, solver source).
 
     The solver arguments are those of :func:`solver_arguments` (``options`` and keywords, so that equal settings
     share a key however they were passed); tensors among them (bounds, masks, targets) are hashed by content;
@@ -68,8 +68,11 @@ def flip_cache_key(model: nn.Module, x: torch.Tensor, options: FlipOptions | Non
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     kw = {k: v for k, v in solver_arguments(options, **solver_kwargs).items() if k != "progress"}
-    # keyed like every engine task (flipfrag.engine.task_key), plus the solver's own source
-    return task_key("flip points", model, x, kw, _solver_fingerprint(), length=16)
+    # the model by its weights and config, not its class: a wrapper or subclass computing the same scores with the
+    # same weights shares the solves (an interrupted run resumes with it)
+    state = dict(model.state_dict())
+    config = getattr(model, "config", type(model).__name__)
+    return task_key("flip points", state or type(model).__name__, config, x, kw, _solver_fingerprint(), length=16)
 
 
 def save_flip_result(path: str | Path, res: FlipResult, *, key: str = "", seconds: float | None = None,
