@@ -90,8 +90,13 @@ def flip_surrogate(model: nn.Module, beta: float = SURROGATE_BETA) -> nn.Module:
 
 
 def differentiable_available() -> bool:
-    """Whether :func:`flipfrag.flip.closest_flip_point` takes ``differentiable=True`` (x_flip carrying gradients)."""
-    return "differentiable" in inspect.signature(closest_flip_point).parameters
+    """Whether :func:`flipfrag.flip.closest_flip_point` takes ``differentiable=True`` (x_flip carrying gradients): a
+    keyword of the call or, since the solver's settings live in :class:`~flipfrag.flip.FlipOptions`, a field of its
+    options."""
+    from ..flip import FlipOptions
+
+    return "differentiable" in inspect.signature(closest_flip_point).parameters or "differentiable" in {
+        f.name for f in fields(FlipOptions)}
 
 
 def flip_explanation_map(x: torch.Tensor, x_flip: torch.Tensor) -> torch.Tensor:
