@@ -17,7 +17,7 @@ Cells measured (the units :mod:`flipfrag.engine` shards the work into):
 * **Flip point, per point** — ``closest_flip_point`` with the paper profile's MNIST settings (tol 1e-6, 500 SQP
   iterations at most, every target class, box [0, 1], 2 linearised inequality slots) on an ``MLP(784, [200, 200],
   10, erf)`` trained for 8 epochs on 4,000 of the shipped MNIST digits (paper profile: 50 epochs on the full 60,000; a
-  better-trained net may need more iterations per point). ``flipstats.cached_flip_points`` runs such solves as engine
+  better-trained net may need more iterations per point). ``flippoints.cached_flip_points`` runs such solves as engine
   tasks of at most ``SHARD_DEFAULTS["mlp"]`` = 1024 points (a shard of the dataset), so the projection counts tasks.
 
 Projection (grid size from ``flipfrag.profiles`` 'paper' and the spec: 512 images x 4 methods x 4 epsilons x 3
@@ -254,7 +254,7 @@ def markdown(rows: list[dict], flip: dict, proj: dict, meta: dict) -> str:
                      f"attacks | {_fmt_h(c['cpu_hours'])} | {_fmt_h(c['gpu_hours'])} | "
                      f"{_fmt_h(c['cpu_hours_authors'])} / {_fmt_h(c['gpu_hours_authors'])} |")  # fmt: skip
     f = proj["flip"]
-    shard = SHARD_DEFAULTS["mlp"][0]  # the default flip-point shard (flipstats.cached_flip_points)
+    shard = SHARD_DEFAULTS["mlp"][0]  # the default flip-point shard (flippoints.cached_flip_points)
     lines += [
         f"| **attack grids, total** | 2 roles | **{_fmt_h(proj['grid_cpu_hours'])}** | "
         f"**{_fmt_h(proj['grid_gpu_hours'])}** | {_fmt_h(proj['grid_cpu_hours_authors'])} / "

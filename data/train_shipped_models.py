@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 
 def _evaluation_sets(prof: dict, seed: int) -> dict:
     """Run the notebooks' model builders; return {model name: (X_eval, y_eval)} for the models they train."""
-    from flipfrag import datasets, flipstats, fragility, models
+    from flipfrag import datasets, flippoints, fragility, models
 
     evals = {}
     for key in models.ZOO:  # 00_data_overview, flip_points/*: the zoo's erf MLPs and the MNIST CNN
@@ -35,7 +35,7 @@ def _evaluation_sets(prof: dict, seed: int) -> dict:
         evals[key] = (data.X_test, data.y_test)
     for key in ("adult-erf", "breast_cancer-erf"):  # flip_points/01, 02, 04: tanh and softplus variants
         for act in ("tanh", "softplus"):
-            _, data, _ = flipstats.trained_variant(key, act, prof, seed=seed)
+            _, data, _ = flippoints.trained_variant(key, act, prof, seed=seed)
             evals[f"{models.ZOO[key]['dataset']}-{act}"] = (data.X_test, data.y_test)
     # fragility/07 (input-dimension comparison): the MNIST CNNs at 28x28 (as the fragility package loads MNIST-5k)
     # and average-pooled to 14x14; the ImageNet / CIFAR roles use the pretrained models/cifar10_cnn.pt (not trained)

@@ -1,4 +1,5 @@
-"""File helpers shared by datasets, models and plotting: hashing, atomic writes, verified downloads, the cache dir."""
+"""File helpers shared by datasets, models, the caches and plotting: hashing (files, tensors, configuration keys),
+atomic writes, verified downloads, the cache dir."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "ChecksumError",
     "cache_dir",
@@ -24,6 +27,8 @@ __all__ = [
     "verify_sha256",
     "write_checksummed",
     "verify_checksummed",
+    "tensor_hash",
+    "config_key",
 ]
 
 
@@ -157,3 +162,20 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str, timeout: float =
         verify_sha256(tmp, sha256, what=f"download of {url}")
 
     return atomic_write(dest, fetch)
+
+
+def tensor_hash(*tensors: Any) -> str:
+    """sha256 over the dtype, shape and bytes of torch tensors (keys the data a model was trained on, the inputs of
+    a cached flip-point solve or grid cell)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A stable 16-hex key for a JSON-serialisable configuration dict (non-JSON values by ``str``)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

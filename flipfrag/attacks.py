@@ -50,7 +50,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .metrics import ReferenceMaps, _center, default_k, mass_in_region
+from ._checks import check_int
+from .metrics import ReferenceMaps, default_k, mass_centers, mass_in_region
 from .saliency import (
     _attribute_with_logits,
     _box,
@@ -148,7 +149,7 @@ def mass_center_objective(
     u = None if direction is None or tie_break == 0 else direction.detach()
 
     def value(m: torch.Tensor) -> torch.Tensor:
-        d = _center(m) - c0.to(m.dtype)
+        d = mass_centers(m) - c0.to(m.dtype)
         out = (d**2).sum(-1)
         return out if u is None else out + tie_break * (d * u.to(m.dtype)).sum(-1)
 
@@ -263,12 +264,6 @@ def _check_number(value: Any, name: str, *, low: float | None = None, strict: bo
     return value
 
 
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------- base class
 
 
@@ -346,9 +341,9 @@ class InterpretationAttack:
         self.method = canonical_method(method)
         self.eps = _check_number(eps, "eps", low=0.0)
         self.step = _check_number(step, "step", low=0.0, strict=True)
-        self.iters = _check_int(iters, "iters", 1)
+        self.iters = check_int(iters, "iters", 1)
         if k is not None:
-            _check_int(k, "k", 1)
+            check_int(k, "k", 1)
         self.k = k
         self.lower, self.upper = lower, upper
         if not (surrogate is None or surrogate is False or surrogate == "softplus" or isinstance(surrogate, nn.Module)):
@@ -365,7 +360,7 @@ class InterpretationAttack:
         if unknown:
             raise TypeError(f"method_kwargs: {sorted(unknown)} are not options of {self.method!r} ({sorted(allowed)})")
         if "steps" in self.method_kwargs:
-            _check_int(self.method_kwargs["steps"], "steps", 1)
+            check_int(self.method_kwargs["steps"], "steps", 1)
         if self.method == "dtd":  # DTD's box rule uses the attack's pixel range unless told otherwise
             self.method_kwargs.setdefault("lower", lower)
             self.method_kwargs.setdefault("upper", upper)
@@ -664,7 +659,7 @@ class MassCenterAttack(InterpretationAttack):
     default_criterion = "center"
 
     def objective(self, map0, x, y, k):
-        c0 = _center(map0)
+        c0 = mass_centers(map0)
         if self.floor_center:
             c0 = c0.floor()  # the authors' code floors the original center in the objective too
         # Tie-break direction: from c0 toward the middle of the image, the side with the most room to move.
@@ -757,7 +752,7 @@ class RandomSignAttack(InterpretationAttack):
         kwargs.setdefault("surrogate", None)
         super().__init__(model, method, **kwargs)
         self.walk = bool(walk)
-        self.tries = _check_int(tries, "tries", 1)
+        self.tries = check_int(tries, "tries", 1)
         self.seed = int(seed)
 
     def objective(self, map0, x, y, k):

@@ -1,7 +1,7 @@
 """Where the heavy work runs: independent tasks, a content-addressed cache, and one scheduler setting.
 
 The attack grid's cells (:func:`flipfrag.fragility.run_attack_grid`) and the flip-point solves over a dataset
-(:func:`flipfrag.flipstats.cached_flip_points`, one task per shard) are many independent pieces of work. This module
+(:func:`flipfrag.flippoints.cached_flip_points`, one task per shard) are many independent pieces of work. This module
 runs such pieces — :class:`Task` ``(key, fn, args, kwargs)`` — in process or on a Dask cluster, and stores every
 result in a checksummed cache entry named by its key, written atomically as soon as the task finishes. A run that
 is interrupted (or loses a worker) resumes from what is cached; a second run recomputes nothing::
@@ -112,7 +112,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import cache_dir, sha256_files, verify_checksummed, write_checksummed
+from ._io import cache_dir, sha256_files, tensor_hash, verify_checksummed, write_checksummed
 
 __all__ = [
     "DEVICE_ENV",
@@ -216,8 +216,6 @@ class TaskResult:
 
 
 def _canonical(obj: Any) -> Any:
-    from .models import tensor_hash
-
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     if isinstance(obj, float):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_batch, stochastic_layers_training
 from .smooth import has_relu
 
 __all__ = [
@@ -60,18 +61,6 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------- validation
-
-
-def _check_x(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] < 1:
-        raise ValueError(f"{name} must have shape (N, *shape) with N >= 1, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return x
 
 
 def _check_like(name: str, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +92,7 @@ class HessianOperator:
     """
 
     def __init__(self, fn: ScoreFn, x: torch.Tensor):
-        x = _check_x(x)
+        x = check_batch(x)
         if not callable(fn):
             raise TypeError("fn must be callable, (N, *shape) -> (N,)")
         self._x = x.detach().clone().requires_grad_(True)
@@ -346,7 +335,7 @@ def score_fn(model: nn.Module, target: int | torch.Tensor, *, require_smooth: bo
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if _stochastic_layers_training(model):
+    if stochastic_layers_training(model):
         raise ValueError("model is in train mode (batch norm / dropout couple or randomise samples); call .eval()")
     if isinstance(target, torch.Tensor):
         if target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
@@ -375,16 +364,6 @@ def score_fn(model: nn.Module, target: int | torch.Tensor, *, require_smooth: bo
         return out[torch.arange(x.shape[0]), t.to(out.device)]
 
     return fn
-
-
-def _stochastic_layers_training(model: nn.Module) -> bool:
-    """True if a layer whose output depends on train/eval mode (batch norm, dropout) is in train mode.
-
-    Checked per layer, not ``model.training``: wrappers such as ``SoftplusSurrogate`` are fresh modules in train mode
-    around an eval-mode network, and that is harmless.
-    """
-    kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.modules.instancenorm._InstanceNorm)
-    return any(m.training for m in model.modules() if isinstance(m, kinds))
 
 
 def _grad(fn: ScoreFn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,7 +455,7 @@ def perturbation_geometry(
         Expected (notes §6): attack perturbations have ``cos_grad ~ 0`` and a much larger ``hess_gain`` than random
         ones of the same size.
     """
-    x = _check_x(x)
+    x = check_batch(x)
     deltas = _check_like("deltas", deltas, x)
     return _geometry(score_fn(model, _target_or_pred(model, x, target)), x, deltas)
 
@@ -489,7 +468,7 @@ def random_sign_like(
     With ``lower`` / ``upper`` the perturbation is shrunk so that ``x + delta`` stays in bounds
     (i.e. ``clip(x + delta) - x``). Returns ``delta`` (N, *shape), not ``x + delta``.
     """
-    x = _check_x(x)
+    x = check_batch(x)
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     gen = torch.Generator().manual_seed(int(seed))
@@ -508,7 +487,7 @@ def gradient_rotation(
     (no smoothness needed). A linear model gives exactly 0. Uses the stable ``2 atan2(|a - b|, |a + b|)`` of unit
     vectors ``a``, ``b``; 0 if either gradient is 0.
     """
-    x = _check_x(x)
+    x = check_batch(x)
     delta = _check_like("delta", delta, x)
     fn = score_fn(model, _target_or_pred(model, x, target), require_smooth=False)
     n = x.shape[0]

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .hessian import _stochastic_layers_training
+from ._checks import stochastic_layers_training
 
 __all__ = [
     "LOSSES",
@@ -753,7 +753,7 @@ class InfluenceAttackResult:
 def _check_extractor(feature_extractor: Callable) -> None:
     if not callable(feature_extractor):
         raise TypeError("feature_extractor must be callable, (N, *shape) -> (N, d)")
-    if isinstance(feature_extractor, nn.Module) and _stochastic_layers_training(feature_extractor):
+    if isinstance(feature_extractor, nn.Module) and stochastic_layers_training(feature_extractor):
         raise ValueError(
             "feature_extractor is in train mode (batch norm / dropout would couple or randomise "
             "the features); call .eval() first"

@@ -29,6 +29,7 @@ __all__ = [
     "rankdata",
     "center_of_mass",
     "center_of_mass_shift",
+    "mass_centers",
     "mass_in_region",
     "ReferenceMaps",
 ]
@@ -170,7 +171,9 @@ def _rank_correlation(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
     return (ra * rb).sum(1) / torch.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
 
 
-def _center(m: torch.Tensor) -> torch.Tensor:
+def mass_centers(m: torch.Tensor) -> torch.Tensor:
+    """Centers of mass (..., 2) of maps (..., H, W), in pixels (row, column): the unchecked, differentiable core of
+    :func:`center_of_mass` (the attacks' objective calls it every step)."""
     h, w = m.shape[-2:]
     rows = torch.arange(h, device=m.device, dtype=m.dtype)
     cols = torch.arange(w, device=m.device, dtype=m.dtype)
@@ -193,7 +196,7 @@ def center_of_mass(maps: ArrayLike) -> ArrayLike:
     m, was_numpy = _to_torch(maps, "maps")
     if m.dim() != 3:
         raise ValueError(f"maps must have shape (N, H, W), got {tuple(m.shape)}")
-    return _out(_center(m), was_numpy)
+    return _out(mass_centers(m), was_numpy)
 
 
 def center_of_mass_shift(map_a: ArrayLike, map_b: ArrayLike, *, floor: bool = False) -> ArrayLike:
@@ -209,7 +212,7 @@ def center_of_mass_shift(map_a: ArrayLike, map_b: ArrayLike, *, floor: bool = Fa
     a, b, numpy_out = _pair(map_a, map_b, min_dim=3)
     if a.dim() != 3:
         raise ValueError(f"map_a and map_b must have shape (N, H, W), got {tuple(a.shape)}")
-    ca, cb = _center(a), _center(b)
+    ca, cb = mass_centers(a), mass_centers(b)
     if floor:
         ca, cb = ca.floor(), cb.floor()
     return _out((ca - cb).norm(dim=-1), numpy_out)
@@ -269,7 +272,7 @@ class ReferenceMaps:
         flat = self.maps.flatten(1)
         self._top = _topk_mask(flat, self.k)
         self._ranks = _centered_ranks(flat)
-        center = _center(self.maps)
+        center = mass_centers(self.maps)
         self._center = center.floor() if self.floor_center else center
 
     def _check(self, maps: torch.Tensor) -> torch.Tensor:
@@ -289,5 +292,5 @@ class ReferenceMaps:
 
     def center_shift(self, maps: torch.Tensor) -> torch.Tensor:
         """``center_of_mass_shift(reference, maps, floor=floor_center)``."""
-        center = _center(self._check(maps))
+        center = mass_centers(self._check(maps))
         return ((center.floor() if self.floor_center else center) - self._center).norm(dim=-1)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -60,8 +59,10 @@ from ._io import (
     atomic_write,
     atomic_write_json,
     cache_dir,
+    config_key,
     download,
     sha256_file,
+    tensor_hash,
     verify_checksummed,
     verify_sha256,
     write_checksummed,
@@ -503,22 +504,6 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is corrupt, truncated, or does not belong to the requested configuration."""
-
-
-def tensor_hash(*tensors: torch.Tensor) -> str:
-    """sha256 over the dtype, shape and bytes of tensors (keys the data a model was trained on)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        a = t.detach().cpu().contiguous().numpy()
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def config_key(config: dict[str, Any]) -> str:
-    """A stable 16-hex key for a JSON-serialisable configuration dict."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _checkpoint_payload(model: nn.Module, key: str, meta: dict[str, Any] | None) -> dict[str, Any]:

@@ -52,7 +52,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "flip_restarts": 1,
         "retrain_fractions": [0.2, 0.5],
         "retrain_repeats": 1,
-        # flip-point analyses (flipstats / notebooks/flip_points)
+        # flip-point analyses (flippoints / notebooks/flip_points)
         "retrain_pool": 300,
         "retrain_steps": 60,
         "adversarial_n_images": 2,

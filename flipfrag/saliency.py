@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._checks import check_batch as _check_x
 from .ops import depthwise_conv2d
 from .smooth import RELU_FUNCS, softplus
 
@@ -117,19 +118,6 @@ def _check_model(model: nn.Module) -> None:
                 f"model has {sorted(set(bad))} layers in training mode (attributions would depend on the batch or "
                 "on dropout noise); call model.eval() first"
             )
-
-
-def _check_x(x: torch.Tensor, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"{name} must have shape (N, *features) with a batch dimension, got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
 
 
 def _target_tensor(target: Any, n: int, device: torch.device) -> torch.Tensor:

@@ -147,7 +147,7 @@ def test_transfer_rows_use_exactly_the_simple_gradient_attacks_perturbation(tmp_
                                             transfer=("topk",), seed=0)  # fmt: skip
     assert info["n_certified"] >= 3
     # independently: the certified images, the grid's SG top-k attack, the flip explanation at its output
-    solver = beyond.flip_solver_settings(st, prof)
+    solver = beyond.flip_arguments(st, prof)
     res0 = closest_flip_point(st.model, st.x, **solver)
     ok = res0.converged
     x, y = st.x[ok], st.y[ok]
@@ -173,7 +173,7 @@ def test_transfer_rows_use_exactly_the_simple_gradient_attacks_perturbation(tmp_
 def test_flip_random_sign_row_uses_the_saliency_methods_random_perturbation(tmp_path, monkeypatch):
     monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
     st, prof = _tiny_setting(), _tiny_profile()
-    solver = beyond.flip_solver_settings(st, prof)
+    solver = beyond.flip_arguments(st, prof)
     kw = dict(eps=8 / 255, seed=0, k=st.k, progress=False)
     flip_atk = beyond.FlipRandomSignAttack(st.model, solver=solver, **kw)
     out = flip_atk(st.x, st.y)
@@ -258,7 +258,7 @@ def test_the_cifar_saliency_cells_are_the_cifar_grid_notebooks_cells():
 
 
 def test_the_one_sided_derivative_moves_boxed_images_the_strict_one_refuses(tmp_path, monkeypatch):
-    """weak='active' (flipgrad): weakly active pixel bounds kept active, so a boxed flip point gets a derivative
+    """weak='active' (flip.gradient): weakly active pixel bounds kept active, so a boxed flip point gets a derivative
     where the strict rule says none; both attacks stay in the budget and keep the label."""
     monkeypatch.setenv("FLIPFRAG_CACHE", str(tmp_path))
     if not beyond.differentiable_available():
@@ -366,7 +366,7 @@ def test_surrogate_direction_rows_are_labelled_and_measured_on_the_relu_model(tm
     assert info["surrogate_beta"] == 10.0 and info["n_derivative"] >= 2 and info["n_differentiated"] == 2
     own = flip[flip.attack == "surrogate-topk"].sort_values("image")
     assert int(own.available.sum()) == 2  # the first two images with a surrogate derivative
-    solver = beyond.flip_solver_settings(st, prof)
+    solver = beyond.flip_arguments(st, prof)
     res = closest_flip_point(model, st.x, **solver)
     ok = res.converged
     assert int(ok.sum()) == info["n_certified"] >= 2

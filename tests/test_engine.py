@@ -1,7 +1,7 @@
 """flipfrag.engine: keys, the checksummed task cache, resuming, and identical results in process and on a
 LocalCluster of 2 worker processes (attack cells and a sharded flip-point solve), a worker killed mid-run, and a
 scheduler that cannot be reached; and the dataset-wide flip-point solve on the engine
-(:func:`flipfrag.flipstats.cached_flip_points`): identical serially and on 2 workers, a killed process or worker
+(:func:`flipfrag.flippoints.cached_flip_points`): identical serially and on 2 workers, a killed process or worker
 leaves no partial shard, a rerun calls no solver, a corrupt shard is recomputed, bad arguments are named."""
 
 import copy
@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from flipfrag import engine
-from flipfrag import flipstats as fs
 from flipfrag.attacks import TopKAttack
 from flipfrag.engine import EngineCacheError, SchedulerError, Task, TaskCache, TaskError, run_tasks, task_key
 from flipfrag.flip import closest_flip_point
+from flipfrag.flippoints import cache as fs
 from flipfrag.models import MLP, SmallCNN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,7 +130,7 @@ def _dying(model, marker, die_on, delay=0.0):
 
 
 class _CountingSolver:
-    """Stands in for flipstats.closest_flip_point (serial runs): counts the calls and the points solved."""
+    """Stands in for flippoints.cache.closest_flip_point (serial runs): counts the calls and the points solved."""
 
     def __init__(self):
         self.calls, self.points = 0, 0
@@ -524,7 +524,7 @@ def test_flip_solve_an_interrupted_serial_run_resumes_and_a_corrupt_shard_is_rec
     reported, solved again (one solver call) and rewritten; a third run solves nothing."""
     cache, marker = tmp_path / "cache", tmp_path / "died"
     code = textwrap.dedent(f"""
-        from flipfrag import flipstats as fs
+        from flipfrag.flippoints import cache as fs
         from tests.test_engine import _dying, _flip_setting
         model, x, kw = _flip_setting()
         fs.cached_flip_points(_dying(model, {str(marker)!r}, x[3, 0]), x, name="t", cache={str(cache)!r},
@@ -578,7 +578,7 @@ def test_flip_solve_tasks_share_the_model_and_ship_only_their_rows():
 def test_flip_solve_serially_never_imports_dask(tmp_path):
     code = textwrap.dedent(f"""
         import sys
-        from flipfrag import flipstats as fs
+        from flipfrag.flippoints import cache as fs
         from tests.test_engine import _flip_setting
         model, x, kw = _flip_setting()
         res = fs.cached_flip_points(model, x, name="t", cache={str(tmp_path)!r}, shard_size=3, **kw)

@@ -427,7 +427,7 @@ class _PoolCorner(nn.Module):
 
 def _region_certificate(model, xh, x, kkt_tol=1e-4):
     """The library's certificate (original model, activation-region KKT) of the candidate point x for x_hat."""
-    from flipfrag.flip import _certified, _check, _Problems
+    from flipfrag.flip.sqp import _certified, _check, _Problems
 
     P, n = x.shape
     with torch.no_grad():
@@ -435,7 +435,7 @@ def _region_certificate(model, xh, x, kkt_tol=1e-4):
     pr = _Problems(xh, torch.full((P, n), -math.inf, dtype=F64), torch.full((P, n), math.inf, dtype=F64),
                    torch.ones(P, n, dtype=F64), src, 1 - src)
     chk = _check(model, pr, x, 0.0, 1e-6, 0, kkt_tol, region=True)
-    return _certified(chk, 0.0, kkt_tol), chk
+    return _certified(chk, 0.0, kkt_tol), vars(chk)  # the certificate's fields by name
 
 
 def test_relu_corner_is_certified_on_its_region_and_found():

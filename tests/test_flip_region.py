@@ -5,14 +5,16 @@ small ReLU MLP, a certificate that refuses a point the polish did not certify, a
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from flipfrag import flip as F
-from flipfrag.flip import closest_flip_point
+from flipfrag.flip import FlipOptions, closest_flip_point
+from flipfrag.flip import polish as F
+from flipfrag.flip.options import _Setup
 from flipfrag.models import SmallCNN
 
 F64 = torch.float64
@@ -128,21 +130,21 @@ def _oracles(model, xh, x0, pr, *extra) -> torch.Tensor:
 def test_region_polish_is_the_exact_region_optimum():
     model, fn, xh, x0, pr = _setup(0, 0, 1)
     pol = F._region_polish(fn, pr, x0, 0.0, rounds=60, add=4, target_gap=0.0)
-    d = torch.sqrt(((pol["x"] - xh) ** 2).sum(1))
+    d = torch.sqrt(((pol.x - xh) ** 2).sum(1))
     d0 = torch.sqrt(((x0 - xh) ** 2).sum(1))
     oracle = _oracles(model, xh, x0, pr)
     assert (d <= d0 * (1 + 1e-12)).all()  # never farther than its start
     assert (oracle < 0.99 * d0).any()  # (the starts are not already optimal)
     torch.testing.assert_close(d, oracle, rtol=1e-6, atol=1e-9)
     # weak duality: the lower bound never exceeds the true region optimum, and is tight at the end
-    assert (pol["lb"] <= oracle * (1 + 1e-9)).all()
-    assert (pol["gap"] <= 1e-6).all()
+    assert (pol.lb <= oracle * (1 + 1e-9)).all()
+    assert (pol.gap <= 1e-6).all()
     # the polished point is a flip point of the model in the region of x0
     with torch.no_grad():
-        z = model(pol["x"])
+        z = model(pol.x)
     zs, zt = z.gather(1, pr.src[:, None])[:, 0], z.gather(1, pr.tgt[:, None])[:, 0]
     assert ((zs - zt).abs() <= 1e-9 * zs.abs().clamp(min=1)).all()
-    _, vals, tol, _ = F._sign_state(fn, pol["pattern"], pol["x"])
+    _, vals, tol, _ = F._sign_state(fn, pol.pattern, pol.x)
     assert (vals <= tol).all()
 
 
@@ -151,8 +153,8 @@ def test_region_bound_is_a_lower_bound_after_every_round():
     oracle = _oracles(model, xh, x0, pr)
     for rounds in (1, 2, 3):
         pol = F._region_polish(fn, pr, x0, 0.0, rounds=rounds, add=1, target_gap=0.0)
-        d = torch.sqrt(((pol["x"] - xh) ** 2).sum(1))
-        assert (pol["lb"] <= oracle * (1 + 1e-9)).all() and (d >= oracle * (1 - 1e-9)).all()
+        d = torch.sqrt(((pol.x - xh) ** 2).sum(1))
+        assert (pol.lb <= oracle * (1 + 1e-9)).all() and (d >= oracle * (1 - 1e-9)).all()
 
 
 def test_region_polish_with_scale_and_mask():
@@ -164,10 +166,10 @@ def test_region_polish_with_scale_and_mask():
     lo[:, fixed], hi[:, fixed] = xh[:, fixed], xh[:, fixed]
     prw = F._Problems(xh, lo, hi, w.expand(6, 4).clone(), pr.src, _problems(model, xh, x0).tgt)
     pol = F._region_polish(fn, prw, x0, 0.0, rounds=60, add=4, target_gap=0.0)
-    d = torch.sqrt((w * (pol["x"] - xh) ** 2).sum(1))
+    d = torch.sqrt((w * (pol.x - xh) ** 2).sum(1))
     oracle = _oracles(model, xh, x0, prw, w, fixed)
     torch.testing.assert_close(d, oracle, rtol=1e-6, atol=1e-9)
-    assert torch.equal(pol["x"][:, fixed], xh[:, fixed])
+    assert torch.equal(pol.x[:, fixed], xh[:, fixed])
 
 
 def _crossing_free(model, xh, fixed, seed):
@@ -194,8 +196,8 @@ def _crossing_free(model, xh, fixed, seed):
     return torch.stack(out)
 
 
-def _ctx(model, shape) -> F._Ctx:
-    return F._Ctx(model, model, shape, F64, F64, F64, 0.0, 1e-6, 1e-4, 20, 1, 64, False, True, 0)
+def _ctx(model, shape) -> _Setup:
+    return _Setup(FlipOptions().resolved(nonsmooth=True), model, model, shape, F64, F64, F64, 1, 64)
 
 
 def test_polish_certificate_refuses_a_point_it_did_not_solve():
@@ -207,24 +209,24 @@ def test_polish_certificate_refuses_a_point_it_did_not_solve():
     pol = F._region_polish(fn, pr, x0, 0.0, rounds=60, add=4, target_gap=0.0)
     ctx = _ctx(model, (4,))
     _, chk = F._polish_certificate(ctx, fn, pr, pol)
-    assert chk["ok"].all() and (chk["gap"] <= 1e-6).all()
+    assert chk.ok.all() and (chk.gap <= 1e-6).all()
     # the start: a flip point of the same region, but more than 1 % farther than its optimum (the bound LB) -> refused
-    far = torch.sqrt(((x0 - xh) ** 2).sum(1)) > 1.02 * pol["lb"]
+    far = torch.sqrt(((x0 - xh) ** 2).sum(1)) > 1.02 * pol.lb
     assert far.sum() >= 2
-    _, chk = F._polish_certificate(ctx, fn, pr, dict(pol, x=x0))
-    assert not chk["ok"][far].any()
-    assert (chk["gap"][far] > 0.01).all()
+    _, chk = F._polish_certificate(ctx, fn, pr, replace(pol, x=x0))
+    assert not chk.ok[far].any()
+    assert (chk.gap[far] > 0.01).all()
     # the optimum with the pattern of another region (x_hat's, which does not contain it): its bound does not count
     rec = F._FrozenPattern()
     with torch.no_grad(), rec:
         fn(xh)
-    other = dict(pol, pattern=rec.pattern)
-    _, v, tl, _ = F._sign_state(fn, other["pattern"], pol["x"])
+    other = replace(pol, pattern=rec.pattern)
+    _, v, tl, _ = F._sign_state(fn, other.pattern, pol.x)
     outside = ~(v <= tl).all(1)
     assert outside.any()
     _, chk2 = F._polish_certificate(ctx, fn, pr, other)
-    base = F._certify(ctx, pr, pol["x"])
-    torch.testing.assert_close(chk2["gap"][outside], base["gap"][outside], equal_nan=True)
+    base = F._certify(ctx, pr, pol.x)
+    torch.testing.assert_close(chk2.gap[outside], base.gap[outside], equal_nan=True)
 
 
 def test_shipped_mnist_cnn_all_certified_by_the_polish():

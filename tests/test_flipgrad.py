@@ -1,4 +1,4 @@
-"""Tests of flipfrag.flipgrad (differentiable closest flip points) against oracles: the closed-form Jacobian of the
+"""Tests of flipfrag.flip.gradient (differentiable closest flip points) against oracles: the closed-form Jacobian of the
 projection onto a hyperplane, central finite differences of the solver itself (re-solved at perturbed inputs and
 parameters), and hand-built degenerate active sets."""
 
@@ -255,7 +255,7 @@ class _Ball(nn.Module):
 def test_sphere_jacobian_and_radius_gradient_match_the_closed_form(dense_max):
     """x* = rho x/|x|: d x*/d x = rho (I - x x^T/|x|^2) / |x| (the curvature term makes it differ from the
     tangent projection by the factor rho/|x|), and d x*/d rho = x/|x|."""
-    from flipfrag.flipgrad import attach_gradients
+    from flipfrag.flip import attach_gradients
 
     model = _Ball(1.3)
     x0 = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
@@ -332,8 +332,7 @@ def test_degenerate_active_sets_give_nan_and_a_status(case, weight, bias, lower,
 @pytest.mark.parametrize("dense_max", [64, 0])
 def test_second_order_sufficiency_failure_gives_nan_and_a_status(dense_max):
     """From the centre of the sphere every boundary point is closest: the reduced Hessian is singular."""
-    from flipfrag.flip import FlipResult
-    from flipfrag.flipgrad import attach_gradients
+    from flipfrag.flip import FlipResult, attach_gradients
 
     model = _Ball(1.0)
     x = torch.zeros(2, 3, dtype=F64)
@@ -379,7 +378,7 @@ def test_second_order_sufficiency_failure_gives_nan_and_a_status(dense_max):
 def test_relu_net_derivative_is_the_scaled_projection():
     """ReLU nets have no curvature a.e., so H = D^2 and d x*/d x_hat = I - D^-2 a a^T / (a^T D^-2 a) with
     a = grad(z_s - z_t) at x* (one active constraint); the CG path stops after one iteration."""
-    from flipfrag.flipgrad import attach_gradients
+    from flipfrag.flip import attach_gradients
 
     model = _frozen(_erf_mlp(activation="relu", seed=2))
     x0 = torch.randn(6, 4, dtype=F64, generator=torch.Generator().manual_seed(4))
@@ -400,7 +399,7 @@ def test_relu_net_derivative_is_the_scaled_projection():
 
 
 def test_krylov_path_matches_the_dense_path(erf_problem):
-    from flipfrag.flipgrad import attach_gradients
+    from flipfrag.flip import attach_gradients
 
     model, x0, tgt = erf_problem
     model = _erf_mlp()  # with parameter gradients too
@@ -467,13 +466,13 @@ def test_points_certified_with_a_loose_kkt_tol_are_not_differentiated(erf_proble
 
 
 def test_bad_arguments_are_named():
-    from flipfrag.flipgrad import attach_gradients
+    from flipfrag.flip import attach_gradients
 
     model = _linear([[0, 0], [1, 0]])
     x = torch.tensor([[-1.0, 0.5]], dtype=F64)
     with pytest.raises(TypeError, match="differentiable"):
         closest_flip_point(model, x, differentiable="yes")
-    import flipfrag.flip as flip_module
+    import flipfrag.flip.api as flip_module
 
     def no_solve(*args, **kwargs):
         raise AssertionError("solved before checking the arguments")
@@ -498,7 +497,7 @@ def test_float32_model_and_input(erf_problem):
     the float64 one to float32 accuracy, in x's dtype, on the dense and the CG path."""
     import copy
 
-    from flipfrag.flipgrad import attach_gradients
+    from flipfrag.flip import attach_gradients
 
     model, x0, tgt = erf_problem
     x = x0.clone().requires_grad_(True)
@@ -526,7 +525,7 @@ def test_weak_constraints_kept_active_give_the_one_sided_derivative(weight, lowe
     """weak="active": at x_hat = (-1, 0), x* = (0, 0) with a weakly active constraint (x_2 <= 0 via class 2, or
     the bound x_2 >= 0). On the branch where it stays active (x_hat_2 moving by `side`) the derivative is 0, which
     one-sided re-solves confirm; on the other branch x_2 would follow x_hat_2."""
-    from flipfrag.flipgrad import attach_gradients
+    from flipfrag.flip import attach_gradients
 
     model = _linear(weight)
     x0 = torch.tensor([[-1.0, 0.0]], dtype=F64)

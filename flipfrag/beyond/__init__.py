@@ -21,7 +21,7 @@ from .boundary import (
     certified_distance,
     curvature,
 )
-from .cases import CASES, beyond_setting, flip_solver_settings
+from .cases import CASES, beyond_setting, flip_arguments, flip_solver_options, sg_attack
 from .claims import boundary_claims, flip_claims
 from .correlation import Correlation, bootstrap_indices, spearman_ci, spearman_rows
 from .flipmap import (
@@ -29,13 +29,13 @@ from .flipmap import (
     SURROGATE_BETA,
     FlipCenterAttack,
     FlipRandomSignAttack,
+    FlipStudy,
     FlipTopKAttack,
     differentiable_available,
     flip_explanation,
     flip_explanation_map,
     flip_fragility_rows,
     flip_surrogate,
-    sg_attack,
     summarize_flip_fragility,
     transfer_attack,
 )
@@ -44,10 +44,10 @@ from .plots import plot_boundary_vs_fragility, plot_flip_explanation_fragility
 __all__ = [
     "PAIRS", "boundary_correlations", "boundary_examples", "boundary_flips", "boundary_frame", "certified_distance",
     "curvature",
-    "CASES", "beyond_setting", "flip_solver_settings", "boundary_claims", "flip_claims",
+    "CASES", "beyond_setting", "flip_arguments", "flip_solver_options", "boundary_claims", "flip_claims",
     "plot_boundary_vs_fragility", "plot_flip_explanation_fragility",
     "Correlation", "bootstrap_indices", "spearman_ci", "spearman_rows",
-    "FLIP_METHOD", "SURROGATE_BETA", "flip_surrogate",
+    "FLIP_METHOD", "SURROGATE_BETA", "FlipStudy", "flip_surrogate",
     "FlipCenterAttack", "FlipRandomSignAttack", "FlipTopKAttack", "differentiable_available",
     "flip_explanation", "flip_explanation_map", "flip_fragility_rows", "sg_attack", "summarize_flip_fragility",
     "transfer_attack",

@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 
 from ..flip import FlipResult
-from ..flipstats import cached_flip_points
+from ..flippoints import cached_flip_points
 from ..fragility.grid import grid_for, grid_spec
 from ..fragility.settings import ImageSetting
 from ..hessian import score_fn, top_eigenpairs
 from ..smooth import has_relu, softplus_surrogate
-from .cases import flip_solver_settings, grid_overrides
+from .cases import flip_arguments, grid_overrides, sg_attack
 from .correlation import spearman_ci
 
 __all__ = ["boundary_flips", "certified_distance", "curvature", "fragility_cells", "boundary_frame",
@@ -42,11 +42,11 @@ PAIRS = (
 def boundary_flips(setting: ImageSetting, prof: dict[str, Any], *, n: int | None = None,
                    box: bool = True) -> FlipResult:  # fmt: skip
     """Closest flip points (toward the closest other class) of the first ``n`` images of a setting (default all),
-    with :func:`flipfrag.beyond.cases.flip_solver_settings`; solved once and cached
-    (:func:`flipfrag.flipstats.cached_flip_points`, shared by both beyond notebooks)."""
+    with :func:`flipfrag.beyond.cases.flip_arguments`; solved once and cached
+    (:func:`flipfrag.flippoints.cached_flip_points`, shared by both beyond notebooks)."""
     x = setting.x if n is None else setting.x[:n]
     return cached_flip_points(setting.model, x, name=f"beyond-{setting.model_name}",
-                              **flip_solver_settings(setting, prof, box=box))  # fmt: skip
+                              **flip_arguments(setting, prof, box=box))  # fmt: skip
 
 
 def certified_distance(res: FlipResult, n: int) -> np.ndarray:
@@ -136,12 +136,10 @@ def boundary_examples(setting: ImageSetting, prof: dict[str, Any], frame: pd.Dat
                       method: str = "gradient", eps: float = 8 / 255) -> list[dict[str, Any]]:  # fmt: skip
     """The least and the most fragile image (by ``method``'s top-k ∩ after the top-k attack in ``frame``, among the
     images with a certified flip point) with the map before / after that attack, re-run on those two images with the
-    grid cell's settings (:func:`flipfrag.beyond.flipmap.sg_attack` for the simple gradient), for the figure's
+    grid cell's settings (:func:`flipfrag.beyond.cases.sg_attack` for the simple gradient), for the figure's
     example panels. Per image: ``role`` ("least fragile" / "most fragile"), ``image``, ``label``, ``x``,
     ``distance``, ``curvature``, ``map``, ``map_adv``, ``topk`` (of the re-run; equal to the frame's cell value).
     Empty when fewer than two images are certified."""
-    from .flipmap import sg_attack
-
     if method != "gradient":
         raise ValueError(f"method: only 'gradient' (the simple gradient) has example panels, got {method!r}")
     g = frame[(frame.model == setting.model_name) & (frame.method == method) & frame.certified.astype(bool)]

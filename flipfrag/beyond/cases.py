@@ -15,15 +15,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
+from ..attacks import MassCenterAttack, TopKAttack
+from ..flip import FlipOptions
+from ..fragility.grid import GridSpec
 from ..fragility.settings import ImageSetting, image_setting, prepare_setting
 
-__all__ = ["CASES", "beyond_setting", "flip_solver_settings", "grid_overrides"]
+__all__ = ["CASES", "beyond_setting", "flip_arguments", "flip_solver_options", "grid_overrides", "sg_attack"]
 
 CASES = ("mnist-erf", "cifar10-cnn")
 
 
 def _mnist_erf(prof: dict[str, Any], *, n: int, seed: int) -> ImageSetting:
-    from ..flipstats import trained_variant
+    from ..flippoints import trained_variant
 
     model, data, meta = trained_variant("mnist-erf", "erf", prof, seed=seed)
     dtype = next(model.parameters()).dtype
@@ -50,20 +55,26 @@ def beyond_setting(case: str, prof: dict[str, Any], *, n: int, seed: int = 0) ->
     return image_setting("cifar", prof, seed=seed, n=min(n, 20))
 
 
-def flip_solver_settings(setting: ImageSetting, prof: dict[str, Any], *, box: bool = True) -> dict[str, Any]:
-    """Settings of :func:`flipfrag.flip.closest_flip_point` for a case: the pixel box [0, 1] (``box=False``: no
-    bounds, a labelled variant: boxed MNIST flip points have no derivative, see :mod:`flipfrag.beyond.flipmap`), the
-    profile's
-    ``flip_tol`` / ``flip_max_iter``, ``max_ineq=2`` (as ``flipstats.flip_settings`` for images). The float32 ReLU
-    CIFAR-10 CNN: relative tolerance 1e-5 (its float32 scores carry rounding errors of that order, see the solver's
-    ``tol``), ``screen=1`` target and ``beyond_cifar_flip_iters`` iterations (~3 s per photo at 20)."""
-    s: dict[str, Any] = {"lower": 0.0, "upper": 1.0, "tol": float(prof["flip_tol"]),
-                         "max_iter": int(prof["flip_max_iter"]), "max_ineq": 2}  # fmt: skip
-    if not box:
-        del s["lower"], s["upper"]
+def flip_solver_options(setting: ImageSetting, prof: dict[str, Any]) -> FlipOptions:
+    """The solver options of a case: the flip-point notebooks' options for images (:func:`flipfrag.flippoints.
+    flip_options`: the profile's ``flip_tol`` / ``flip_max_iter``, ``max_ineq=2``). The float32 ReLU CIFAR-10 CNN:
+    relative tolerance 1e-5 (its float32 scores carry rounding errors of that order, see
+    :class:`~flipfrag.flip.FlipOptions`), ``screen=1`` target and ``beyond_cifar_flip_iters`` iterations (~3 s per
+    photo at 20)."""
+    from ..flippoints import flip_options
+
+    over: dict[str, Any] = {}
     if setting.model_name == "cifar10-cnn":
-        s.update(tol=max(float(prof["flip_tol"]), 1e-5), screen=1, max_iter=int(prof["beyond_cifar_flip_iters"]))
-    return s
+        over = dict(tol=max(float(prof["flip_tol"]), 1e-5), screen=1, max_iter=int(prof["beyond_cifar_flip_iters"]))
+    return flip_options(prof, images=True, **over)
+
+
+def flip_arguments(setting: ImageSetting, prof: dict[str, Any], *, box: bool = True) -> dict[str, Any]:
+    """Keyword arguments of :func:`flipfrag.flip.closest_flip_point` for a case: the pixel box ``lower=0``,
+    ``upper=1`` (``box=False``: no bounds, a labelled variant: boxed MNIST flip points have no derivative, see
+    :mod:`flipfrag.beyond.flipmap`) and ``options`` (:func:`flip_solver_options`)."""
+    box_kw = {"lower": 0.0, "upper": 1.0} if box else {}
+    return {**box_kw, "options": flip_solver_options(setting, prof)}
 
 
 def grid_overrides(setting: ImageSetting, prof: dict[str, Any]) -> dict[str, Any]:
@@ -73,3 +84,14 @@ def grid_overrides(setting: ImageSetting, prof: dict[str, Any]) -> dict[str, Any
     if setting.model_name == "cifar10-cnn":
         return {}
     return {"iters": int(prof["beyond_mnist_iters"]), "method_iters": {}}
+
+
+def sg_attack(spec: GridSpec, model: nn.Module, attack: str, eps: float) -> TopKAttack | MassCenterAttack:
+    """The top-k or center attack on the simple-gradient map exactly as the grid cell of ``spec`` builds it
+    (:func:`flipfrag.fragility.grid.run_attack_grid`): its perturbations are the ones transferred."""
+    if attack not in ("topk", "center"):
+        raise ValueError(f"attack must be 'topk' or 'center', got {attack!r}")
+    cls = TopKAttack if attack == "topk" else MassCenterAttack
+    return cls(model, "gradient", eps=float(eps), step=spec.step, iters=spec.iters_for("gradient"), beta=spec.beta,
+               k=spec.k, method_kwargs=spec.method_kwargs.get("gradient", {}), floor_center=spec.floor_center,
+               record_metrics=True, progress=False)  # fmt: skip

@@ -16,8 +16,8 @@ and metrics):
   simple-gradient map, applied unchanged to the flip explanation.
 
 **ReLU networks: the surrogate direction.** The closest flip point of a ReLU network usually lies on a kink of its
-decision boundary, where ``x_flip`` has no derivative (:mod:`flipfrag.flipgrad`). As paper 2 does for saliency maps,
-the top-k / center attacks then take their step *direction* from a smooth surrogate (``surrogate=``, e.g.
+decision boundary, where ``x_flip`` has no derivative (:mod:`flipfrag.flip.gradient`). As paper 2 does for saliency
+maps, the top-k / center attacks then take their step *direction* from a smooth surrogate (``surrogate=``, e.g.
 :func:`flip_surrogate`: the same weights with ReLU -> softplus(beta) and max-pooling -> log-sum-exp pooling(beta),
 :func:`flipfrag.smooth.softplus_surrogate` ``maxpool=True``): the direction differentiates the *surrogate's* flip
 map through ``closest_flip_point(surrogate, x, differentiable=True)`` (``surrogate_solver``: extra solver
@@ -34,8 +34,8 @@ every returned image the study also records whether the closest flip point still
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from dataclasses import fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -45,17 +45,18 @@ from torch import nn
 
 from ..attacks import MassCenterAttack, RandomSignAttack, TopKAttack
 from ..flip import FlipResult, closest_flip_point
-from ..fragility.grid import GridSpec, grid_for, grid_spec
+from ..fragility.grid import grid_for, grid_spec
 from ..fragility.paper import METHODS
 from ..fragility.settings import ImageSetting
 from ..metrics import ReferenceMaps
 from ..saliency import saliency_map
 from ..smooth import softplus_surrogate
 from .boundary import boundary_flips
-from .cases import flip_solver_settings, grid_overrides
+from .cases import flip_arguments, grid_overrides, sg_attack
 
 __all__ = [
     "FLIP_METHOD",
+    "FlipStudy",
     "SURROGATE_BETA",
     "differentiable_available",
     "flip_surrogate",
@@ -64,7 +65,6 @@ __all__ = [
     "FlipRandomSignAttack",
     "FlipTopKAttack",
     "FlipCenterAttack",
-    "sg_attack",
     "transfer_attack",
     "flip_fragility_rows",
     "summarize_flip_fragility",
@@ -90,8 +90,13 @@ def flip_surrogate(model: nn.Module, beta: float = SURROGATE_BETA) -> nn.Module:
 
 
 def differentiable_available() -> bool:
-    """Whether :func:`flipfrag.flip.closest_flip_point` takes ``differentiable=True`` (x_flip carrying gradients)."""
-    return "differentiable" in inspect.signature(closest_flip_point).parameters
+    """Whether :func:`flipfrag.flip.closest_flip_point` takes ``differentiable=True`` (x_flip carrying gradients): a
+    keyword of the call or, since the solver's settings live in :class:`~flipfrag.flip.FlipOptions`, a field of its
+    options."""
+    from ..flip import FlipOptions
+
+    return "differentiable" in inspect.signature(closest_flip_point).parameters or "differentiable" in {
+        f.name for f in fields(FlipOptions)}
 
 
 def flip_explanation_map(x: torch.Tensor, x_flip: torch.Tensor) -> torch.Tensor:
@@ -119,7 +124,7 @@ class _FlipMap:
     """Mixin: the attacked "saliency method" is the flip explanation (see the module docstring).
 
     ``solver``: keyword arguments of :func:`flipfrag.flip.closest_flip_point`; ``weak``: see
-    :func:`flipfrag.flipgrad.attach_gradients`; ``surrogate``: ``None`` (the direction differentiates the model's own
+    :func:`flipfrag.flip.attach_gradients`; ``surrogate``: ``None`` (the direction differentiates the model's own
     flip map) or a smooth ``nn.Module`` with the model's classes whose flip map gives the direction (e.g.
     :func:`flip_surrogate`); ``surrogate_solver``: solver arguments that differ for the surrogate's solve (e.g.
     ``target``, one per image of the attacked batch). The model's flip points at the images evaluated are kept
@@ -258,10 +263,10 @@ def _derivative_ok(status: list[str] | None, n: int, device) -> torch.Tensor:
 
 def _flip_with_derivative(model: nn.Module, x: torch.Tensor, solver: dict[str, Any], weak: str) -> FlipResult:
     """``closest_flip_point(..., differentiable=True)``; ``weak="active"``: weakly active bounds / inequalities kept
-    active (:func:`flipfrag.flipgrad.attach_gradients`, the one-sided derivative of that branch)."""
+    active (:func:`flipfrag.flip.attach_gradients`, the one-sided derivative of that branch)."""
     if weak == "nan":
         return closest_flip_point(model, x, differentiable=True, **solver)
-    from ..flipgrad import attach_gradients
+    from ..flip import attach_gradients
 
     res = closest_flip_point(model, x.detach(), **solver)
     return attach_gradients(res, model, x, lower=solver.get("lower"), upper=solver.get("upper"), weak=weak)
@@ -278,17 +283,6 @@ class FlipTopKAttack(_FlipMap, TopKAttack):
 
 class FlipCenterAttack(_FlipMap, MassCenterAttack):
     """Center-of-mass attack on the flip explanation, differentiated through the flip solver."""
-
-
-def sg_attack(spec: GridSpec, model: nn.Module, attack: str, eps: float) -> TopKAttack | MassCenterAttack:
-    """The top-k or center attack on the simple-gradient map exactly as the grid cell of ``spec`` builds it
-    (:func:`flipfrag.fragility.grid.run_attack_grid`): its perturbations are the ones transferred."""
-    if attack not in ("topk", "center"):
-        raise ValueError(f"attack must be 'topk' or 'center', got {attack!r}")
-    cls = TopKAttack if attack == "topk" else MassCenterAttack
-    return cls(model, "gradient", eps=float(eps), step=spec.step, iters=spec.iters_for("gradient"), beta=spec.beta,
-               k=spec.k, method_kwargs=spec.method_kwargs.get("gradient", {}), floor_center=spec.floor_center,
-               record_metrics=True, progress=False)  # fmt: skip
 
 
 def transfer_attack(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, map0: torch.Tensor,
@@ -352,18 +346,80 @@ def _flip_attack_values(atk, x: torch.Tensor, y: torch.Tensor, target0: torch.Te
     return vals, out
 
 
-def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0,
-                        epsilons: Sequence[float] | None = None, methods: Sequence[str] = METHODS,
-                        attacks: Sequence[str] = ("random", "topk", "center"),
-                        transfer: Sequence[str] = ("topk", "center"), n_flip: int | None = None, box: bool = True,
-                        differentiated_eps: Sequence[float] | None = None, weak: str = "nan",
-                        surrogate_beta: float | None = None, surrogate_solver: dict[str, Any] | None = None,
-                        flip_iters: int | None = None,
-                        flip_step: float | None = None, n_differentiated: int | None = None,
-                        n_examples: int = 0,
-                        progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
-    """Study 2 on one network: per-image rows (model, method, attack, eps, eps255, image, topk, spearman, center,
-    label_kept, flip_certified, target_kept, available) for the saliency ``methods`` (the cached attack-grid cells of
+def _own_attack_values(atk, x, y, target0, res_sel, has_d):
+    """The flip map's own top-k / center attack on the images with a derivative (``has_d``), from the reference
+    map of their original flip points (``res_sel``, not a re-solve). Returns the metrics (N,) — 0 where not attacked
+    —, where a derivative was seen (N,) and the attack's output."""
+    n = len(x)
+    atk.remember(x[has_d], res_sel)
+    part, out = _flip_attack_values(atk, x[has_d], y[has_d], target0[has_d])
+    avail = torch.zeros(n, dtype=torch.bool)
+    avail[has_d.cpu()] = atk.derivative_seen.cpu()
+    vals = {}
+    for key, v in part.items():
+        full = torch.zeros(n, dtype=v.dtype, device=v.device)
+        full[has_d] = v
+        vals[key] = full
+    return vals, avail, out
+
+
+#: the columns of study 2's rows
+_ROW_COLUMNS = ["model", "method", "attack", "eps", "eps255", "image", *_ROW_METRICS, "label_kept", "flip_certified",
+                "target_kept", "available"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FlipStudy:
+    """What study 2 runs on one network (:func:`flip_fragility_rows`), checked once. ``epsilons`` (default
+    ``prof["epsilons"]``), the saliency ``methods``, the flip map's own ``attacks`` and the ``transfer``-red
+    simple-gradient attacks, ``n_flip`` (images solved, default all), ``box``, ``differentiated_eps`` (default every
+    ε), ``weak``, ``surrogate_beta`` / ``surrogate_solver``, ``flip_iters`` / ``flip_step``, ``n_differentiated``,
+    ``n_examples``: see :func:`flip_fragility_rows`."""
+
+    epsilons: tuple[float, ...] | None = None
+    methods: tuple[str, ...] = tuple(METHODS)
+    attacks: tuple[str, ...] = ("random", "topk", "center")
+    transfer: tuple[str, ...] = ("topk", "center")
+    n_flip: int | None = None
+    box: bool = True
+    differentiated_eps: tuple[float, ...] | None = None
+    weak: str = "nan"
+    surrogate_beta: float | None = None
+    surrogate_solver: Mapping[str, Any] | None = None
+    flip_iters: int | None = None
+    flip_step: float | None = None
+    n_differentiated: int | None = None
+    n_examples: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epsilons", "methods", "attacks", "transfer", "differentiated_eps"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(v))
+        for a in self.attacks:
+            if a not in ("random", "topk", "center"):
+                raise ValueError(f"attacks: unknown attack {a!r}")
+        for a in self.transfer:
+            if a not in ("topk", "center"):
+                raise ValueError(f"transfer: unknown attack {a!r}")
+        beta = self.surrogate_beta
+        if beta is not None and not (isinstance(beta, (int, float)) and beta > 0):
+            raise ValueError(f"surrogate_beta must be None or a number > 0, got {beta!r}")
+        nd = self.n_differentiated
+        if nd is not None and (not isinstance(nd, int) or nd < 0):
+            raise ValueError(f"n_differentiated must be None or an integer >= 0, got {nd!r}")
+        extra = dict(self.surrogate_solver or {})
+        if beta is None and extra:
+            raise ValueError("surrogate_solver is given but surrogate_beta is None")
+        if "target" in extra or "differentiable" in extra:
+            raise ValueError("surrogate_solver: target and differentiable are set by the study, do not pass them")
+
+
+def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0, study: FlipStudy | None = None,
+                        progress: bool = False, **overrides: Any) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
+    """Study 2 on one network (``study``: a :class:`FlipStudy`, its fields also as keywords): per-image rows
+    (model, method, attack, eps, eps255, image, topk, spearman, center, label_kept, flip_certified, target_kept,
+    available) for the saliency ``methods`` (the cached attack-grid cells of
     :func:`flipfrag.fragility.grid_for`, the fragility notebooks' settings)
     and for the flip explanation (``method="flip"``): its own random / top-k / center attacks
     (``prof["beyond_flip_iters"]`` iterations, at the ``differentiated_eps`` (default: every ε); rows with
@@ -371,7 +427,7 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     the image — degenerate active set, ``info["grad_status"]``) and ``transfer-topk`` / ``transfer-center``: the
     simple-gradient attacks' perturbations. ``box=False``: flip points without the pixel box (a labelled variant,
     model name ``"<name> (no box)"``); ``weak="active"``: the one-sided derivative where bounds are weakly active
-    (:func:`flipfrag.flipgrad.attach_gradients`; model name ``"<name> (one-sided derivative)"``).
+    (:func:`flipfrag.flip.attach_gradients`; model name ``"<name> (one-sided derivative)"``).
 
     ``surrogate_beta`` (for ReLU networks, whose flip points lie on kinks): the own top-k / center attacks take their
     direction from the flip map of :func:`flip_surrogate` ``(model, surrogate_beta)``, solved toward the target class
@@ -392,70 +448,57 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     """
     import time
 
-    eps_grid = tuple(float(e) for e in (prof["epsilons"] if epsilons is None else epsilons))
-    for a in attacks:
-        if a not in ("random", "topk", "center"):
-            raise ValueError(f"attacks: unknown attack {a!r}")
-    for a in transfer:
-        if a not in ("topk", "center"):
-            raise ValueError(f"transfer: unknown attack {a!r}")
-    if surrogate_beta is not None and not (isinstance(surrogate_beta, (int, float)) and surrogate_beta > 0):
-        raise ValueError(f"surrogate_beta must be None or a number > 0, got {surrogate_beta!r}")
-    if n_differentiated is not None and (not isinstance(n_differentiated, int) or n_differentiated < 0):
-        raise ValueError(f"n_differentiated must be None or an integer >= 0, got {n_differentiated!r}")
-    solver = flip_solver_settings(setting, prof, box=box)
-    res0 = boundary_flips(setting, prof, n=n_flip, box=box)
+    st = replace(study or FlipStudy(), **overrides)
+    eps_grid = tuple(float(e) for e in (prof["epsilons"] if st.epsilons is None else st.epsilons))
+    solver = flip_arguments(setting, prof, box=st.box)
+    res0 = boundary_flips(setting, prof, n=st.n_flip, box=st.box)
     ok = res0.converged.to(setting.x.device)
     n_solved = len(res0)
-    name = setting.model_name + ("" if box else " (no box)") + (" (one-sided derivative)" if weak == "active" else "")
-    info: dict[str, Any] = {"model": name, "n_images": n_solved, "n_certified": int(ok.sum()), "box": box,
-                            "differentiable": differentiable_available(), "surrogate_beta": surrogate_beta,
+    name = setting.model_name + ("" if st.box else " (no box)")
+    name += " (one-sided derivative)" if st.weak == "active" else ""
+    info: dict[str, Any] = {"model": name, "n_images": n_solved, "n_certified": int(ok.sum()), "box": st.box,
+                            "differentiable": differentiable_available(), "surrogate_beta": st.surrogate_beta,
                             "n_differentiated": 0, "examples": [], "seconds": {}}  # fmt: skip
     if not ok.any():
-        return pd.DataFrame(columns=["model", "method", "attack", "eps", "eps255", "image", *_ROW_METRICS,
-                                     "label_kept", "flip_certified", "target_kept", "available"]), info  # fmt: skip
+        return pd.DataFrame(columns=_ROW_COLUMNS), info
     sub = replace(setting, x=setting.x[:n_solved][ok], y=setting.y[:n_solved][ok])
     x, y, n = sub.x, sub.y, int(ok.sum())
     map0 = flip_explanation_map(x, res0.x_flip[ok].to(x.dtype))
     target0 = res0.target[ok]
     over = grid_overrides(setting, prof)
-    spec = grid_spec(sub, prof, seed=seed, methods=methods, attacks=tuple(dict.fromkeys([*attacks, *transfer])),
-                     epsilons=eps_grid, **over)  # fmt: skip
+    spec = grid_spec(sub, prof, seed=seed, methods=st.methods,
+                     attacks=tuple(dict.fromkeys([*st.attacks, *st.transfer])), epsilons=eps_grid, **over)  # fmt: skip
     t = time.perf_counter()
-    grid = grid_for(sub, prof, seed=seed, methods=methods, attacks=spec.attacks, epsilons=eps_grid,
+    grid = grid_for(sub, prof, seed=seed, methods=st.methods, attacks=spec.attacks, epsilons=eps_grid,
                     progress=progress, **over)  # fmt: skip
     info["seconds"]["saliency grid"] = time.perf_counter() - t
     grid = grid.assign(model=name, flip_certified=None, target_kept=None, available=True)
     rows: list[dict[str, Any]] = []
     common = dict(solver=solver, k=spec.k, floor_center=spec.floor_center, progress=False)
-    diff_eps = eps_grid if differentiated_eps is None else tuple(float(e) for e in differentiated_eps)
+    diff_eps = eps_grid if st.differentiated_eps is None else tuple(float(e) for e in st.differentiated_eps)
     has_d = torch.zeros(n, dtype=torch.bool, device=x.device)
-    dmodel = sub.model if surrogate_beta is None else flip_surrogate(sub.model, surrogate_beta)
-    extra = dict(surrogate_solver or {})
-    if surrogate_beta is None and extra:
-        raise ValueError("surrogate_solver is given but surrogate_beta is None")
-    if "target" in extra or "differentiable" in extra:
-        raise ValueError("surrogate_solver: target and differentiable are set by the study, do not pass them")
-    dsolver = solver if surrogate_beta is None else {**solver, **extra, "target": target0}
-    own = {"topk": "topk", "center": "center"} if surrogate_beta is None else {
+    dmodel = sub.model if st.surrogate_beta is None else flip_surrogate(sub.model, st.surrogate_beta)
+    extra = dict(st.surrogate_solver or {})
+    dsolver = solver if st.surrogate_beta is None else {**solver, **extra, "target": target0}
+    own = {"topk": "topk", "center": "center"} if st.surrogate_beta is None else {
         "topk": "surrogate-topk", "center": "surrogate-center"}  # fmt: skip
-    if info["differentiable"] and any(a in ("topk", "center") for a in attacks):
+    if info["differentiable"] and any(a in ("topk", "center") for a in st.attacks):
         t = time.perf_counter()
-        res_d = _flip_with_derivative(dmodel, x, dsolver, weak)
+        res_d = _flip_with_derivative(dmodel, x, dsolver, st.weak)
         status = res_d.grad_status or ["not differentiable"] * n
         has_d = res_d.converged.to(x.device) & _derivative_ok(status, n, x.device)
         info["grad_status"] = list(status)
         info["seconds"]["derivative check"] = time.perf_counter() - t
     info["n_derivative"] = int(has_d.sum())
-    if n_differentiated is not None:  # the budget: only the first n_differentiated images with a derivative
-        has_d &= torch.cumsum(has_d.long(), 0) <= n_differentiated
+    if st.n_differentiated is not None:  # the budget: only the first n_differentiated images with a derivative
+        has_d &= torch.cumsum(has_d.long(), 0) <= st.n_differentiated
     info["n_differentiated"] = int(has_d.sum())
-    iters = int(prof["beyond_flip_iters"]) if flip_iters is None else int(flip_iters)
-    step = spec.step if flip_step is None else float(flip_step)
+    iters = int(prof["beyond_flip_iters"]) if st.flip_iters is None else int(st.flip_iters)
+    step = spec.step if st.flip_step is None else float(st.flip_step)
     t = time.perf_counter()
     examples: dict[str, Any] = {}
     for eps in eps_grid:
-        for a in attacks:
+        for a in st.attacks:
             if eps == 0 and a != "random":
                 continue  # eps = 0: one unperturbed re-solve (the random row) stands for every attack
             if a == "random":
@@ -468,28 +511,20 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
                 continue
             else:
                 # only images where x_flip has a derivative at x: elsewhere the direction is 0 and x never moves
-                cls = FlipTopKAttack if a == "topk" else FlipCenterAttack
                 sur = {}
-                if surrogate_beta is not None:
+                if st.surrogate_beta is not None:
                     sur = {"surrogate": dmodel, "surrogate_solver": {**extra, "target": target0[has_d]}}
-                atk = cls(sub.model, eps=eps, step=step, iters=iters, weak=weak, **sur, **common)
-                atk.remember(x[has_d], _select(res0, ok, has_d))  # the reference map is map0, not a re-solve
-                part, out = _flip_attack_values(atk, x[has_d], y[has_d], target0[has_d])
+                atk = (FlipTopKAttack if a == "topk" else FlipCenterAttack)(
+                    sub.model, eps=eps, step=step, iters=iters, weak=st.weak, **sur, **common)
+                vals, avail, out = _own_attack_values(atk, x, y, target0, _select(res0, ok, has_d), has_d)
                 if a == "topk" and eps == max(diff_eps):
                     examples["own"] = (has_d.clone(), out)
-                avail = torch.zeros(n, dtype=torch.bool)
-                avail[has_d.cpu()] = atk.derivative_seen.cpu()
-                vals = {}
-                for key, v in part.items():
-                    full = torch.zeros(n, dtype=v.dtype, device=v.device)
-                    full[has_d] = v
-                    vals[key] = full
                 rows += _rows(name, FLIP_METHOD, own[a], eps, vals, n, available=avail)
                 continue
             rows += _rows(name, FLIP_METHOD, "none" if eps == 0 else a, eps, vals, n)
         if eps == 0:
             continue
-        for a in transfer:
+        for a in st.transfer:
             sg_out = sg_attack(spec, sub.model, a, eps)(x, y)
             vals = transfer_attack(sub.model, sg_out.x_adv, y, map0, target0, k=spec.k, solver=solver,
                                    floor_center=spec.floor_center)  # fmt: skip
@@ -497,7 +532,7 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
                 examples["sg"] = (sg_out, vals)
             rows += _rows(name, FLIP_METHOD, f"transfer-{a}", eps, vals, n)
     info["seconds"]["flip explanation"] = time.perf_counter() - t
-    info["examples"] = _examples(sub, map0, examples, n_examples, torch.nonzero(ok.cpu())[:, 0].tolist())
+    info["examples"] = _examples(sub, map0, examples, st.n_examples, torch.nonzero(ok.cpu())[:, 0].tolist())
     flip_rows = pd.DataFrame(rows)
     keep = [c for c in flip_rows.columns if c in grid.columns]
     grid.loc[grid.eps == 0, "attack"] = "none"

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .grid import _check_list
+from .._checks import check_names
 from .paper import METHODS
 from .settings import ImageSetting, grid_sizes
 
@@ -45,7 +45,7 @@ def attack_examples(setting: ImageSetting, prof: dict[str, Any], *, attack: str 
         raise ValueError(f"attack must be one of {sorted(classes)}, got {attack!r}")
     if attack == "targeted" and mask is None:
         raise ValueError("mask: the targeted attack needs a target region")
-    methods = _check_list("methods", methods, METHODS)
+    methods = check_names("methods", methods, METHODS)
     n = len(setting.x) if n is None else int(n)
     if not 1 <= n <= len(setting.x):
         raise ValueError(f"n must be in [1, {len(setting.x)}], got {n}")

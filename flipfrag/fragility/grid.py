@@ -16,8 +16,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .._checks import check_int as _check_int
+from .._checks import check_names as _check_list
 from .._io import atomic_write, cache_dir, sha256_files
-from ..attacks import _check_int
 from ..engine import EngineCacheError, Task, TaskCache, TaskResult, default_device, run_tasks
 from .paper import _LOWER_IS_MORE_CHANGE, ATTACKS, GRID_METHODS, METHODS, METRICS, paper_grid, role_k
 from .settings import ROLES, ImageSetting, grid_sizes
@@ -69,7 +70,7 @@ CELL_COLUMNS = ["method", "attack", "eps", "eps255", "image", "label", "map_h", 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        from ..models import tensor_hash
+        from .._io import tensor_hash
 
         return {"tensor_sha256": tensor_hash(value.detach().cpu()), "shape": list(value.shape)}
     if isinstance(value, dict):
@@ -83,7 +84,7 @@ def _jsonable(value: Any) -> Any:
 
 def grid_cache_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any]) -> str:
     """sha256 (first 24 hex) of the model's weights, the images, the labels and every setting of the grid."""
-    from ..models import tensor_hash
+    from .._io import tensor_hash
 
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -156,15 +157,6 @@ class GridCellCache(TaskCache):
         except GridCacheError as err:
             raise EngineCacheError(str(err)) from err
         return TaskResult(key=key, value=df, device="cpu", dtype="", seconds=0.0, worker="", cached=True)
-
-
-def _check_list(name: str, values: Sequence[str], allowed: Sequence[str]) -> list[str]:
-    if isinstance(values, str) or not isinstance(values, Sequence) or len(values) == 0:
-        raise ValueError(f"{name} must be a non-empty sequence of names from {list(allowed)}, got {values!r}")
-    bad = [v for v in values if v not in allowed]
-    if bad:
-        raise ValueError(f"{name}: unknown {bad}; choose from {list(allowed)}")
-    return list(values)
 
 
 def _confidence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

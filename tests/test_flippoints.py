@@ -1,4 +1,4 @@
-"""flipstats against oracles: scikit-learn metrics, closed-form linear flip points, hand-made direction matrices
+"""flippoints against oracles: scikit-learn metrics, closed-form linear flip points, hand-made direction matrices
 with known PCA / RR-QR answers, a retraining protocol with a known answer, models that ignore / use a protected
 column by construction, and the flip-point cache (write, reuse, corrupt, stale)."""
 
@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from flipfrag import flipstats as fs
+from flipfrag import flippoints as fs
 from flipfrag.flip import closest_flip_point
 from flipfrag.models import MLP, train
 
@@ -423,18 +423,32 @@ def test_flip_cache_reuses_rejects_corruption_and_stale_keys(blob_mlp, tmp_path)
         fs.cached_flip_points(model, x, name="a/b", cache=tmp_path)
 
 
-def test_flip_settings_follow_the_profile():
+def test_flip_options_follow_the_profile():
     prof = {"flip_tol": 1e-6, "flip_max_iter": 77, "flip_restarts": 2}
 
     class Tab:
         feature_names = ["a"]
         lower, upper = torch.zeros(1), torch.ones(1)
 
-    s = fs.flip_settings(prof, Tab)
-    assert s["max_iter"] == 77 and s["restarts"] == 2 and s["homotopy"] is True and s["lower"].dtype == torch.float64
-    assert fs.flip_settings(prof, Tab, restricted=True)["homotopy"] is False
-    s = fs.flip_settings(prof, None, images=True, max_iter=5)
-    assert "restarts" not in s and s["max_iter"] == 5
+    o = fs.flip_options(prof, images=fs.is_image_data(Tab))
+    assert o.max_iter == 77 and o.restarts == 2 and o.homotopy is True and o.max_ineq == 8
+    assert fs.data_bounds(Tab)["lower"].dtype == torch.float64
+    assert fs.flip_options(prof, images=False, restricted=True).homotopy is False
+    o = fs.flip_options(prof, images=True, max_iter=5)
+    assert o.restarts == 0 and not o.homotopy and o.max_iter == 5 and o.max_ineq == 2
+    assert fs.data_bounds(None) == {}
+
+
+def test_cache_keys_do_not_depend_on_how_the_settings_are_passed():
+    from flipfrag.flip import FlipOptions
+
+    model, x = torch.nn.Linear(3, 2).double().eval(), torch.zeros(2, 3, dtype=torch.float64)
+    key = fs.flip_cache_key(model, x, options=FlipOptions(tol=1e-5), lower=0.0)
+    assert key == fs.flip_cache_key(model, x, tol=1e-5, lower=0.0)
+    assert key == fs.flip_cache_key(model, x, options=FlipOptions(tol=1e-3), tol=1e-5, lower=0.0)
+    assert key != fs.flip_cache_key(model, x, tol=1e-5)
+    with pytest.raises(TypeError, match="tolerance"):
+        fs.flip_cache_key(model, x, tolerance=1e-5)
 
 
 def test_results_are_tables():

@@ -73,16 +73,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # flip imports this module lazily; no import cycle at run time
-    from flipfrag.flip import FlipResult
+from .problems import _model_dtype
+from .result import FlipResult
 
-__all__ = ["GRAD_OK", "attach_gradients"]
+__all__ = ["GRAD_OK", "GradientOptions", "attach_gradients"]
 
 GRAD_OK = "ok"
 _F64 = torch.float64
@@ -119,13 +119,6 @@ def _flat_feature(v, x: torch.Tensor, default: float, dtype=_F64) -> torch.Tenso
         return torch.full((N, x[0].numel()), default, dtype=dtype)
     t = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v)
     return torch.broadcast_to(t.to(dtype), x.shape).reshape(N, -1).clone()
-
-
-def _model_dtype(model: nn.Module, fallback: torch.dtype) -> torch.dtype:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return fallback
 
 
 def _scores(an_model: nn.Module, shape: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -367,7 +360,8 @@ def _projected_cg(an: _Analysis, xr, gs, b: torch.Tensor, todo: torch.Tensor) ->
         an.bad |= live
     if bool((todo & an.bad).any()):
         warnings.warn(
-            "flipfrag.flipgrad: some points have no derivative (NaN gradient); see FlipResult.grad_status", stacklevel=3
+            "flipfrag.flip.gradient: some points have no derivative (NaN gradient); see FlipResult.grad_status",
+            stacklevel=3,
         )
     return u
 
@@ -422,6 +416,34 @@ class _ImplicitFlip(torch.autograd.Function):
         return (None, None, grad_x.reshape(grad_out.shape).to(ctx.x_dtype), *gp)
 
 
+@dataclass(frozen=True)
+class GradientOptions:
+    """Settings of the implicit derivative's linear algebra (:func:`attach_gradients`), validated when made.
+
+    ``dense_max``: up to this many flat features the projected reduced Hessian is formed densely (n Hessian-vector
+    products per batch, an (N, n, n) eigendecomposition) and second-order sufficiency is checked at once; beyond it
+    the backward pass runs projected CG (``krylov_iter`` iterations at most, relative residual 1e-10 in float64 /
+    1e-5 in float32). ``hess_tol``: smallest admissible eigenvalue / CG curvature of the scaled reduced Hessian (the
+    objective's is 1). ``rank_tol``: smallest admissible singular value of the row-normalised scaled active
+    Jacobian (LICQ).
+    """
+
+    dense_max: int = 64
+    krylov_iter: int = 200
+    hess_tol: float = 1e-6
+    rank_tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("dense_max", "krylov_iter"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {val!r}")
+        for name in ("hess_tol", "rank_tol"):
+            val = getattr(self, name)
+            if not (isinstance(val, (int, float)) and val > 0):
+                raise ValueError(f"{name} must be a number > 0, got {val!r}")
+
+
 def attach_gradients(
     res: FlipResult,
     model: nn.Module,
@@ -432,11 +454,9 @@ def attach_gradients(
     scale=None,
     mask=None,
     groups: Sequence[Sequence[int]] | None = None,
-    dense_max: int = 64,
-    krylov_iter: int = 200,
-    hess_tol: float = 1e-6,
-    rank_tol: float = 1e-6,
     weak: str = "nan",
+    options: GradientOptions | None = None,
+    **overrides: Any,
 ) -> FlipResult:
     """A copy of ``res`` whose ``x_flip`` carries the implicit derivative d x_flip / d (x, model parameters).
 
@@ -453,21 +473,15 @@ def attach_gradients(
         The inputs ``x_hat``, as given to the solver (gradients flow to it if it requires grad).
     lower, upper, scale, mask, groups
         The solver's arguments of the same names (already validated by it).
-    dense_max : int
-        Up to this many flat features the projected reduced Hessian is formed densely (n Hessian-vector products
-        per batch, an (N, n, n) eigendecomposition) and second-order sufficiency is checked at once; beyond it
-        the backward pass runs projected CG (``krylov_iter`` iterations at most, relative residual 1e-10 in
-        float64 / 1e-5 in float32).
-    hess_tol : float
-        Smallest admissible eigenvalue / CG curvature of the scaled reduced Hessian (the objective's is 1).
-    rank_tol : float
-        Smallest admissible singular value of the row-normalised scaled active Jacobian (LICQ).
     weak : {"nan", "active"}
         Weakly active inequalities and bounds (multiplier ~0, strict complementarity fails): ``"nan"`` (default) —
         no derivative; ``"active"`` — keep them in the active set and return the derivative of that branch (the
         one-sided derivative for perturbations under which they stay active, an element of the generalised
         Jacobian; like ReLU's gradient at 0). Such points get ``"ok (one-sided: ...)"``. Images with many pixels
         at a bound of ``[0, 1]`` (MNIST background) often have a few pixels whose multiplier is ~0.
+    options : GradientOptions, optional
+        The linear algebra's settings (``dense_max``, ``krylov_iter``, ``hess_tol``, ``rank_tol``); keywords of
+        the same names override its fields.
 
     Returns
     -------
@@ -478,12 +492,12 @@ def attach_gradients(
     """
     if weak not in ("nan", "active"):
         raise ValueError(f"weak must be 'nan' or 'active', got {weak!r}")
-    for name, val in (("dense_max", dense_max), ("krylov_iter", krylov_iter)):
-        if not isinstance(val, int) or isinstance(val, bool) or val < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {val!r}")
-    for name, val in (("hess_tol", hess_tol), ("rank_tol", rank_tol)):
-        if not (isinstance(val, (int, float)) and val > 0):
-            raise ValueError(f"{name} must be a number > 0, got {val!r}")
+    if options is not None and not isinstance(options, GradientOptions):
+        raise TypeError(f"options must be a GradientOptions or None, got {type(options).__name__}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(GradientOptions)})
+    if unknown:
+        raise TypeError(f"attach_gradients: unknown option(s) {unknown}")
+    opts = replace(options or GradientOptions(), **overrides)
     an = _analyse(
         res,
         model,
@@ -493,10 +507,10 @@ def attach_gradients(
         scale=scale,
         mask=mask,
         groups=groups,
-        dense_max=dense_max,
-        krylov_iter=krylov_iter,
-        hess_tol=hess_tol,
-        rank_tol=rank_tol,
+        dense_max=opts.dense_max,
+        krylov_iter=opts.krylov_iter,
+        hess_tol=opts.hess_tol,
+        rank_tol=opts.rank_tol,
         keep_weak=weak == "active",
     )
     x_flip = _ImplicitFlip.apply(an, res.x_flip, x, *an.params)
