@@ -5,10 +5,11 @@ the row stores the claim's kind and the numbers (or conditions) the verdict foll
 kind (``docs/papers/README.md``, "Verdict rules"):
 
 * ``kind="numeric"`` — the paper gives a number ``p`` (or one per method: a mapping), we measure ``o``; the claim
-  states a ``tolerance`` ``t`` and the ``reference`` ``r`` that means "no effect". Per number: ``|o - p| <= t`` ->
-  "reproduced"; else ``(o - r) * sign(p - r) > t`` (moved away from "no effect" in the paper's direction, by more
-  than the tolerance) -> "partly"; else "not reproduced". Several numbers: the weakest verdict
-  (:func:`numeric_verdict`).
+  states a ``tolerance`` ``t`` and the ``reference`` ``r`` that means "no effect". Per number:
+  ``|o - r| <= t < |p - r|`` (indistinguishable from no effect, unlike the paper's number) -> "not reproduced";
+  else ``|o - p| <= t`` -> "reproduced"; else ``(o - r) * sign(p - r) > t`` (moved away from "no effect" in the
+  paper's direction, by more than the tolerance) -> "partly"; else "not reproduced". Several numbers: the weakest
+  verdict (:func:`numeric_verdict`).
 * ``kind="qualitative"`` — the paper states a property without a number; ``conditions`` maps each operational
   condition (stated in words) to True/False: all true -> "holds", else "does not hold" (:func:`qualitative_verdict`).
 * ``kind="measured"`` — nothing of the paper's to compare with: "measured only".
@@ -267,6 +268,8 @@ _SLACK = 1e-9
 
 
 def _one_numeric(paper: float, ours: float, tolerance: float, reference: float) -> str:
+    if abs(ours - reference) <= tolerance + _SLACK < abs(paper - reference):
+        return "not reproduced"  # indistinguishable from no effect, where the paper's number is not
     if abs(ours - paper) <= tolerance + _SLACK:
         return "reproduced"
     direction = math.copysign(1.0, paper - reference) if paper != reference else 0.0
@@ -608,8 +611,9 @@ def _render_rules(docs: str) -> list[str]:
         "stores each row's kind and numbers, and `tests/test_report.py` recomputes every verdict from them.",
         "",
         "- **numeric** (paper number `p`, ours `o`, stated tolerance `t`, reference `r` = the value of no effect):",
-        "  `|o − p| ≤ t` → reproduced; else `(o − r)·sign(p − r) > t` → partly (the effect is there, not its size);",
-        "  else → not reproduced. A claim with several numbers (e.g. SG / DL / IG) gets the weakest verdict.",
+        "  `|o − r| ≤ t < |p − r|` (no effect, unlike the paper) → not reproduced; else `|o − p| ≤ t` →",
+        "  reproduced; else `(o − r)·sign(p − r) > t` → partly (the effect is there, not its size); else → not",
+        "  reproduced. A claim with several numbers (e.g. SG / DL / IG) gets the weakest verdict.",
         "- **qualitative** (the paper states a property): the notebook's stated conditions all true → holds, else does",
         "  not hold.",
         "- **measured** (no paper number): measured only.",
