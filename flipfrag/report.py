@@ -57,6 +57,7 @@ __all__ = [
     "render_claims_table",
     "render_runtimes",
     "update_readme",
+    "render_readme",
     "NOTEBOOK_OUTPUTS",
     "check_claim_row",
 ]
@@ -638,15 +639,59 @@ def render_runtimes(folder: str | Path | None = None) -> str:
     total = sum(groups.values())
     parts = ", ".join(f"{g} {t:.0f} s" for g, t in sorted(groups.items()))
     return (f"Measured (`figures/MANIFEST.json`, profile {'/'.join(profiles)}): {len(nbs)} notebooks in {total:.0f} s "
-            f"of notebook time ({parts}).")  # fmt: skip
+            f"of notebook time ({parts}). " + render_provenance(folder))  # fmt: skip
 
 
-README_BLOCKS = ("claims", "runtimes")
+def render_provenance(folder: str | Path | None = None) -> str:
+    """Sentences on where the figures come from (``MANIFEST.json``): the code version each was made with (commit,
+    uncommitted changes) and, per kind of cached work unit, how many came from the cache and how many were computed
+    (notebook totals), with the source hash of the code they depend on."""
+    manifest = read_manifest(folder)
+    entries = manifest["entries"].values()
+    versions: dict[str, int] = {}
+    unknown = 0
+    for e in entries:
+        code = e.get("code") or {}
+        if not code.get("flipfrag"):
+            unknown += 1
+            continue
+        label = f"`{(code.get('commit') or 'no git')[:7]}`" + (" with uncommitted changes" if code.get("dirty") else "")
+        versions[label] = versions.get(label, 0) + 1
+    parts = [f"{n} at code {v}" for v, n in sorted(versions.items(), key=lambda kv: -kv[1])]
+    if unknown:
+        parts.append(f"{unknown} with no code version recorded (made before the MANIFEST recorded provenance)")
+    text = f"Figures and tables: {'; '.join(parts)}." if parts else ""
+    use: dict[str, dict[str, Any]] = {}
+    for info in manifest["notebooks"].values():
+        for kind, u in (info.get("cache") or {}).items():
+            tot = use.setdefault(kind, {"cached": 0, "computed": 0, "code": set()})
+            tot["cached"] += u["cached"]
+            tot["computed"] += u["computed"]
+            tot["code"].update(u.get("code", []))
+    if use:
+        text += " Cached work units used by the notebooks: " + "; ".join(
+            f"{kind}: {u['cached']} from the cache, {u['computed']} computed (code {', '.join(sorted(u['code']))})"
+            for kind, u in sorted(use.items())) + "."  # fmt: skip
+    return (text + " `make check-figures` lists the figures whose code changed after they were made.").strip()
+
+
+#: The README's generated blocks (``flipfrag/readme.py`` writes all but ``claims`` and ``runtimes``).
+README_BLOCKS = ("claims", "runtimes", "tests", "speed", "cost", "beyond")
 
 
 def _readme_block(name: str, folder: str | Path | None) -> str:
+    from . import readme
+
     if name == "runtimes":
         return render_runtimes(folder)
+    if name == "tests":
+        return readme.render_tests()
+    if name == "speed":
+        return readme.render_speed()
+    if name == "cost":
+        return readme.render_cost()
+    if name == "beyond":
+        return readme.render_beyond(figures_dir(folder))
     store = read_claims(folder)
     claims = store["claims"]
     lines = ["Generated from `figures/claims.json` by `python -m flipfrag.report --readme` (also run by",
@@ -669,8 +714,8 @@ def readme_blocks(readme: str | Path) -> dict[str, str]:
     return out
 
 
-def update_readme(readme: str | Path | None = None, folder: str | Path | None = None) -> Path:
-    """Rewrite README.md's generated blocks (headline claims, runtimes) from ``claims.json`` and ``MANIFEST.json``."""
+def render_readme(readme: str | Path | None = None, folder: str | Path | None = None) -> str:
+    """README.md's text with every generated block (:data:`README_BLOCKS`) rewritten from its source files."""
     readme = Path(readme) if readme is not None else Path(__file__).resolve().parent.parent / "README.md"
     text = readme.read_text()
     readme_blocks(readme)  # every block present
@@ -679,6 +724,13 @@ def update_readme(readme: str | Path | None = None, folder: str | Path | None = 
         begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
         head, rest = text.split(begin, 1)
         text = head + begin + body + "\n" + end + rest.split(end, 1)[1]
+    return text
+
+
+def update_readme(readme: str | Path | None = None, folder: str | Path | None = None) -> Path:
+    """Rewrite README.md's generated blocks (claims, runtimes, tests, speed, cost, beyond) from their sources."""
+    readme = Path(readme) if readme is not None else Path(__file__).resolve().parent.parent / "README.md"
+    text = render_readme(readme, folder)
     return atomic_write(readme, lambda tmp: tmp.write_text(text))
 
 

@@ -69,6 +69,9 @@ def test_bench_paper_cost_smoke_projection_follows_its_formula(tmp_path, capsys)
     proj, prof = res["projection"], bench.get_profile("paper")
     assert (proj["images"], proj["iterations"], proj["n_eps"]) == (512, 300, 4)
     assert len(res["cells"]) == 8 and {c["method"] for c in res["cells"]} == set(bench.METHODS)
+    # costed on the models the paper profile runs: the CIFAR-10 role is the pretrained CNN, not a small stand-in
+    assert {c["model"] for c in res["cells"] if c["role"] == "cifar"} == {bench.MODEL_NAMES["cifar"]}
+    assert "pretrained CIFAR-10 CNN" in bench.MODEL_NAMES["cifar"]
     for row, cell in zip(res["cells"], proj["cells"]):
         assert row["iter_flops"] > 0 and row["iter_s"] >= 0 and row["setup_s"] >= 0
         per_image = row["setup_s"] + 4 * (2 * (300 * row["iter_s"] + row["setup_s"]) + row["setup_s"])

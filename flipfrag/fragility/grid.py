@@ -382,7 +382,7 @@ def run_attack_grid(
     # serial in this process unless FLIPFRAG_SCHEDULER (or scheduler=) names a Dask cluster (flipfrag.engine);
     # every finished cell is written at once, so an interrupted grid resumes from the cells it has
     results = run_tasks(tasks, store if store is not None else False, scheduler=scheduler, device=device,
-                        progress=progress, desc="attack grid")  # fmt: skip
+                        progress=progress, desc="attack grid", code=code)  # fmt: skip
     frames = []
     for (_, attack, _), res in zip(cells, results):
         df = res.value.copy()
