@@ -23,7 +23,7 @@ export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
 .DEFAULT_GOAL := help
-.PHONY: help figures html models test lint lab bench data clean distclean venv check-figures
+.PHONY: help figures html models test lint lab bench data clean distclean venv check-figures mutation
 
 help: ## show this help
 	@echo "flipfrag — regenerate the figures of two papers (see README.md)"
@@ -51,6 +51,9 @@ html: $(STAMP) ## static site of the notebooks `make figures` executed (no re-ru
 
 check-figures: $(STAMP) ## list the figures whose code (flipfrag or their notebook) changed after they were made
 	$(PY) -m flipfrag.plotting --figures-dir $(FIGURES)
+
+mutation: $(STAMP) ## mutation testing of flipfrag/metrics.py (needs `pip install mutmut`; config in pyproject.toml)
+	$(VENV)/bin/mutmut run --max-children 2; $(VENV)/bin/mutmut results
 
 lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check flipfrag tests benchmarks
