@@ -59,7 +59,7 @@ from flipfrag.attacks import TopKAttack
 from flipfrag.engine import SHARD_DEFAULTS
 from flipfrag.flip import closest_flip_point
 from flipfrag.fragility import IMAGENET_MEAN, IMAGENET_STD, Normalized
-from flipfrag.models import MLP, cifar10_cnn, squeezenet1_0, train
+from flipfrag.models import MLP, SmallCNN, cifar10_cnn, squeezenet1_0, train
 from flipfrag.profiles import get_profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,7 +72,7 @@ LABELS = {"gradient": "SG", "deeplift": "DeepLIFT", "integrated_gradients": "IG 
 FULL = {"cifar": {"side": 32, "n": 4, "iters": (1, 3), "ig_m": (2, 8), "repeats": 3},
         "imagenet": {"side": 227, "n": 1, "iters": (1, 3), "ig_m": (2, 4), "repeats": 2},
         "flip": {"n_train": 4000, "n_points": 48, "epochs": 8}}  # fmt: skip
-SMOKE = {"cifar": {"side": 32, "n": 2, "iters": (1, 4), "ig_m": (2, 8), "repeats": 2},
+SMOKE = {"cifar": {"side": 16, "n": 2, "iters": (1, 4), "ig_m": (2, 8), "repeats": 2},
          "imagenet": {"side": 64, "n": 1, "iters": (1, 3), "ig_m": (2, 4), "repeats": 1},
          "flip": {"n_train": 300, "n_points": 4, "epochs": 1}}  # fmt: skip
 
@@ -288,11 +288,13 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     torch.manual_seed(0)
     # the models the paper profile runs (the CIFAR-10 role: fragility.cifar_paper_setting's pretrained CNN)
-    cifar = cifar10_cnn(pretrained=True, folded=True).eval()
+    # (--smoke checks the projection's arithmetic on a tiny stand-in: the pretrained CNN takes minutes there)
+    cifar = SmallCNN(3, 10, width=8).eval() if args.smoke else cifar10_cnn(pretrained=True, folded=True).eval()
+    cifar_name = "SmallCNN stand-in (--smoke)" if args.smoke else MODEL_NAMES["cifar"]
     imagenet = Normalized(squeezenet1_0(pretrained=False), IMAGENET_MEAN, IMAGENET_STD).eval()
     ig_steps = int(prof["grid_ig_steps"])
-    rows = [{**r, "model": MODEL_NAMES["cifar"]} for r in measure_role("cifar", cifar, ig_steps=ig_steps,
-                                                                       **sizes["cifar"])]  # fmt: skip
+    rows = [{**r, "model": cifar_name} for r in measure_role("cifar", cifar, ig_steps=ig_steps,
+                                                             **sizes["cifar"])]  # fmt: skip
     rows += [{**r, "model": MODEL_NAMES["imagenet"]} for r in measure_role("imagenet", imagenet, ig_steps=ig_steps,
                                                                            **sizes["imagenet"])]  # fmt: skip
     flip = measure_flip(prof=prof, **sizes["flip"])
