@@ -23,7 +23,7 @@ export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION = 1
 
 .DEFAULT_GOAL := help
-.PHONY: help figures html models test lint lab bench gpu-check data clean distclean venv
+.PHONY: help figures html models test lint lab bench gpu-check data clean distclean venv check-figures mutation
 
 help: ## show this help
 	@echo "flipfrag — regenerate the figures of two papers (see README.md)"
@@ -49,12 +49,19 @@ figures: $(STAMP) ## run every notebook with papermill (PROFILE=quick by default
 html: $(STAMP) ## static site of the notebooks `make figures` executed (no re-run) -> build/site/index.html
 	$(PY) -m flipfrag.site --notebooks-dir $(EXECUTED) --figures-dir $(FIGURES) --out-dir build/site
 
+check-figures: $(STAMP) ## list the figures whose code (flipfrag or their notebook) changed after they were made
+	$(PY) -m flipfrag.plotting --figures-dir $(FIGURES)
+
+mutation: $(STAMP) ## mutation testing of flipfrag/metrics.py (needs `pip install mutmut`; config in pyproject.toml)
+	$(VENV)/bin/mutmut run --max-children 2; $(VENV)/bin/mutmut results
+
 lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check flipfrag tests benchmarks
 
 test: $(STAMP) ## ruff, then the full pytest suite including every notebook in the smoke profile
 	$(VENV)/bin/ruff check flipfrag tests benchmarks
-	$(PY) -m pytest $(PYTEST_ARGS)
+	FLIPFRAG_TEST_SUMMARY=benchmarks/results/test_run.json $(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	  $(PY) -m flipfrag.report --readme > /dev/null; exit $$status
 
 # Jupyter refuses to start as root without --allow-root (containers, some clusters); as root or in CI (CI set) there
 # is usually no browser to open either. LAB_ARGS adds options of your own, e.g. LAB_ARGS="--ip=0.0.0.0 --port=8899".
@@ -66,6 +73,7 @@ lab: $(STAMP) ## open JupyterLab on the notebooks (same venv and kernel; works a
 
 bench: $(STAMP) ## run the benchmarks (results in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	$(PY) -m flipfrag.report --readme
 
 # No $(STAMP) prerequisite: a GPU machine may get a copy of the tree without network access, where reinstalling the
 # venv would fail; it runs with .venv's Python when there is one, else python3 (flipfrag imported from the tree).

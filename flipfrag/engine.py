@@ -99,6 +99,7 @@ import os
 import pickle
 import re
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -632,6 +633,7 @@ def run_tasks(
     progress: bool = True,
     desc: str = "tasks",
     retries: int = 0,
+    code: str = "",
 ) -> list[TaskResult]:
     """Run ``tasks`` where ``scheduler`` says and return one :class:`TaskResult` per task, in task order.
 
@@ -648,6 +650,9 @@ def run_tasks(
         Where each task computes (on the process that runs it); see the module docstring.
     progress : bool
         One tqdm bar over the tasks (cached ones count as done); with a cluster, its dashboard link is printed.
+    code : str
+        The source hash of the code the tasks depend on (part of their keys), recorded with the cache counts in the
+        MANIFEST of the notebook run that is recording, if any (:func:`flipfrag.plotting.note_cache_use`).
     retries : int
         How often a task that *raised* is resubmitted on a cluster (a worker that dies is handled by Dask's
         ``distributed.scheduler.allowed-failures``, default 3, before the task fails).
@@ -689,7 +694,15 @@ def run_tasks(
             _run_on_cluster(client, todo, store, results, bar, device=device, retries=retries, progress=progress)
     finally:
         bar.close()
+    _note_cache_use(desc, len(unique) - len(todo), len(todo), code)
     return [results[t.key] for t in tasks]
+
+
+def _note_cache_use(kind: str, cached: int, computed: int, code: str) -> None:
+    """Tell the notebook's run (if one is recording: :mod:`flipfrag.plotting` imported) what came from the cache."""
+    plotting = sys.modules.get("flipfrag.plotting")
+    if plotting is not None:
+        plotting.note_cache_use(kind, cached=cached, computed=computed, code=code)
 
 
 def _identity(obj: Any) -> Any:

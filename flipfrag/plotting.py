@@ -103,6 +103,10 @@ class Run:
     parameters: dict[str, Any] = field(default_factory=dict)
     substitutions: str | None = None
     started: float = field(default_factory=time.perf_counter)
+    #: :func:`code_version` at the start of the run (commit, dirty flag, hashes of flipfrag's and the notebook's source)
+    code: dict[str, Any] = field(default_factory=dict)
+    #: per kind of cached work unit ("attack-grid cells", "flip points ..."): {"cached", "computed", "code"}
+    cache_use: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def elapsed(self) -> float:
@@ -110,6 +114,49 @@ class Run:
 
 
 _RUN: Run | None = None
+
+
+def _git(*args: str) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_hash(notebook: str | None = None) -> dict[str, str | None]:
+    """sha256 (16 hex) of flipfrag's source (every ``.py`` of the package) and of ``notebooks/<notebook>.ipynb``
+    (None if there is no such file): what a figure's code is, independent of git."""
+    from ._io import sha256_files
+
+    package = Path(__file__).resolve().parent
+    files = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+    nb = REPO_ROOT / "notebooks" / f"{notebook}.ipynb" if notebook else None
+    return {"flipfrag": sha256_files(files)[:16],
+            "notebook": sha256_files([nb])[:16] if nb is not None and nb.exists() else None}  # fmt: skip
+
+
+def code_version(notebook: str | None = None) -> dict[str, Any]:
+    """The code a figure is made with: git ``commit`` (None outside a git checkout), ``dirty`` (uncommitted changes
+    to tracked files under flipfrag/ or notebooks/), and the :func:`source_hash` of flipfrag and the notebook."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "flipfrag", "notebooks")
+    return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None, **source_hash(notebook)}
+
+
+def note_cache_use(kind: str, *, cached: int, computed: int, code: str = "") -> None:
+    """Count a batch of cached work units (attack-grid cells, flip-point shards) for the MANIFEST of the current
+    run: how many came from the cache and how many were computed, and the source hash of the code they depend on
+    (part of their cache key, so cached and computed units alike come from that code). No run: nothing."""
+    if _RUN is None:
+        return
+    use = _RUN.cache_use.setdefault(kind, {"cached": 0, "computed": 0, "code": []})
+    use["cached"] += int(cached)
+    use["computed"] += int(computed)
+    if code and code not in use["code"]:
+        use["code"].append(code)
 
 
 def figures_dir(path: str | os.PathLike | None = None) -> Path:
@@ -142,6 +189,7 @@ def start_run(
         figures_dir=globals()["figures_dir"](figures_dir),
         parameters=dict(parameters or {}),
         substitutions=substitutions,
+        code=code_version(notebook),
     )
     _RUN.figures_dir.mkdir(parents=True, exist_ok=True)
     return _RUN
@@ -203,6 +251,9 @@ def _record(item_id: str, files: list[Path], extra: dict[str, Any] | None = None
         "seed": run.seed,
         "runtime_s": round(run.elapsed, 2),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "code": run.code,
+        # the cached work units the notebook had used when the figure was saved (its figures draw on them)
+        "cache": {k: {**v, "code": list(v["code"])} for k, v in run.cache_use.items()},
         **(extra or {}),
     }
     with locked_json_store(run.figures_dir / "MANIFEST.json", _MANIFEST_SECTIONS) as manifest:
@@ -262,7 +313,47 @@ def finish_run() -> dict[str, Any]:
         "seed": run.seed,
         "runtime_s": round(run.elapsed, 2),
         "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "code": run.code,
+        "cache": {k: {**v, "code": list(v["code"])} for k, v in run.cache_use.items()},
     }
     with locked_json_store(run.figures_dir / "MANIFEST.json", _MANIFEST_SECTIONS) as manifest:
         manifest["notebooks"][run.notebook] = info
     return info
+
+
+def stale_figures(folder: str | os.PathLike | None = None) -> dict[str, str]:
+    """Figures and tables of a MANIFEST whose code changed after they were made: ``{id: why}`` — the recorded
+    source hash of flipfrag or of the notebook differs from the current one, or none was recorded. Empty: every
+    figure was made by the code in this checkout."""
+    out = {}
+    current: dict[str, dict[str, str | None]] = {}
+    for item_id, e in read_manifest(folder)["entries"].items():
+        code = e.get("code") or {}
+        if not code.get("flipfrag"):
+            out[item_id] = "no code version recorded (made before provenance was recorded)"
+            continue
+        now = current.setdefault(e["notebook"], source_hash(e["notebook"]))
+        why = [f"{what} source {code.get(what)} -> {now[what]}" for what in ("flipfrag", "notebook")
+               if code.get(what) != now[what]]  # fmt: skip
+        if why:
+            out[item_id] = "; ".join(why)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="List figures whose code changed after they were made")
+    parser.add_argument("--figures-dir", default=None)
+    args = parser.parse_args(argv)
+    stale = stale_figures(args.figures_dir)
+    for item_id, why in stale.items():
+        print(f"{item_id}: {why}")
+    n = len(read_manifest(args.figures_dir)["entries"])
+    print(f"{len(stale)} of {n} figures/tables made by other code than this checkout's" if stale else
+          f"all {n} figures/tables made by this checkout's code")  # fmt: skip
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

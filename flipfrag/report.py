@@ -5,10 +5,11 @@ the row stores the claim's kind and the numbers (or conditions) the verdict foll
 kind (``docs/papers/README.md``, "Verdict rules"):
 
 * ``kind="numeric"`` — the paper gives a number ``p`` (or one per method: a mapping), we measure ``o``; the claim
-  states a ``tolerance`` ``t`` and the ``reference`` ``r`` that means "no effect". Per number: ``|o - p| <= t`` ->
-  "reproduced"; else ``(o - r) * sign(p - r) > t`` (moved away from "no effect" in the paper's direction, by more
-  than the tolerance) -> "partly"; else "not reproduced". Several numbers: the weakest verdict
-  (:func:`numeric_verdict`).
+  states a ``tolerance`` ``t`` and the ``reference`` ``r`` that means "no effect". Per number:
+  ``|o - r| <= t < |p - r|`` (indistinguishable from no effect, unlike the paper's number) -> "not reproduced";
+  else ``|o - p| <= t`` -> "reproduced"; else ``(o - r) * sign(p - r) > t`` (moved away from "no effect" in the
+  paper's direction, by more than the tolerance) -> "partly"; else "not reproduced". Several numbers: the weakest
+  verdict (:func:`numeric_verdict`).
 * ``kind="qualitative"`` — the paper states a property without a number; ``conditions`` maps each operational
   condition (stated in words) to True/False: all true -> "holds", else "does not hold" (:func:`qualitative_verdict`).
 * ``kind="measured"`` — nothing of the paper's to compare with: "measured only".
@@ -56,6 +57,7 @@ __all__ = [
     "render_claims_table",
     "render_runtimes",
     "update_readme",
+    "render_readme",
     "NOTEBOOK_OUTPUTS",
     "check_claim_row",
 ]
@@ -268,6 +270,8 @@ _SLACK = 1e-9
 
 
 def _one_numeric(paper: float, ours: float, tolerance: float, reference: float) -> str:
+    if abs(ours - reference) <= tolerance + _SLACK < abs(paper - reference):
+        return "not reproduced"  # indistinguishable from no effect, where the paper's number is not
     if abs(ours - paper) <= tolerance + _SLACK:
         return "reproduced"
     direction = math.copysign(1.0, paper - reference) if paper != reference else 0.0
@@ -609,8 +613,9 @@ def _render_rules(docs: str) -> list[str]:
         "stores each row's kind and numbers, and `tests/test_report.py` recomputes every verdict from them.",
         "",
         "- **numeric** (paper number `p`, ours `o`, stated tolerance `t`, reference `r` = the value of no effect):",
-        "  `|o − p| ≤ t` → reproduced; else `(o − r)·sign(p − r) > t` → partly (the effect is there, not its size);",
-        "  else → not reproduced. A claim with several numbers (e.g. SG / DL / IG) gets the weakest verdict.",
+        "  `|o − r| ≤ t < |p − r|` (no effect, unlike the paper) → not reproduced; else `|o − p| ≤ t` →",
+        "  reproduced; else `(o − r)·sign(p − r) > t` → partly (the effect is there, not its size); else → not",
+        "  reproduced. A claim with several numbers (e.g. SG / DL / IG) gets the weakest verdict.",
         "- **qualitative** (the paper states a property): the notebook's stated conditions all true → holds, else does",
         "  not hold.",
         "- **measured** (no paper number): measured only.",
@@ -635,15 +640,59 @@ def render_runtimes(folder: str | Path | None = None) -> str:
     total = sum(groups.values())
     parts = ", ".join(f"{g} {t:.0f} s" for g, t in sorted(groups.items()))
     return (f"Measured (`figures/MANIFEST.json`, profile {'/'.join(profiles)}): {len(nbs)} notebooks in {total:.0f} s "
-            f"of notebook time ({parts}).")  # fmt: skip
+            f"of notebook time ({parts}). " + render_provenance(folder))  # fmt: skip
 
 
-README_BLOCKS = ("claims", "runtimes")
+def render_provenance(folder: str | Path | None = None) -> str:
+    """Sentences on where the figures come from (``MANIFEST.json``): the code version each was made with (commit,
+    uncommitted changes) and, per kind of cached work unit, how many came from the cache and how many were computed
+    (notebook totals), with the source hash of the code they depend on."""
+    manifest = read_manifest(folder)
+    entries = manifest["entries"].values()
+    versions: dict[str, int] = {}
+    unknown = 0
+    for e in entries:
+        code = e.get("code") or {}
+        if not code.get("flipfrag"):
+            unknown += 1
+            continue
+        label = f"`{(code.get('commit') or 'no git')[:7]}`" + (" with uncommitted changes" if code.get("dirty") else "")
+        versions[label] = versions.get(label, 0) + 1
+    parts = [f"{n} at code {v}" for v, n in sorted(versions.items(), key=lambda kv: -kv[1])]
+    if unknown:
+        parts.append(f"{unknown} with no code version recorded (made before the MANIFEST recorded provenance)")
+    text = f"Figures and tables: {'; '.join(parts)}." if parts else ""
+    use: dict[str, dict[str, Any]] = {}
+    for info in manifest["notebooks"].values():
+        for kind, u in (info.get("cache") or {}).items():
+            tot = use.setdefault(kind, {"cached": 0, "computed": 0, "code": set()})
+            tot["cached"] += u["cached"]
+            tot["computed"] += u["computed"]
+            tot["code"].update(u.get("code", []))
+    if use:
+        text += " Cached work units used by the notebooks: " + "; ".join(
+            f"{kind}: {u['cached']} from the cache, {u['computed']} computed (code {', '.join(sorted(u['code']))})"
+            for kind, u in sorted(use.items())) + "."  # fmt: skip
+    return (text + " `make check-figures` lists the figures whose code changed after they were made.").strip()
+
+
+#: The README's generated blocks (``flipfrag/readme.py`` writes all but ``claims`` and ``runtimes``).
+README_BLOCKS = ("claims", "runtimes", "tests", "speed", "cost", "beyond")
 
 
 def _readme_block(name: str, folder: str | Path | None) -> str:
+    from . import readme
+
     if name == "runtimes":
         return render_runtimes(folder)
+    if name == "tests":
+        return readme.render_tests()
+    if name == "speed":
+        return readme.render_speed()
+    if name == "cost":
+        return readme.render_cost()
+    if name == "beyond":
+        return readme.render_beyond(figures_dir(folder))
     store = read_claims(folder)
     claims = store["claims"]
     lines = ["Generated from `figures/claims.json` by `python -m flipfrag.report --readme` (also run by",
@@ -666,8 +715,8 @@ def readme_blocks(readme: str | Path) -> dict[str, str]:
     return out
 
 
-def update_readme(readme: str | Path | None = None, folder: str | Path | None = None) -> Path:
-    """Rewrite README.md's generated blocks (headline claims, runtimes) from ``claims.json`` and ``MANIFEST.json``."""
+def render_readme(readme: str | Path | None = None, folder: str | Path | None = None) -> str:
+    """README.md's text with every generated block (:data:`README_BLOCKS`) rewritten from its source files."""
     readme = Path(readme) if readme is not None else Path(__file__).resolve().parent.parent / "README.md"
     text = readme.read_text()
     readme_blocks(readme)  # every block present
@@ -676,6 +725,13 @@ def update_readme(readme: str | Path | None = None, folder: str | Path | None = 
         begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
         head, rest = text.split(begin, 1)
         text = head + begin + body + "\n" + end + rest.split(end, 1)[1]
+    return text
+
+
+def update_readme(readme: str | Path | None = None, folder: str | Path | None = None) -> Path:
+    """Rewrite README.md's generated blocks (claims, runtimes, tests, speed, cost, beyond) from their sources."""
+    readme = Path(readme) if readme is not None else Path(__file__).resolve().parent.parent / "README.md"
+    text = render_readme(readme, folder)
     return atomic_write(readme, lambda tmp: tmp.write_text(text))
 
 

@@ -111,6 +111,51 @@ def _item_link(item_id: str, notebook: str, pages: set[str], placed: set[str]) -
     return _page_link(notebook, pages, item_id)
 
 
+#: The order of the claims on the home page: paper 1, paper 2, then what neither paper measured.
+PAPER_ORDER = ("flip_points", "fragility", "beyond")
+#: Each paper's headline on the home page: (claim id, figure id); the sentence is generated from the claim's row.
+HEADLINES = {
+    "flip_points": ("flip_points/claim2_confidence", "flip_points/fig_confidence"),
+    "fragility": ("fragility/claim2_topk_eps8", "fragility/fig_imagenet_grid"),
+}
+_PAPER_TITLES = {"flip_points": "Paper 1 — Interpreting neural networks using flip points",
+                 "fragility": "Paper 2 — Interpretation of neural networks is fragile"}  # fmt: skip
+_HEADLINE_CHARS = 90
+
+
+def _claim_order(cid: str) -> tuple[int, str]:
+    paper = cid.split("/")[0]
+    return (PAPER_ORDER.index(paper) if paper in PAPER_ORDER else len(PAPER_ORDER), cid)
+
+
+def _headline(c: dict[str, Any]) -> str:
+    """The *ours* cell: a numeric row's numbers as they are; a long text its first clause, cut to a line."""
+    ours = str(c.get("ours", ""))
+    if c.get("kind") == "numeric" or len(ours) <= _HEADLINE_CHARS:
+        return ours
+    first = re.split(r"; | \| | — ", ours, maxsplit=1)[0]
+    return first if len(first) <= _HEADLINE_CHARS else first[: _HEADLINE_CHARS - 1].rstrip() + "…"
+
+
+def _headlines(entries: dict[str, Any], manifest: dict[str, Any], names: set[str],
+               figures_rel: str | None) -> list[str]:  # fmt: skip
+    """Per paper: its headline figure and one sentence generated from its headline claim's row."""
+    lines: list[str] = []
+    for paper, (cid, fig) in HEADLINES.items():
+        c = entries.get(cid)
+        if c is None:
+            continue
+        lines += [f"## {_PAPER_TITLES[paper]}", ""]
+        sentence = (f"{c.get('claim', '')}: the paper {c.get('paper', '')}; ours {_headline(c)} — "
+                    f"**{c.get('verdict', '')}** (see {c.get('notebook', '')}).")  # fmt: skip
+        lines += [_md(sentence).replace("\\*\\*", "**"), ""]
+        files = manifest.get("entries", {}).get(fig, {}).get("files", [])
+        png = next((f for f in files if f.endswith(".png")), None)
+        if figures_rel and png:
+            lines += [f'<img src="{figures_rel}/{html.escape(png)}" alt="{html.escape(fig)}" width="720">', ""]
+    return lines
+
+
 def _index_page(claims: dict[str, Any], manifest: dict[str, Any], pages: dict[str, dict[str, Any]],
                 placed: set[str], figures_rel: str | None) -> str:  # fmt: skip
     names = set(pages)
@@ -131,16 +176,19 @@ def _index_page(claims: dict[str, Any], manifest: dict[str, Any], pages: dict[st
         lines += [":::{warning}", f"The claims and figures below were recorded by profile {', '.join(recorded)}, "
                   f"but the notebook pages come from profile {', '.join(profiles)}: their numbers differ. Run "
                   "`make figures` and then `make html` to get both from one run.", ":::", ""]  # fmt: skip
+    lines += _headlines(entries, manifest, names, figures_rel)
     lines += ["## Claims", ""]
     if entries:
         counts: dict[str, int] = {}
         for c in entries.values():
             counts[c.get("verdict", "?")] = counts.get(c.get("verdict", "?"), 0) + 1
         lines += [" ".join(f"{_verdict(v)} {n}" for v, n in counts.items()), ""]
+        lines += ["Paper 1 (flip points), paper 2 (fragility), then beyond both papers; each *ours* cell is the "
+                  "headline number; the notebook's page has the detail.", ""]  # fmt: skip
         lines += ["| claim | paper | ours | verdict | notebook |", "|---|---|---|---|---|"]
-        for cid, c in entries.items():
+        for cid, c in sorted(entries.items(), key=lambda kv: _claim_order(kv[0])):
             lines.append(
-                f"| **{_md(cid)}** {_md(c.get('claim', ''))} | {_md(c.get('paper', ''))} | {_md(c.get('ours', ''))} "
+                f"| **{_md(cid)}** {_md(c.get('claim', ''))} | {_md(c.get('paper', ''))} | {_md(_headline(c))} "
                 f"| {_verdict(c.get('verdict', ''))} | {_page_link(c.get('notebook', ''), names)} |"
             )
     else:

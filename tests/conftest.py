@@ -1,6 +1,11 @@
 """Shared test settings: offline, 2 threads at most, a non-GUI backend, and a cache folder inside build/."""
 
+import datetime
+import json
 import os
+import platform
+import subprocess
+import time
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -42,3 +47,49 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=NO_CUDA_REASON)
     for item in gpu_items:
         item.add_marker(skip)
+
+
+# ------------------------------------------------------------------------------ the test-run summary (README)
+#: ``make test`` sets this to benchmarks/results/test_run.json: the README's test counts are generated from it
+#: (flipfrag/readme.py), never typed in.
+SUMMARY_ENV = "FLIPFRAG_TEST_SUMMARY"
+_OUTCOMES = ("passed", "failed", "skipped", "error", "xfailed", "xpassed", "deselected")
+
+
+def pytest_sessionstart(session):
+    session.config._flipfrag_t0 = time.perf_counter()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get(SUMMARY_ENV)
+    if not path or hasattr(session.config, "workerinput"):  # not asked for, or an xdist worker
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = reporter.stats if reporter is not None else {}
+    outcomes = {k: len([r for r in stats.get(k, []) if getattr(r, "when", "call") in ("call", "setup", None)])
+                for k in _OUTCOMES}  # fmt: skip
+
+    def git(*args):
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    target = Path(path).resolve()
+    changed = [ln for ln in git("status", "--porcelain").splitlines() if target.name not in ln]
+    args = session.config.invocation_params.args
+    summary = {
+        "collected": session.testscollected,
+        "outcomes": outcomes,
+        "exit_status": int(exitstatus),
+        "selection": " ".join(args) + (f" -m '{session.config.option.markexpr}'" if session.config.option.markexpr
+                                       else ""),  # fmt: skip
+        "duration_s": round(time.perf_counter() - session.config._flipfrag_t0, 1),
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(changed),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(summary, indent=1) + "\n")

@@ -127,7 +127,11 @@ def test_topk_attack_beats_random_sign_for_other_methods(setup, method):
     kw = {"eps": 2 * EPS, "k": K, "progress": False, "method_kwargs": mk}
     rand = RandomSignAttack(model, method, seed=1, **kw)(x, y)
     topk = TopKAttack(model, method, iters=20, step=2 / 255, **kw)(x, y)
-    assert topk.metrics["topk"].mean() < rand.metrics["topk"].mean()
+    # measured (seed 0): random 0.71-0.74, top-k 0.52-0.66 (gaps 0.09-0.19), lower on 6-8 of the 8 images; a margin
+    # and a per-image count, so that an attack stepping the wrong way (or not at all) cannot pass by noise
+    assert topk.success.all()
+    assert topk.metrics["topk"].mean() < rand.metrics["topk"].mean() - 0.05
+    assert int((topk.metrics["topk"] < rand.metrics["topk"]).sum()) >= 6
 
 
 def test_batched_equals_one_image_at_a_time(setup):

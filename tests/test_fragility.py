@@ -200,6 +200,30 @@ def test_best_by_metric_skips_label_changing_iterates_and_needs_the_metrics():
 # ------------------------------------------------------------------------------------------------ the grid
 
 
+def _assert_failures_are_no_change(df, min_success: float = 0.5):
+    """label_kept holds by construction (a failed attack returns x), so check what it rests on instead: a failed
+    attack returned x itself (best iterate 0, maps unchanged, same confidence); a successful top-k / center attack
+    moved its map on its own criterion (top-k: ∩ < 1; center: shift > 0) at an iterate > 0; at ε = 0 nothing moves;
+    and the attacks did succeed on at least ``min_success`` of the images at ε > 0 (a grid of failures passes every
+    other line). Random sign: ``success`` = a label-preserving draw was found (at ε = 0 trivially, x itself)."""
+
+    def unchanged(rows):
+        assert (rows.topk == 1).all() and (rows.center == 0).all()
+        np.testing.assert_allclose(rows.spearman, 1.0, atol=1e-6)
+        np.testing.assert_allclose(rows.conf_adv, rows.conf0, rtol=1e-6)
+
+    unchanged(df[df.eps255 == 0])
+    moving = df[df.eps255 > 0]
+    failed = moving[~moving.success]
+    unchanged(failed)
+    assert (failed.best_iter == 0).all() and failed.label_kept.all()  # x itself, correctly classified
+    ok = moving[moving.success]
+    assert (ok.best_iter > 0).all()
+    assert (ok[ok.attack == "topk"].topk < 1).all() and (ok[ok.attack == "center"].center > 0).all()
+    attacked = moving[moving.attack.isin(["topk", "center"])]
+    assert attacked.success.mean() >= min_success, attacked.success.mean()
+
+
 def test_grid_shape_and_columns(grid, digits_model):
     df, _ = grid
     _, x, y = digits_model
@@ -209,7 +233,7 @@ def test_grid_shape_and_columns(grid, digits_model):
     assert sorted(set(df.eps255)) == [0.0, 4.0, 8.0]
     assert df.groupby(["method", "attack", "eps255"]).size().eq(len(x)).all()
     assert (df.label == np.tile(y.numpy(), 18)).all()
-    assert df.label_kept.all(), "every attack must keep the label"
+    _assert_failures_are_no_change(df)
     assert df.topk.between(0, 1).all() and (df.center >= 0).all() and df.spearman.between(-1, 1).all()
 
 
@@ -300,7 +324,8 @@ def test_grid_runs_dtd_and_lrp(digits_model):
     df = fr.run_attack_grid(model, x, y, k=6, methods=["dtd", "lrp"], attacks=["topk", "random"], epsilons=[8 / 255],
                             iters=3, cache=False)  # fmt: skip
     assert set(df.method) == {"dtd", "lrp"} and len(df) == 2 * 2 * len(x)
-    assert df.label_kept.all() and df.topk.between(0, 1).all()
+    _assert_failures_are_no_change(df, min_success=0.1)  # 3 iterations: 1 of 8 measured
+    assert df.topk.between(0, 1).all()
     assert fr.METHODS[-1] == "dtd" and "lrp" in fr.GRID_METHODS  # the paper's 4th column; LRP-ε on request
 
 
@@ -388,7 +413,7 @@ def test_grid_claims_reproduce_when_fed_the_papers_own_numbers():
     """The claims machinery compares the right fields: the paper's values against themselves all 'reproduce'."""
     p = fr.paper_grid(["gradient", "deeplift", "integrated_gradients"])
     p = pd.concat([p, p[p.eps255 == 1].assign(eps255=0.0, topk=1.0, spearman=1.0, center=0.0, center_rel=0.0)])
-    p = p.assign(label_kept=1.0, conf0=0.9, conf_adv=0.9, n_images=512)
+    p = p.assign(label_kept=1.0, conf0=0.9, conf_adv=0.9, n_images=512, n_failed=0)
     claims = fr.grid_claims(p, deviation="none")
     ids = {c["claim_id"].split("/")[1].split("_")[0] for c in claims}
     assert {"claim1", "claim1b", "claim2", "claim2b", "claim3", "claim3b", "claim3c", "claim4", "claim5",
@@ -414,11 +439,12 @@ def test_grid_claims_reproduce_when_fed_the_papers_own_numbers():
 
 
 def test_claim9_dtd_on_the_papers_own_numbers():
-    p = fr.paper_grid().assign(label_kept=1.0, conf0=0.9, conf_adv=0.9, n_images=512)
+    p = fr.paper_grid().assign(label_kept=1.0, conf0=0.9, conf_adv=0.9, n_images=512, n_failed=0)
     (c9,) = [c for c in fr.grid_claims(p, deviation="none") if c["claim_id"].endswith("claim9_dtd")]
-    # the paper's F3 at eps 8: DTD random ∩ 0.755 vs SG 0.21 / DL 0.22 / IG 0.26; top-k ∩ 0.175 vs IG 0.18
-    assert c9["ours"].startswith("DTD: random ∩ 0.76 (vs SG 0.21 / DL 0.22 / IG 0.26), ρ 0.86")
-    assert _verdict(c9) == "holds" and all(c9["conditions"].values())
+    # the paper's F3 at eps 8: DTD random ∩ 0.755, ρ 0.865; top-k ∩ 0.175 (SG 0.21 / DL 0.22 / IG 0.26 under noise)
+    assert c9["kind"] == "numeric" and c9["ours"] == {"random ∩": 0.755, "random ρ": 0.865, "top-k ∩": 0.175}
+    assert c9["note"].startswith("∩ at ε = 8 of the other methods: random SG 0.21 / DL 0.22 / IG 0.26")
+    assert _verdict(c9) == "reproduced"
     assert not [c for c in fr.grid_claims(p[p.method != "dtd"], deviation="") if "claim9" in c["claim_id"]]
 
 

@@ -201,7 +201,7 @@ def test_engine_run_tasks_on_cuda_match_cpu(ieee):
 def test_engine_attack_grid_and_flip_shards_on_cuda(tmp_path, ieee):
     """The two engine drivers with device="cuda": run_attack_grid's cells (label check exact, mean top-k within
     0.1 per cell) and cached_flip_points' shards (same certified points, distances within 1e-6)."""
-    from flipfrag import flipstats as fs
+    from flipfrag import flippoints as fs
     from flipfrag import fragility as fr
     from flipfrag.datasets import load_digits
     from flipfrag.models import train

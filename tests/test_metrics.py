@@ -184,3 +184,135 @@ def test_errors_name_the_argument():
         mass_in_region(a, torch.ones(3, 3))
     with pytest.raises(TypeError, match="map_a"):
         spearman([[1.0, 2.0]], a)
+
+
+# ------------------------------------------------------------------ edges found by mutation testing (mutmut, issue 22)
+
+
+def test_default_k_thresholds_are_inclusive():
+    assert default_k(50_000) == 1000 and default_k(49_999) == 100
+    assert default_k(1000) == 100 and default_k(999) == round(999 * 100 / 1024) == 98
+    assert default_k(10) == 1 and default_k(11) == 1 and default_k(16) == 2  # round(1.5625) = 2
+
+
+def test_k_edges():
+    a = torch.tensor([[3.0, 2.0, 1.0]])
+    b = torch.tensor([[1.0, 2.0, 3.0]])
+    assert float(topk_intersection(a, b, 1)) == 0.0 and float(topk_intersection(a, a, 1)) == 1.0  # k = 1 is valid
+    assert float(topk_intersection(a, b, 3)) == 1.0  # k = D: every feature
+    for bad in (True, 1.0, np.float64(2.0)):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            topk_intersection(a, b, bad)
+    assert float(topk_intersection(a, a, np.int64(2))) == 1.0
+
+
+def test_dtypes_promote_and_integers_become_float64():
+    a32 = torch.rand(2, 4, 4)
+    b64 = torch.rand(2, 4, 4, dtype=torch.float64)
+    for fn in (spearman, center_of_mass_shift, lambda x, y: topk_intersection(x, y, 3)):
+        assert fn(a32, b64).dtype == torch.float64 and fn(b64, a32).dtype == torch.float64
+        assert fn(a32, a32).dtype == torch.float32
+    # numpy with torch float32: float64 torch results, in either order, equal to the all-float64 values
+    an = np.random.default_rng(0).random((2, 4, 4))
+    for x, y in ((an, a32), (a32, an)):
+        got = center_of_mass_shift(x, y)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+        want = center_of_mass_shift(torch.as_tensor(x).double(), torch.as_tensor(y).double())
+        torch.testing.assert_close(got, want)
+    # integer and bool inputs are read as float64
+    ints = torch.tensor([[[0, 3], [1, 0]]])
+    assert center_of_mass(ints).dtype == torch.float64
+    torch.testing.assert_close(center_of_mass(ints), torch.tensor([[0.25, 0.75]], dtype=torch.float64))
+    ni = np.array([[[0, 3], [1, 0]]])
+    got = topk_intersection(ni, ni, 1)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.tolist() == [1.0]
+    got = mass_in_region(ni, np.array([[True, True], [False, False]]))
+    assert got.dtype == np.float64 and got.tolist() == [0.75]
+    rho = spearman(np.array([[1, 2, 3, 4]]), np.array([[1, 3, 2, 4]]))
+    assert isinstance(rho, np.ndarray) and rho.dtype == np.float64
+    assert rho[0] == pytest.approx(scipy.stats.spearmanr([1, 2, 3, 4], [1, 3, 2, 4]).statistic)
+
+
+def test_type_errors_name_the_argument_and_what_it_got():
+    a = torch.rand(2, 4, 4)
+    with pytest.raises(TypeError, match="map_b must be a torch.Tensor or numpy.ndarray, got list"):
+        spearman(a, [[1.0]])
+    with pytest.raises(TypeError, match="map_a must be a real-valued tensor, got torch.complex64"):
+        topk_intersection(torch.zeros(2, 3, dtype=torch.complex64), torch.zeros(2, 3), 1)
+    with pytest.raises(TypeError, match="map_b must be a numeric array, got dtype <U1"):
+        topk_intersection(np.zeros((2, 3)), np.array([["a", "b", "c"]] * 2), 1)
+    with pytest.raises(ValueError, match=r"map_a must have a batch dimension and at least 2 dims, got shape \(3,"):
+        spearman(torch.rand(3), torch.rand(3))
+    with pytest.raises(ValueError, match=r"at least 3 dims, got shape \(2, 3\)"):
+        center_of_mass_shift(torch.rand(2, 3), torch.rand(2, 3))
+    with pytest.raises(ValueError, match=r"map_a and map_b must have shape \(N, H, W\), got \(1, 2, 3, 3\)"):
+        center_of_mass_shift(torch.rand(1, 2, 3, 3), torch.rand(1, 2, 3, 3))
+    with pytest.raises(TypeError, match="values must be a torch.Tensor, got list"):
+        rankdata([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"maps must have shape \(N, H, W\), got \(4, 4\)"):
+        center_of_mass(torch.rand(4, 4))
+    with pytest.raises(TypeError, match="maps must be"):
+        center_of_mass([[1.0]])
+
+
+def test_mass_in_region_masks_per_sample_weights_and_mixed_types():
+    maps = torch.tensor([[[1.0, 0.0], [0.0, 3.0]], [[2.0, 2.0], [0.0, 0.0]]])
+    per_sample = torch.tensor([[[1, 0], [0, 0]], [[0, 1], [1, 1]]], dtype=torch.bool)
+    torch.testing.assert_close(mass_in_region(maps, per_sample), torch.tensor([0.25, 0.5]))
+    weights = torch.tensor([[0.5, 0.0], [0.0, 1.0]])  # real weights weight the mass
+    torch.testing.assert_close(mass_in_region(maps, weights), torch.tensor([3.5 / 4, 1.0 / 4]))
+    assert mass_in_region(maps, per_sample).dtype == torch.float32
+    got = mass_in_region(maps.numpy(), per_sample)  # numpy maps, torch mask: torch float64
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor([0.25, 0.5], dtype=torch.float64))
+    got = mass_in_region(maps, per_sample.numpy())
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    got = mass_in_region(maps.numpy(), per_sample.numpy())
+    assert isinstance(got, np.ndarray) and got.tolist() == [0.25, 0.5]
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 2\) or \(2, 2, 2\), got \(3, 2, 2\)"):
+        mass_in_region(maps, torch.ones(3, 2, 2))
+    with pytest.raises(ValueError, match=r"maps must have shape \(N, H, W\), got \(2, 2\)"):
+        mass_in_region(maps[0], torch.ones(2, 2))
+    with pytest.raises(TypeError, match="mask must be"):
+        mass_in_region(maps, [[1, 0], [0, 1]])
+
+
+def test_reference_maps_checks_and_dtype():
+    ref32 = torch.rand(3, 5, 5)
+    other64 = torch.rand(3, 5, 5, dtype=torch.float64)
+    ref = ReferenceMaps(ref32, 4, floor_center=True)
+    o32 = other64.float()
+    pairs = ((ref.topk_intersection(other64), topk_intersection(ref32, o32, 4)),
+             (ref.spearman(other64), spearman(ref32, o32)),
+             (ref.center_shift(other64), center_of_mass_shift(ref32, o32, floor=True)))  # fmt: skip
+    for got, want in pairs:
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.float())
+    assert ref.floor_center is True and ReferenceMaps(ref32, 4).floor_center is False
+    with pytest.raises(ValueError, match=r"of shape \(N, H, W\), got torch.int64 \(3, 5, 5\)"):
+        ReferenceMaps(torch.ones(3, 5, 5, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="got ndarray"):
+        ReferenceMaps(np.ones((3, 5, 5)), 4)
+    with pytest.raises(ValueError, match=r"got torch.float32 \(15, 5\)"):
+        ReferenceMaps(torch.rand(15, 5), 4)
+    with pytest.raises(ValueError, match="k must"):
+        ReferenceMaps(ref32, 26)
+    assert ReferenceMaps(torch.rand(2, 3, 5), 15).k == 15  # k up to H * W (not W * W, not N * W)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 15\]"):
+        ReferenceMaps(torch.rand(2, 3, 5), 16)
+    with pytest.raises(ValueError, match=r"reference's shape \(3, 5, 5\), got \(3, 5, 4\)"):
+        ref.spearman(torch.rand(3, 5, 4))
+    with pytest.raises(ValueError, match="got ndarray"):
+        ref.topk_intersection(np.ones((3, 5, 5)))
+
+
+def test_floor_applies_to_both_centers():
+    # centers (0.6, 0.6) and (1.4, 1.4): floored (0, 0) and (1, 1), distance sqrt(2); float distance 0.8 sqrt(2)
+    a = torch.zeros(1, 3, 3, dtype=torch.float64)
+    a[0, 0, 0], a[0, 1, 1] = 0.4, 0.6
+    b = torch.zeros(1, 3, 3, dtype=torch.float64)
+    b[0, 1, 1], b[0, 2, 2] = 0.6, 0.4
+    assert float(center_of_mass_shift(a, b)) == pytest.approx(0.8 * math.sqrt(2))
+    assert float(center_of_mass_shift(a, b, floor=True)) == pytest.approx(math.sqrt(2))
+    assert float(ReferenceMaps(a, 1, floor_center=True).center_shift(b)) == pytest.approx(math.sqrt(2))
+    assert float(ReferenceMaps(a, 1).center_shift(b)) == pytest.approx(0.8 * math.sqrt(2))

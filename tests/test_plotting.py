@@ -89,3 +89,40 @@ def test_written_files_are_world_readable(run, tmp_path):
     plotting.save_table(pd.DataFrame({"a": [1]}), "beyond/perm")
     for f in ("MANIFEST.json", "beyond/perm.csv", "beyond/perm.md"):
         assert (tmp_path / f).stat().st_mode & 0o044 == 0o044, f
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+
+
+def test_manifest_records_code_version_and_cache_use(tmp_path):
+    """Every entry records the code it was made with and the cached work units used so far; a figure whose
+    flipfrag source or notebook changed afterwards is listed by stale_figures (make check-figures)."""
+    import json
+
+    import pandas as pd
+
+    from flipfrag import engine, plotting, report
+
+    plotting.start_run("fragility/03_imagenet_grid", profile="smoke", seed=0, figures_dir=tmp_path)
+    tasks = [engine.Task(f"k{i}", int, (i,)) for i in range(3)]
+    engine.run_tasks(tasks, tmp_path / "cache", progress=False, desc="attack grid", code="abc")
+    engine.run_tasks(tasks[:2], tmp_path / "cache", progress=False, desc="attack grid", code="abc")  # 2 cached
+    plotting.save_table(pd.DataFrame({"a": [1.0]}), "fragility/table_x")
+    plotting.finish_run()
+    entry = plotting.read_manifest(tmp_path)["entries"]["fragility/table_x"]
+    now = plotting.source_hash("fragility/03_imagenet_grid")
+    assert entry["code"]["flipfrag"] == now["flipfrag"] and entry["code"]["notebook"] == now["notebook"] is not None
+    assert entry["cache"] == {"attack grid": {"cached": 2, "computed": 3, "code": ["abc"]}}
+    assert plotting.stale_figures(tmp_path) == {}
+    text = report.render_provenance(tmp_path)
+    assert "attack grid: 2 from the cache, 3 computed (code abc)" in text and "1 at code `" in text
+    # the code changes after the figure was made: the figure is listed, and so is one with no provenance
+    path = tmp_path / "MANIFEST.json"
+    m = json.loads(path.read_text())
+    m["entries"]["fragility/table_x"]["code"]["flipfrag"] = "0" * 16
+    m["entries"]["fragility/table_old"] = {**m["entries"]["fragility/table_x"], "code": {}}
+    path.write_text(json.dumps(m))
+    stale = plotting.stale_figures(tmp_path)
+    assert set(stale) == {"fragility/table_x", "fragility/table_old"}
+    assert "flipfrag source" in stale["fragility/table_x"]
+    assert plotting.main(["--figures-dir", str(tmp_path)]) == 1

@@ -238,7 +238,8 @@ def test_every_committed_verdict_follows_from_its_numbers():
 
 
 def test_readme_headline_results_and_runtimes_are_the_committed_ones():
-    """README's generated blocks equal what figures/claims.json and figures/MANIFEST.json give (no stale numbers)."""
+    """README's generated blocks equal what figures/claims.json and figures/MANIFEST.json give (no stale numbers);
+    the other blocks (speed, cost, tests, beyond) are checked in tests/test_readme.py."""
     blocks = report.readme_blocks(REPO / "README.md")
     figures = REPO / "figures"
     assert blocks["claims"] == report._readme_block("claims", figures), "run `python -m flipfrag.report --readme`"
@@ -255,12 +256,13 @@ def test_update_readme_rewrites_only_the_generated_blocks(run, tmp_path):
                         tolerance=0.05, reference=1.0)  # fmt: skip
     plotting.finish_run()
     readme = tmp_path / "README.md"
+    others = "".join(f"<!-- {b}:begin -->\nold {b}\n<!-- {b}:end -->\n" for b in ("tests", "speed", "cost", "beyond"))
     readme.write_text("intro\n<!-- runtimes:begin -->\nold 352 s\n<!-- runtimes:end -->\nmiddle\n"
-                      "<!-- claims:begin -->\nold claims\n<!-- claims:end -->\nend\n")  # fmt: skip
+                      "<!-- claims:begin -->\nold claims\n<!-- claims:end -->\n" + others + "end\n")  # fmt: skip
     report.update_readme(readme, tmp_path)
     text = readme.read_text()
     assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n")
-    assert "352" not in text and "old claims" not in text
+    assert "352" not in text and "old claims" not in text and "old speed" not in text
     assert "| top-k overlap | 0.2 | 0.9 | partly |" in text and "1 notebooks in" in text
     readme.write_text("no blocks")
     with pytest.raises(ValueError, match="claims:begin"):

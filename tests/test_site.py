@@ -176,3 +176,33 @@ def test_screenshot_in_headless_chromium(built):
         hexcol = re.search(rf"\.{site.VERDICT_CLASS[verdict]} {{ background: #([0-9a-f]{{6}})", css).group(1)
         rgb = np.array([int(hexcol[i : i + 2], 16) for i in (0, 2, 4)])
         assert (np.abs(img - rgb).max(1) <= 3).sum() > 50, verdict  # a badge's worth of pixels in that colour
+
+
+def test_home_page_leads_with_each_papers_headline_and_orders_claims_by_paper():
+    """Issue 22: the home page opens with paper 1's and paper 2's headline (a sentence generated from the claim's
+    row, and its figure), lists the claims paper 1, paper 2, beyond (not alphabetically, where beyond came first),
+    and keeps each long *ours* cell to its first clause (the detail is on the notebook's page)."""
+    long = "mnist-erf (n = 40): SG -0.25 [-0.56, +0.11] (none found); DeepLIFT -0.03 [-0.35, +0.31] " * 3
+    claims = {"claims": {
+        "beyond/boundary_fragility_corr": {"claim": "beyond claim", "paper": "not available offline", "ours": long,
+                                           "kind": "measured", "verdict": "measured only", "notebook": "beyond/01"},
+        "fragility/claim2_topk_eps8": {"claim": "Top-k attack, ε = 8: top-k intersection", "paper": "SG 0.005",
+                                       "ours": "SG 0.21 / DL 0.22 / IG 0.15", "kind": "numeric", "verdict": "partly",
+                                       "notebook": "fragility/03"},
+        "flip_points/claim2_confidence": {"claim": "Distance measures confidence", "paper": "much better",
+                                          "ours": "AUROC 0.818 vs 0.816", "kind": "qualitative",
+                                          "verdict": "does not hold", "notebook": "flip_points/02"},
+    }}  # fmt: skip
+    manifest = {"entries": {"fragility/fig_imagenet_grid": {"files": ["fragility/fig_imagenet_grid.png"],
+                                                            "notebook": "fragility/03", "profile": "quick"}}}
+    pages = {"fragility/03": {"profile": "quick"}, "flip_points/02": {"profile": "quick"},
+             "beyond/01": {"profile": "quick"}}  # fmt: skip
+    text = site._index_page(claims, manifest, pages, set(), "figures")
+    assert text.index("Paper 1") < text.index("Paper 2") < text.index("## Claims")
+    assert "Top-k attack, ε = 8: top-k intersection: the paper SG 0.005; ours SG 0.21 / DL 0.22 / IG 0.15" in text
+    assert '<img src="figures/fragility/fig_imagenet_grid.png"' in text
+    table = text[text.index("| claim | paper |"):]
+    order = [table.index(f"**{cid.replace('_', chr(92) + '_')}**") for cid in (
+        "flip_points/claim2_confidence", "fragility/claim2_topk_eps8", "beyond/boundary_fragility_corr")]
+    assert order == sorted(order)
+    assert "DeepLIFT" not in table and "mnist-erf (n = 40): SG -0.25" in table  # first clause only

@@ -394,7 +394,7 @@ def cached_flip_points(
     store = FlipShardCache(Path(cache) if cache is not None else cache_dir("flips"), name, refresh=refresh)
     try:
         results = run_tasks(tasks, store, scheduler=scheduler, device=device, progress=progress,
-                            desc=f"flip points {name}")  # fmt: skip
+                            desc=f"flip points {name}", code=_solver_fingerprint())  # fmt: skip
     except TaskError as err:  # bad solver arguments keep their type (ValueError / TypeError naming the argument)
         cause = err.__cause__
         if type(cause) in (ValueError, TypeError):

@@ -375,7 +375,7 @@ def run_attack_grid(
     # serial in this process unless FLIPFRAG_SCHEDULER (or scheduler=) names a Dask cluster (flipfrag.engine);
     # every finished cell is written at once, so an interrupted grid resumes from the cells it has
     results = run_tasks(tasks, store if store is not None else False, scheduler=scheduler, device=device,
-                        progress=progress, desc="attack grid")  # fmt: skip
+                        progress=progress, desc="attack grid", code=code)  # fmt: skip
     frames = []
     for (_, attack, _), res in zip(cells, results):
         df = res.value.copy()
@@ -481,7 +481,8 @@ def grid_table(summary: pd.DataFrame, *, paper: bool = True, per_metric: pd.Data
                model: str | None = None) -> pd.DataFrame:  # fmt: skip
     """The grid's numbers, one row per (method, attack, eps255), next to the paper's F3 values where they exist.
 
-    Columns: ours ``topk``, ``spearman``, ``center`` (px), ``center_rel``; with ``per_metric`` (a
+    Columns: ours ``topk``, ``spearman``, ``center`` (px), ``center_rel``, the counts and ``label_kept`` (and
+    ``conf0`` / ``conf_adv`` when the summary has them); with ``per_metric`` (a
     ``summarize_grid(..., selection="per_metric")``) also ``topk_pm``, ``spearman_pm``, ``center_pm``; with ``paper``
     the paper's ``paper_topk``, ``paper_spearman``, ``paper_center`` (px of 227) and ``paper_center_rel`` (empty
     for eps = 0 and for methods the paper does not have, e.g. LRP-ε). ``model`` (e.g. ``"cifar10-cnn"``) becomes a
@@ -489,6 +490,7 @@ def grid_table(summary: pd.DataFrame, *, paper: bool = True, per_metric: pd.Data
     """
     keys = ["method", "attack", "eps255"]
     cols = keys + ["topk", "spearman", "center", "center_rel", "n_images", "n_failed", "label_kept", "k", "side"]
+    cols += [c for c in ("conf0", "conf_adv") if c in summary.columns]  # claim 6's note reads them from the table
     table = summary[cols].copy()
     if per_metric is not None:
         pm = per_metric[keys + list(METRICS)].rename(columns={m: f"{m}_pm" for m in METRICS})

@@ -4,6 +4,7 @@ and a notebook run twice from a cold cache gives the same table."""
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -20,6 +21,41 @@ STILL_ON_OLD_API: set[str] = set()
 
 def _name(path):
     return str(path.relative_to(ROOT).with_suffix(""))
+
+
+def _assert_has_content(item_id: str, path) -> None:
+    """More than structure: a figure is not blank (its pixels vary), a table has rows and at least one finite
+    number. A notebook whose plot call drew nothing, or whose table came out empty or all-NaN, fails here."""
+    if path.suffix == ".png":
+        import matplotlib.image
+
+        img = matplotlib.image.imread(path)
+        assert img.ndim == 3 and float(img[..., :3].std()) > 0.01, f"{item_id}: {path.name} is blank"
+    elif path.suffix == ".csv":
+        table = pd.read_csv(path)
+        numbers = table.select_dtypes("number").to_numpy(dtype=float)
+        assert len(table) > 0 and np.isfinite(numbers).any(), f"{item_id}: {path.name} has no finite number"
+
+
+def test_content_check_rejects_a_blank_figure_and_an_empty_table(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    fig.savefig(tmp_path / "drawn.png")
+    ax.remove()  # the bug: the notebook saved its figure after clearing the axes
+    fig.savefig(tmp_path / "blank.png")
+    plt.close(fig)
+    pd.DataFrame({"method": ["a"], "topk": [np.nan]}).to_csv(tmp_path / "nan.csv", index=False)
+    pd.DataFrame({"method": ["a"], "topk": [0.5]}).to_csv(tmp_path / "ok.csv", index=False)
+    _assert_has_content("x", tmp_path / "drawn.png")
+    _assert_has_content("x", tmp_path / "ok.csv")
+    for bad in ("blank.png", "nan.csv"):
+        with pytest.raises(AssertionError):
+            _assert_has_content("x", tmp_path / bad)
 
 
 def test_every_notebook_declares_its_outputs():
@@ -40,6 +76,7 @@ def test_notebook_runs_in_smoke_profile(path, tmp_path):
         assert entry["profile"] == "smoke" and entry["seed"] == 0 and entry["notebook"] == name
         for f in entry["files"]:
             assert (figs / f).stat().st_size > 0, f"{item_id}: {f} missing"
+            _assert_has_content(item_id, figs / f)
     assert list(manifest["notebooks"]) == [name], f"{name} did not call plotting.finish_run()"
     claims = report.read_claims(figs)["claims"]
     assert sorted(claims) == sorted(set(declared["claims"]) - omitted), f"{name}: claim ids differ"
