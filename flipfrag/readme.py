@@ -244,7 +244,7 @@ def render_beyond(folder: Path | None = None) -> str:
 ALLOWED_IN_PROSE = re.compile(
     r"""(?x)
     arXiv:\d{4}\.\d{4,5} | \b(?:19|20)\d\d\b | AAAI | \bv[12]\b
-    | CIFAR-1?00? | MNIST(?:-5k|\ 5k)? | ResNet-\d+ | Inception[\ -]v3 | EfficientNet-Lite0 | SqueezeNet(?:\ 1\.0)?
+    | CIFAR-1?00? | MNIST(?:-5k|\ 5k)? | ResNet-\d+ | Inception[\ -]v3 | EfficientNet-Lite0 | ReLU6 | SqueezeNet(?:\ 1\.0)?
     | squeezenet1_0 | inception_v3 | ILSVRC-2012 | ReScience(?:\ C)? | Python\ 3\.\d+ | torch(?:vision)?==[\d.]+
     | cifar-10-model(?:==|\ )[\d.]+ | \bE\d\b | \bF\d[ab]?\b | §\s?\d(?:\.\d)? | \bissue\ \d+ | \d+x\d+(?:x\d+)?
     | \d+-\d+(?:-\d+)+ | \[0,\ 1\] | 0[–-]255 | \d+/255 | \bε\ =\ \d+(?:/255)? | \bk\ =\ \d+ | \bM\ =\ \d+ | β\ =\ \d+
