@@ -532,7 +532,8 @@ def test_offline_settings_use_the_pretrained_cnns_on_real_photos():
     small = fr.image_setting("imagenet", prof, n=1)  # smoke: the photos at 64x64, k at the same fraction
     assert small.x.shape[1:] == (3, 64, 64) and small.k == round(1000 * 64**2 / 224**2) == 82
     prof = get_profile("quick")
-    imnet = fr.image_setting("imagenet", prof, n=None)
+    assert fr.image_setting("imagenet", prof).x.shape[0] == prof["imagenet_grid"]["n_images"]  # the grid's photos
+    imnet = fr.efficientnet_setting(prof, n=None)  # every correctly classified photo
     assert imnet.model_name == "efficientnet-lite0" and imnet.k == 1000 and imnet.x.shape[1:] == (3, 224, 224)
     assert len(imnet.x) == 18 and imnet.test_accuracy == 0.9  # 18 of the 20 shipped photos
     assert all(n.startswith("imagenet_") for n in imnet.image_names)
