@@ -535,7 +535,7 @@ def test_offline_settings_use_the_pretrained_cnns_on_real_photos():
     assert fr.image_setting("imagenet", prof).x.shape[0] == prof["imagenet_grid"]["n_images"]  # the grid's photos
     imnet = fr.efficientnet_setting(prof, n=None)  # every correctly classified photo
     assert imnet.model_name == "efficientnet-lite0" and imnet.k == 1000 and imnet.x.shape[1:] == (3, 224, 224)
-    assert len(imnet.x) == 18 and imnet.test_accuracy == 0.9  # 18 of the 20 shipped photos
+    assert len(imnet.x) == 18 and imnet.test_accuracy == pytest.approx(0.9)  # 18 of the 20 shipped photos
     assert all(n.startswith("imagenet_") for n in imnet.image_names)
     truth = {n: int(n.rsplit("_", 1)[1].split(".")[0]) for n in imnet.image_names}
     assert imnet.y.tolist() == [truth[n] for n in imnet.image_names]
