@@ -58,10 +58,13 @@ _OUTCOMES = ("passed", "failed", "skipped", "error", "xfailed", "xpassed", "dese
 
 def pytest_sessionstart(session):
     session.config._flipfrag_t0 = time.perf_counter()
+    # Taken out of the environment so that a pytest started by a test (tests/test_gpu.py runs one) writes no summary
+    # of its own over this run's.
+    session.config._flipfrag_summary = os.environ.pop(SUMMARY_ENV, None)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    path = os.environ.get(SUMMARY_ENV)
+    path = getattr(session.config, "_flipfrag_summary", None)
     if not path or hasattr(session.config, "workerinput"):  # not asked for, or an xdist worker
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

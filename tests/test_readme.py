@@ -96,3 +96,14 @@ def test_tests_block_reads_the_recorded_run(tmp_path):
     assert "12 tests collected" in text and "11 passed, 1 failed" in text and "in 42 s" in text
     assert "`0123456`" in text and "`tests/test_x.py`" in text
     assert "No test run recorded" in readme.render_tests(readme.RESULTS / "_missing.json")
+
+
+def test_a_nested_pytest_cannot_overwrite_the_run_summary():
+    """`make test` asks for the summary through an environment variable; the session takes it out of the environment,
+    so a pytest a test starts (tests/test_gpu.py does) writes none over this run's (CI once compared the README with a
+    nested run's 16 skipped GPU tests)."""
+    import os
+
+    from conftest import SUMMARY_ENV
+
+    assert SUMMARY_ENV not in os.environ
