@@ -68,7 +68,9 @@ def grid_sizes(role: str, prof: dict[str, Any]) -> dict[str, Any]:
     """The attack sizes of a role in a profile: the shared ``grid_*`` keys (images, iterations, IG's iterations and
     steps), ``attack_step``, ``softplus_beta``, ``epsilons``, ``attack_iters`` (``example_iters``: the single
     attacks of F1 / F4 / F6), ``convergence_*``, ``hessian_n_images``, ``lanczos_k`` and ``ig_internal_batch`` (IG
-    interpolants per pass; None = the grid's default), overridden for
+    interpolants per pass; None = the grid's default), ``targeted_n_images`` (the photos of F4's targeted attack;
+    default: the grid's), ``lanczos_iters`` (Lanczos steps of F6's spectrum; None = hessian.top_eigenpairs' default),
+    overridden for
     ``role="imagenet"`` by ``prof["imagenet_grid"]`` where the profile gives one (offline: EfficientNet-Lite0 at
     224x224, about a hundred times the 32x32 CNN's cost per image-iteration; ``side``: the photos' size, None = 224,
     smaller only in the smoke profile, to keep it seconds)."""
@@ -78,7 +80,7 @@ def grid_sizes(role: str, prof: dict[str, Any]) -> dict[str, Any]:
              "example_ig_steps": prof["ig_steps"], "convergence_iters": prof["convergence_iters"],
              "convergence_n_images": prof["convergence_n_images"], "held_out_n": None,
              "hessian_n_images": prof["hessian_n_images"], "lanczos_k": prof["lanczos_k"],
-             "ig_internal_batch": None, "side": None}  # fmt: skip
+             "ig_internal_batch": None, "side": None, "targeted_n_images": None, "lanczos_iters": None}  # fmt: skip
     if role == "imagenet" and prof.get("imagenet_grid"):
         own = dict(prof["imagenet_grid"])
         unknown = set(own) - set(sizes)
@@ -86,6 +88,8 @@ def grid_sizes(role: str, prof: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"prof['imagenet_grid']: unknown keys {sorted(unknown)}")
         own.setdefault("example_ig_steps", own.get("ig_steps", sizes["ig_steps"]))
         sizes.update(own)
+    if sizes["targeted_n_images"] is None:
+        sizes["targeted_n_images"] = sizes["n_images"]
     return sizes
 
 
