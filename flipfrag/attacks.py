@@ -54,11 +54,11 @@ from ._checks import check_int
 from ._options import Options
 from .metrics import ReferenceMaps, default_k, mass_centers, mass_in_region
 from .saliency import (
-    _attribute_with_logits,
-    _box,
-    _check_model,
-    _integrated_gradients,
+    attribute_with_logits,
+    box_bounds,
     canonical_method,
+    check_model,
+    integrated_gradients_vjp,
     saliency_fn,
     saliency_map,
 )
@@ -421,7 +421,7 @@ class InterpretationAttack:
             raise ValueError("x contains NaN or inf")
         x = x.detach()
         why = "images must be in the model's pixel range (lower, upper; e.g. [0, 1]), normalisation inside the model"
-        lo_b, hi_b = _box(x, self.lower, self.upper, why)
+        lo_b, hi_b = box_bounds(x, self.lower, self.upper, why)
         self._lo, self._hi = lo_b, hi_b
         if y is None:
             return x, None
@@ -439,7 +439,7 @@ class InterpretationAttack:
     def _direction_model(self, x: torch.Tensor) -> nn.Module:
         """The network whose map is differentiated for the step direction (see the class notes)."""
         if isinstance(self.surrogate, nn.Module):
-            _check_model(self.surrogate)
+            check_model(self.surrogate)
             return self.surrogate
         relu = has_relu(self.model, x[:1])
         if self.surrogate == "softplus" and relu and self.method not in _ON_MODEL:
@@ -454,7 +454,7 @@ class InterpretationAttack:
 
     # --------------------------------------------------------------------------------------- pieces
     def _attr(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool):
-        return _attribute_with_logits(model, x, y, self.method, create_graph=create_graph, **self.method_kwargs)
+        return attribute_with_logits(model, x, y, self.method, create_graph=create_graph, **self.method_kwargs)
 
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map (N, H, W) and scores (N, classes) of x on the original model (no graph)."""
@@ -476,7 +476,7 @@ class InterpretationAttack:
                 a = attr.detach().requires_grad_(True)
                 value = obj(saliency_map(a))
                 (w,) = torch.autograd.grad(value.sum(), a)
-            g, _ = _integrated_gradients(dmodel, x, y, weights=w, **self.method_kwargs)
+            g = integrated_gradients_vjp(dmodel, x, y, w, **self.method_kwargs)
             return g, value.detach(), None, None
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
@@ -520,7 +520,7 @@ class InterpretationAttack:
 
         ``x`` is not modified. Returns an :class:`AttackResult`.
         """
-        _check_model(self.model)
+        check_model(self.model)
         x0, y = self._check_inputs(x, y)
         self._k = self._k_for(x0.shape[-2] * x0.shape[-1])
         region = self._region(x0, **kwargs)

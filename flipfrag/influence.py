@@ -226,23 +226,15 @@ def _grad_and_hessian(theta, fa, y, s, loss, l2):
 
 @dataclass(frozen=True)
 class FitOptions(Options):
-    """The optimiser settings of :func:`fit_logistic` (validated when made; keywords of the call override them).
+    """The optimiser of :func:`fit_logistic` (validated when made; keywords of the call override the fields).
 
-    Attributes
-    ----------
-    method : {"newton", "lbfgs", "adam"}
-        ``"newton"`` (default): full-batch damped Newton with a backtracking line search, run until the objective's
-        gradient inf-norm is below ``tol`` or ``max_iter`` steps; exact to rounding for BCE, the method to use for
-        leave-one-out oracles. ``"lbfgs"``: ``torch.optim.LBFGS`` with a strong-Wolfe line search (``max_iter`` steps).
-        ``"adam"``: the authors' recipe (Adam, ``epochs`` passes over minibatches of ``batch_size``, learning rate
-        ``lr``, shuffled with ``seed``); stops early, so ``fit_info["converged"]`` is usually False.
-    max_iter, tol : int, float
-        Iteration cap and gradient tolerance for Newton / L-BFGS.
-    epochs, batch_size, lr, seed : Adam settings (defaults: the authors' 10 epochs of batches of 100, Adam's 1e-3).
-    dtype : torch.dtype
-        Computation and parameter dtype (default float64).
-    progress : bool
-        Show a tqdm bar over iterations / epochs.
+    ``method="newton"`` (default): full-batch damped Newton with a backtracking line search, run until the objective's
+    gradient inf-norm is below ``tol`` or ``max_iter`` steps; exact to rounding for BCE, the method to use for
+    leave-one-out oracles. ``"lbfgs"``: ``torch.optim.LBFGS`` with a strong-Wolfe line search (``max_iter`` steps).
+    ``"adam"``: the authors' recipe (Adam, ``epochs`` passes over minibatches of ``batch_size``, learning rate ``lr``,
+    shuffled with ``seed``; defaults: their 10 epochs of batches of 100, Adam's 1e-3); stops early, so
+    ``fit_info["converged"]`` is usually False. ``dtype``: computation and parameter dtype (float64); ``progress``:
+    a tqdm bar over iterations / epochs.
     """
 
     method: str = "newton"
@@ -875,23 +867,10 @@ def _attack_direction(
 
 @dataclass(frozen=True)
 class InfluenceAttackOptions(Options):
-    """Settings of :func:`influence_attack` (validated when made; keywords of the call override them).
-
-    Attributes
-    ----------
-    feature_step : float
-        Feature-space step per target (default 0.01, the authors' ``factor``).
-    n_targets, k : int
-        Number of attacked training points (3) and the top-``k`` of the overlap metric (5).
-    lower, upper : float
-        The valid input range (default [0, 1]).
-    normalize : bool
-        Normalise the reported influence vectors (metrics do not depend on it).
-    batch_size : int, optional
-        Images per chunk (default: all at once).
-    progress : bool
-        tqdm over chunks.
-    """
+    """Settings of :func:`influence_attack` (validated when made; keywords of the call override them):
+    ``feature_step`` per target in feature space (0.01, the authors' ``factor``), ``n_targets`` attacked training
+    points (3), ``k`` of the top-k overlap metric (5), the input range ``[lower, upper]``, ``normalize`` the reported
+    influence vectors (metrics do not depend on it), ``batch_size`` images per chunk (None: all), tqdm ``progress``."""
 
     feature_step: float = 0.01
     n_targets: int = 3
