@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._options import Options
 from .paper import role_k
 
 # --------------------------------------------------------------------------------------------- settings
@@ -228,6 +229,19 @@ class ImageSetting:
         return {"integrated_gradients": ig, "deeplift": {"baseline": self.baseline}}
 
 
+@dataclass(frozen=True)
+class SettingInfo(Options):
+    """What :func:`prepare_setting` records about a setting besides its data (its ``options``; the keywords
+    ``class_names=``, ``description=``, ``substitution=``, ``meta=``, ``model_name=`` make or override it): the
+    :class:`ImageSetting` fields of the same names."""
+
+    class_names: Sequence[str]
+    description: str
+    substitution: str | None
+    meta: dict[str, Any] | None = None
+    model_name: str = ""
+
+
 def prepare_setting(
     role: str,
     model: nn.Module,
@@ -236,17 +250,15 @@ def prepare_setting(
     *,
     n: int | None,
     baseline: torch.Tensor,
-    class_names: Sequence[str],
-    description: str,
-    substitution: str | None,
     seed: int = 0,
-    meta: dict[str, Any] | None = None,
-    model_name: str = "",
     image_names: Sequence[str] | None = None,
     k: int | None = None,
+    options: SettingInfo | None = None,
+    **overrides: Any,
 ) -> ImageSetting:
     """The part shared by every path: pick ``n`` correctly classified images, set ``k`` for the role (the role's
     fraction of the map, :func:`role_k`, unless ``k`` is given)."""
+    info = SettingInfo.resolve(options, overrides)
     if role not in ROLES:
         raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
     if X_test.dim() != 4 or float(X_test.min()) < 0 or float(X_test.max()) > 1:
@@ -257,9 +269,9 @@ def prepare_setting(
     names = [list(image_names)[i] for i in idx.tolist()] if image_names is not None else []
     k = role_k(ROLES[role], x.shape[-2] * x.shape[-1]) if k is None else int(k)
     return ImageSetting(role=role, model=model, x=x, y=y, baseline=baseline.detach().to(x.dtype),
-                        k=k, class_names=list(class_names),
-                        test_accuracy=acc, description=description, substitution=substitution,
-                        meta=dict(meta or {}), model_name=model_name, image_names=names)  # fmt: skip
+                        k=k, class_names=list(info.class_names),
+                        test_accuracy=acc, description=info.description, substitution=info.substitution,
+                        meta=dict(info.meta or {}), model_name=info.model_name, image_names=names)  # fmt: skip
 
 
 def cifar10_setting(role: str, prof: dict[str, Any], *, n: int | None, seed: int = 0) -> ImageSetting:
