@@ -114,8 +114,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "defense_keep": 0.1,
         "defense_clip": 0.01,
         "defense_beta": 3.0,
-        "defense_faith_steps": 4,
-        "defense_quantus_samples": 2,
+        "defense_faith_steps": 2,
+        "defense_quantus_samples": 1,
     },
     "quick": {
         **_COMMON,

@@ -20,7 +20,7 @@ _BASE_TEXT = {"gradient": "simple gradient", "deeplift": "DeepLIFT"}
 def plot_defense_plane(rows: pd.DataFrame, *, title: str):
     """Each method and defense as one point: faithfulness (insertion − deletion AUC of the map at x; x axis, higher =
     more faithful) against the top-k ∩ that survives the adaptive top-k attack (y axis, higher = more robust); bars:
-    the range over images. Colour: the base method; marker: the defense."""
+    the range over images (faint). Colour: the base method; marker: the defense."""
     from .. import plotting
 
     fig, ax = plotting.subplots(figsize=(7.2, 5.0))
@@ -29,10 +29,11 @@ def plot_defense_plane(rows: pd.DataFrame, *, title: str):
         fx, ty = g.faithfulness.to_numpy(float), g.topk_attack.to_numpy(float)
         mx, my = fx.mean(), ty.mean()
         ax.errorbar(mx, my, xerr=[[mx - fx.min()], [fx.max() - mx]], yerr=[[my - ty.min()], [ty.max() - my]],
-                    fmt=DEFENSE_MARKERS[defense], color=BASE_COLORS[base], ms=9, capsize=3, lw=1)  # fmt: skip
+                    fmt="none", ecolor=BASE_COLORS[base], alpha=0.3, capsize=2, lw=1)  # fmt: skip
+        ax.plot(mx, my, DEFENSE_MARKERS[defense], color=BASE_COLORS[base], ms=10, mec="white", zorder=3)
         ax.annotate(case, (mx, my), textcoords="offset points", xytext=(7, 5), fontsize=8)
-    ax.set_xlabel("faithfulness: insertion AUC − deletion AUC (softmax probability; higher = more faithful)")
-    ax.set_ylabel("top-k ∩ after the adaptive top-k attack (fraction; higher = more robust)")
+    ax.set_xlabel("faithfulness: insertion − deletion AUC (higher = more faithful)")
+    ax.set_ylabel("top-k ∩ after the adaptive attack (higher = more robust)")
     ax.set_ylim(-0.02, 1.02)
     handles = [plt_line(BASE_COLORS[b], "o", _BASE_TEXT[b]) for b in BASE_COLORS if b in set(rows.base)]
     handles += [plt_line("#555555", DEFENSE_MARKERS[d], _DEFENSE_TEXT[d]) for d in DEFENSE_MARKERS
@@ -71,7 +72,7 @@ def plot_defense_examples(x: torch.Tensor, x_adv: Mapping[str, torch.Tensor], ex
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 0].set_ylabel("map of x", fontsize=9)
+    axes[0, 0].set_ylabel("map of the photo", fontsize=9)
     axes[1, 0].set_ylabel("map after attack", fontsize=9)
     fig.suptitle(title, fontsize=10)
     return fig
