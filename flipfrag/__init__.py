@@ -1,7 +1,8 @@
 """flipfrag — closest flip points and the fragility of interpretations, reproduced in PyTorch.
 
 Modules (one concept each): ``profiles``, ``datasets``, ``models``, ``smooth``, ``flip`` (a package: the solver,
-its options and its implicit derivative), ``saliency``, ``attacks``, ``metrics``, ``influence``, ``hessian``; the
+its options and its implicit derivative), ``saliency``, ``defenses`` (SmoothGrad, sparsified SmoothGrad and its
+certificate, beta-smoothed maps), ``attacks``, ``metrics``, ``faithfulness``, ``influence``, ``hessian``; the
 studies ``flippoints`` (paper 1), ``fragility`` (paper 2), ``beyond``; ``plotting``; ``engine`` runs the heavy
 work (in process or on a Dask cluster, ``FLIPFRAG_SCHEDULER``) with resumable, checksummed caches.
 
