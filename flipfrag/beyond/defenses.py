@@ -33,12 +33,13 @@ import torch
 
 from ..attacks import RandomSignAttack, TopKAttack
 from ..defenses import BetaSmoothed, SmoothGrad, SparsifiedSmoothGrad, certified_radius, certified_topk_overlap
+from ..engine import Task, run_tasks, task_key
 from ..faithfulness import perturbation_curves
 from ..metrics import topk_intersection
 from ..saliency import attribute, saliency_map
 
 __all__ = ["DefenseCase", "defense_cases", "defense_sizes", "defense_rows", "summarize_defenses", "quantus_available",
-           "defense_claims", "DEFENSE_CLAIM_IDS",
+           "defense_claims", "DEFENSE_CLAIM_IDS", "defense_cell",
            "quantus_robustness", "DEFENSE_LABELS"]  # fmt: skip
 
 #: Display names of the defenses.
@@ -129,66 +130,104 @@ def _seconds_per_map(case: DefenseCase, model, x, y) -> tuple[torch.Tensor, floa
     return attr, (time.perf_counter() - t) / x.shape[0]
 
 
-def defense_rows(setting, prof: dict[str, Any], *, seed: int = 0, cases: list[DefenseCase] | None = None,
-                 use_quantus: bool | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
-    """One row per (case, image): see the module docstring for the columns' meaning.
+def _code_version() -> str:
+    """sha256 (16 hex) of the modules a cell depends on: cells computed by other code are never reused."""
+    from .. import _io, attacks, defenses, faithfulness, metrics, saliency, smooth
 
-    Returns ``(rows, extra)``: ``extra["examples"][label] = (map of x, map of x_adv)`` (N, H, W) for the example
-    figure, ``extra["x_adv"][label]`` the attacked images, ``extra["quantus"]`` whether Quantus ran.
-    """
+    files = [attacks.__file__, defenses.__file__, faithfulness.__file__, metrics.__file__, saliency.__file__,
+             smooth.__file__, __file__]  # fmt: skip
+    return _io.sha256_files(files)[:16]
+
+
+def _case_identity(case: DefenseCase) -> dict[str, Any]:
+    """What a case's result depends on, for its cache key (the defense's options, tensors included)."""
+    m = case.method
+    ident = {"label": case.label, "base": case.base, "defense": case.defense, "kwargs": case.method_kwargs}
+    if not isinstance(m, str):
+        ident.update(repr=repr(m), method_kwargs=getattr(m, "method_kwargs", {}))
+    return ident
+
+
+def defense_cell(setting, case: DefenseCase, prof: dict[str, Any], seed: int, use_quantus: bool) -> dict[str, Any]:
+    """One case on every image of ``setting``: ``{"rows": DataFrame, "maps": (map of x, map of x_adv), "x_adv"}``
+    (an engine task: :func:`defense_rows` runs and caches it)."""
     s = defense_sizes(prof)
-    cases = defense_cases(setting, prof, seed=seed) if cases is None else cases
-    use_quantus = quantus_available() if use_quantus is None else bool(use_quantus)
     model, x, y, k = setting.model, setting.x, setting.y, setting.k
     eps = float(s["eps"])
-    rows, examples, advs = [], {}, {}
-    for case in cases:
-        attr, sec = _seconds_per_map(case, model, x, y)
-        maps = saliency_map(attr)
-        faith = perturbation_curves(model, x, y, maps, steps=int(s["faith_steps"]), baseline=setting.baseline)
-        kwargs = {"method_kwargs": case.method_kwargs} if case.method_kwargs else {}
-        common = {"k": k, "eps": eps, "progress": False, **kwargs}
-        atk = TopKAttack(model, case.method, step=float(s["step"]), iters=int(s["iters"]), **common)(x, y)
-        rnd = RandomSignAttack(model, case.method, seed=seed, **common)(x, y)
-        top0 = maps.flatten(1).topk(k, dim=1).indices
-        mass0 = maps.flatten(1).gather(1, top0).sum(1)
-        mass_adv = atk.saliency_adv.flatten(1).gather(1, top0).sum(1)
-        l2 = (atk.x_adv - x).flatten(1).norm(dim=1)
-        row = {
-            "case": case.label, "base": case.base, "defense": case.defense, "image": np.arange(len(x)),
-            "topk_attack": atk.metrics["topk"].numpy(), "spearman_attack": atk.metrics["spearman"].numpy(),
-            "topk_random": rnd.metrics["topk"].numpy(), "spearman_random": rnd.metrics["spearman"].numpy(),
-            "topk_mass_before": mass0.numpy(), "topk_mass_after": mass_adv.numpy(),
-            "label_kept": atk.label_kept.numpy(), "attack_l2": l2.numpy(), "attack_linf": eps,
-            "seconds_per_map": sec, "deletion_auc": faith["deletion_auc"].numpy(),
-            "insertion_auc": faith["insertion_auc"].numpy(),
-        }  # fmt: skip
-        row["faithfulness"] = row["insertion_auc"] - row["deletion_auc"]
-        # sanity: the attack's map of x is the defended map the table describes
-        row["map_check"] = topk_intersection(maps, atk.saliency, k).numpy()
-        if isinstance(case.method, SmoothGrad):
-            # the adaptive attack knew the draws; the same perturbation against a fresh set of draws (another seed)
-            fresh = copy.copy(case.method)
-            fresh.seed = case.method.seed + 1
-            f0, f1 = (saliency_map(fresh(model, v, y)) for v in (x, atk.x_adv))
-            row["topk_attack_fresh_draws"] = topk_intersection(f0, f1, k).numpy()
-            row["topk_fresh_vs_own_draws"] = topk_intersection(maps, f0, k).numpy()
-        if case.defense == "sparsified":
-            raw = attr.flatten(1)  # values in [0, 1]: the certificate's input (normalisation changes no ranking)
-            sigma, n = case.method.sigma, case.method.n
-            row["certified_at_attack_l2"] = np.array([
-                int(certified_topk_overlap(raw[i : i + 1], k, float(l2[i]), sigma)[0]) / k for i in range(len(x))
-            ])  # fmt: skip
-            row["certified_radius_plugin"] = certified_radius(raw, k, sigma, 0.5).numpy()
-            row["certified_radius_hoeffding"] = certified_radius(raw, k, sigma, 0.5, n_samples=n).numpy()
-        if use_quantus:
-            q = quantus_robustness(case, model, x, y, nr_samples=int(s["quantus_samples"]), seed=seed)
-            row.update(q)
-        rows.append(pd.DataFrame(row))
-        examples[case.label] = (maps.detach(), atk.saliency_adv.detach())
-        advs[case.label] = atk.x_adv.detach()
-    frame = pd.concat(rows, ignore_index=True)
-    return frame, {"examples": examples, "x_adv": advs, "quantus": use_quantus, "cases": cases}
+    attr, sec = _seconds_per_map(case, model, x, y)
+    maps = saliency_map(attr)
+    faith = perturbation_curves(model, x, y, maps, steps=int(s["faith_steps"]), baseline=setting.baseline)
+    kwargs = {"method_kwargs": case.method_kwargs} if case.method_kwargs else {}
+    common = {"k": k, "eps": eps, "progress": False, **kwargs}
+    atk = TopKAttack(model, case.method, step=float(s["step"]), iters=int(s["iters"]), **common)(x, y)
+    rnd = RandomSignAttack(model, case.method, seed=seed, **common)(x, y)
+    top0 = maps.flatten(1).topk(k, dim=1).indices
+    mass0 = maps.flatten(1).gather(1, top0).sum(1)
+    mass_adv = atk.saliency_adv.flatten(1).gather(1, top0).sum(1)
+    l2 = (atk.x_adv - x).flatten(1).norm(dim=1)
+    row = {
+        "case": case.label, "base": case.base, "defense": case.defense, "image": np.arange(len(x)),
+        "topk_attack": atk.metrics["topk"].numpy(), "spearman_attack": atk.metrics["spearman"].numpy(),
+        "topk_random": rnd.metrics["topk"].numpy(), "spearman_random": rnd.metrics["spearman"].numpy(),
+        "topk_mass_before": mass0.numpy(), "topk_mass_after": mass_adv.numpy(),
+        "label_kept": atk.label_kept.numpy(), "attack_l2": l2.numpy(), "attack_linf": eps,
+        "seconds_per_map": sec, "deletion_auc": faith["deletion_auc"].numpy(),
+        "insertion_auc": faith["insertion_auc"].numpy(),
+    }  # fmt: skip
+    row["faithfulness"] = row["insertion_auc"] - row["deletion_auc"]
+    # sanity: the attack's map of x is the defended map the table describes
+    row["map_check"] = topk_intersection(maps, atk.saliency, k).numpy()
+    if isinstance(case.method, SmoothGrad):
+        # the adaptive attack knew the draws; the same perturbation against a fresh set of draws (another seed)
+        fresh = copy.copy(case.method)
+        fresh.seed = case.method.seed + 1
+        f0, f1 = (saliency_map(fresh(model, v, y)) for v in (x, atk.x_adv))
+        row["topk_attack_fresh_draws"] = topk_intersection(f0, f1, k).numpy()
+        row["topk_fresh_vs_own_draws"] = topk_intersection(maps, f0, k).numpy()
+    if case.defense == "sparsified":
+        raw = attr.flatten(1)  # values in [0, 1]: the certificate's input (normalisation changes no ranking)
+        sigma, n = case.method.sigma, case.method.n
+        row["certified_at_attack_l2"] = np.array([
+            int(certified_topk_overlap(raw[i : i + 1], k, float(l2[i]), sigma)[0]) / k for i in range(len(x))
+        ])  # fmt: skip
+        row["certified_radius_plugin"] = certified_radius(raw, k, sigma, 0.5).numpy()
+        row["certified_radius_hoeffding"] = certified_radius(raw, k, sigma, 0.5, n_samples=n).numpy()
+    if use_quantus:
+        row.update(quantus_robustness(case, model, x, y, nr_samples=int(s["quantus_samples"]), seed=seed))
+    return {"rows": pd.DataFrame(row), "maps": (maps.detach(), atk.saliency_adv.detach()),
+            "x_adv": atk.x_adv.detach()}  # fmt: skip
+
+
+def defense_rows(setting, prof: dict[str, Any], *, seed: int = 0, cases: list[DefenseCase] | None = None,
+                 use_quantus: bool | None = None, cache: Any = True, scheduler: Any = None,
+                 progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
+    """One row per (case, image): see the module docstring for the columns' meaning.
+
+    Every case is one :mod:`flipfrag.engine` task (:func:`defense_cell`), cached under a key of the model, the
+    images, the case's options, the profile's ``defense_*`` sizes, the seed and the code (``cache``: as
+    :func:`flipfrag.engine.run_tasks`; ``scheduler``: where the cells run), so a paper-scale run resumes and can
+    spread over a cluster. A cached cell keeps the ``seconds_per_map`` measured when it was computed.
+
+    Returns ``(rows, extra)``: ``extra["examples"][label] = (map of x, map of x_adv)`` (N, H, W) for the example
+    figure, ``extra["x_adv"][label]`` the attacked images, ``extra["quantus"]`` whether Quantus ran,
+    ``extra["cached"]`` how many cells came from the cache.
+    """
+    cases = defense_cases(setting, prof, seed=seed) if cases is None else cases
+    use_quantus = quantus_available() if use_quantus is None else bool(use_quantus)
+    code = _code_version()
+    sizes = defense_sizes(prof)
+    tasks = [
+        Task(task_key("defense-cell", setting.model, setting.x, setting.y, setting.baseline, setting.k,
+                      _case_identity(case), sizes, int(seed), use_quantus, code),
+             defense_cell, (setting, case, prof, int(seed), use_quantus), name=case.label)
+        for case in cases
+    ]  # fmt: skip
+    results = run_tasks(tasks, cache, scheduler=scheduler, device="cpu", progress=progress,
+                        desc="defense cells", code=code)  # fmt: skip
+    frame = pd.concat([r.value["rows"] for r in results], ignore_index=True)
+    return frame, {"examples": {c.label: r.value["maps"] for c, r in zip(cases, results)},
+                   "x_adv": {c.label: r.value["x_adv"] for c, r in zip(cases, results)},
+                   "quantus": use_quantus, "cases": cases, "cached": sum(r.cached for r in results)}  # fmt: skip
 
 
 def summarize_defenses(rows: pd.DataFrame) -> pd.DataFrame:
