@@ -51,13 +51,14 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from ._checks import check_int
+from ._options import Options
 from .metrics import ReferenceMaps, default_k, mass_centers, mass_in_region
 from .saliency import (
-    _attribute_with_logits,
-    _box,
-    _check_model,
-    _integrated_gradients,
+    attribute_with_logits,
+    box_bounds,
     canonical_method,
+    check_model,
+    integrated_gradients_vjp,
     saliency_fn,
     saliency_map,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "targeted_objective",
     "AttackResult",
     "InterpretationAttack",
+    "AttackOptions",
     "RandomSignAttack",
     "TopKAttack",
     "MassCenterAttack",
@@ -264,6 +266,53 @@ def _check_number(value: Any, name: str, *, low: float | None = None, strict: bo
     return value
 
 
+# ---------------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class AttackOptions(Options):
+    """The shared budget and settings of every :class:`InterpretationAttack` (its ``options``; keywords of the
+    constructor override the fields, so ``TopKAttack(model, eps=8/255, iters=300)`` works). Validated when made
+    (errors name the field); numbers are stored as floats. The fields are described in :class:`InterpretationAttack`.
+    """
+
+    eps: float = 8 / 255
+    step: float = 0.5 / 255
+    iters: int = 300
+    k: int | None = None
+    lower: float | torch.Tensor = 0.0
+    upper: float | torch.Tensor = 1.0
+    surrogate: str | nn.Module | None = "softplus"
+    beta: float = 1.0
+    method_kwargs: dict[str, Any] | None = None
+    criterion: str | None = None
+    record_metrics: bool = True
+    floor_center: bool = False
+    misclassified: str = "raise"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise the checked values once, here
+        set_(self, "eps", _check_number(self.eps, "eps", low=0.0))
+        set_(self, "step", _check_number(self.step, "step", low=0.0, strict=True))
+        check_int(self.iters, "iters", 1)
+        if self.k is not None:
+            check_int(self.k, "k", 1)
+        sur = self.surrogate
+        if not (sur is None or sur is False or isinstance(sur, nn.Module)
+                or (isinstance(sur, str) and sur == "softplus")):
+            raise ValueError(f"surrogate must be 'softplus', an nn.Module or None, got {sur!r}")
+        set_(self, "surrogate", None if sur is False else sur)
+        set_(self, "beta", _check_number(self.beta, "beta", low=0.0, strict=True))
+        if self.method_kwargs is not None and not isinstance(self.method_kwargs, dict):
+            raise TypeError(f"method_kwargs must be a dict or None, got {type(self.method_kwargs).__name__}")
+        set_(self, "record_metrics", bool(self.record_metrics))
+        set_(self, "floor_center", bool(self.floor_center))
+        if self.misclassified not in ("raise", "skip"):
+            raise ValueError(f"misclassified must be 'raise' or 'skip', got {self.misclassified!r}")
+        set_(self, "progress", bool(self.progress))
+
+
 # ---------------------------------------------------------------------------------------------- base class
 
 
@@ -314,6 +363,10 @@ class InterpretationAttack:
         What to do with images where ``y`` is not the model's prediction.
     progress : bool
         Show a tqdm progress bar over iterations.
+
+    Every parameter after ``method`` is a field of :class:`AttackOptions`: pass them as keywords, or as
+    ``options=AttackOptions(...)`` (keywords then override its fields). The checked values are kept as attributes of
+    the same names (``attack.eps``, ``attack.iters``, ...) and the whole set as ``attack.options``.
     """
 
     default_criterion = "topk"
@@ -324,20 +377,8 @@ class InterpretationAttack:
         model: nn.Module,
         method: str | Callable[..., torch.Tensor] = "gradient",
         *,
-        eps: float = 8 / 255,
-        step: float = 0.5 / 255,
-        iters: int = 300,
-        k: int | None = None,
-        lower: float | torch.Tensor = 0.0,
-        upper: float | torch.Tensor = 1.0,
-        surrogate: str | nn.Module | None = "softplus",
-        beta: float = 1.0,
-        method_kwargs: dict[str, Any] | None = None,
-        criterion: str | None = None,
-        record_metrics: bool = True,
-        floor_center: bool = False,
-        misclassified: str = "raise",
-        progress: bool = True,
+        options: AttackOptions | None = None,
+        **overrides: Any,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -352,20 +393,12 @@ class InterpretationAttack:
             self.method = str(getattr(method, "name", type(method).__name__))
         else:
             raise TypeError(f"method must be a method name or a saliency callable, got {type(method).__name__}")
-        self.eps = _check_number(eps, "eps", low=0.0)
-        self.step = _check_number(step, "step", low=0.0, strict=True)
-        self.iters = check_int(iters, "iters", 1)
-        if k is not None:
-            check_int(k, "k", 1)
-        self.k = k
-        self.lower, self.upper = lower, upper
-        if not (surrogate is None or surrogate is False or surrogate == "softplus" or isinstance(surrogate, nn.Module)):
-            raise ValueError(f"surrogate must be 'softplus', an nn.Module or None, got {surrogate!r}")
-        self.surrogate = None if surrogate is False else surrogate
-        self.beta = _check_number(beta, "beta", low=0.0, strict=True)
-        if method_kwargs is not None and not isinstance(method_kwargs, dict):
-            raise TypeError(f"method_kwargs must be a dict or None, got {type(method_kwargs).__name__}")
-        self.method_kwargs = dict(method_kwargs or {})
+        opts = AttackOptions.resolve(options, overrides)
+        self.options = opts
+        self.eps, self.step, self.iters, self.k = opts.eps, opts.step, opts.iters, opts.k
+        self.lower, self.upper = opts.lower, opts.upper
+        self.surrogate, self.beta = opts.surrogate, opts.beta
+        self.method_kwargs = dict(opts.method_kwargs or {})
         if "create_graph" in self.method_kwargs:
             raise ValueError("method_kwargs: create_graph is set by the attack, do not pass it")
         if self._method_fn is not None and self.method_kwargs:
@@ -378,18 +411,14 @@ class InterpretationAttack:
         if "steps" in self.method_kwargs:
             check_int(self.method_kwargs["steps"], "steps", 1)
         if self.method == "dtd":  # DTD's box rule uses the attack's pixel range unless told otherwise
-            self.method_kwargs.setdefault("lower", lower)
-            self.method_kwargs.setdefault("upper", upper)
-        criterion = self.default_criterion if criterion is None else criterion
+            self.method_kwargs.setdefault("lower", opts.lower)
+            self.method_kwargs.setdefault("upper", opts.upper)
+        criterion = self.default_criterion if opts.criterion is None else opts.criterion
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
         self.criterion = criterion
-        self.record_metrics = bool(record_metrics)
-        self.floor_center = bool(floor_center)
-        if misclassified not in ("raise", "skip"):
-            raise ValueError(f"misclassified must be 'raise' or 'skip', got {misclassified!r}")
-        self.misclassified = misclassified
-        self.progress = bool(progress)
+        self.record_metrics, self.floor_center = opts.record_metrics, opts.floor_center
+        self.misclassified, self.progress = opts.misclassified, opts.progress
 
     # ----------------------------------------------------------------------------------- to override
     def objective(self, map0: torch.Tensor, x: torch.Tensor, y: torch.Tensor, k: int) -> Objective:
@@ -408,7 +437,7 @@ class InterpretationAttack:
             raise ValueError("x contains NaN or inf")
         x = x.detach()
         why = "images must be in the model's pixel range (lower, upper; e.g. [0, 1]), normalisation inside the model"
-        lo_b, hi_b = _box(x, self.lower, self.upper, why)
+        lo_b, hi_b = box_bounds(x, self.lower, self.upper, why)
         self._lo, self._hi = lo_b, hi_b
         if y is None:
             return x, None
@@ -426,7 +455,7 @@ class InterpretationAttack:
     def _direction_model(self, x: torch.Tensor) -> nn.Module:
         """The network whose map is differentiated for the step direction (see the class notes)."""
         if isinstance(self.surrogate, nn.Module):
-            _check_model(self.surrogate)
+            check_model(self.surrogate)
             return self.surrogate
         relu = has_relu(self.model, x[:1])
         if self.surrogate == "softplus" and relu and not self._on_model:
@@ -450,7 +479,7 @@ class InterpretationAttack:
     def _attr(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool):
         if self._method_fn is not None:
             return self._method_fn(model, x, y, create_graph=create_graph), None
-        return _attribute_with_logits(model, x, y, self.method, create_graph=create_graph, **self.method_kwargs)
+        return attribute_with_logits(model, x, y, self.method, create_graph=create_graph, **self.method_kwargs)
 
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map (N, H, W) and scores (N, classes) of x on the original model (no graph)."""
@@ -472,7 +501,7 @@ class InterpretationAttack:
                 a = attr.detach().requires_grad_(True)
                 value = obj(saliency_map(a))
                 (w,) = torch.autograd.grad(value.sum(), a)
-            g, _ = _integrated_gradients(dmodel, x, y, weights=w, **self.method_kwargs)
+            g = integrated_gradients_vjp(dmodel, x, y, w, **self.method_kwargs)
             return g, value.detach(), None, None
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
@@ -516,7 +545,7 @@ class InterpretationAttack:
 
         ``x`` is not modified. Returns an :class:`AttackResult`.
         """
-        _check_model(self.model)
+        check_model(self.model)
         x0, y = self._check_inputs(x, y)
         self._k = self._k_for(x0.shape[-2] * x0.shape[-1])
         region = self._region(x0, **kwargs)

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from ._checks import check_batch, check_int
-from .saliency import _check_model, _target_tensor, attribute, canonical_method
+from .saliency import attribute, canonical_method, check_model
+from .saliency.common import target_tensor
 from .smooth import softplus_surrogate
 
 __all__ = [
@@ -181,10 +182,10 @@ class SmoothGrad(_Defense):
 
     def _per_draw(self, model: nn.Module, x: torch.Tensor, target: Any, create_graph: bool) -> torch.Tensor:
         """The base method on every noisy copy, (n, *x.shape) (before any reduction)."""
-        _check_model(model)
+        check_model(model)
         check_batch(x)
         n_img = x.shape[0]
-        t = _target_tensor(target, n_img, x.device)
+        t = target_tensor(target, n_img, x.device)
         noisy = (x.unsqueeze(0) + self.draws(x)).flatten(0, 1)  # (n * N, ...): draw-major
         tt = t.repeat(self.n)
         step = noisy.shape[0] if self.batch_size is None else self.batch_size
@@ -270,7 +271,7 @@ class BetaSmoothed(_Defense):
         return f"{self.method}, beta={self.beta:g}"
 
     def __call__(self, model: nn.Module, x: torch.Tensor, target: Any, *, create_graph: bool = False) -> torch.Tensor:
-        _check_model(model)
+        check_model(model)
         return attribute(softplus_surrogate(model, self.beta), x, target, self.method, create_graph=create_graph,
                          **self.method_kwargs)  # fmt: skip
 
@@ -290,10 +291,10 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: Any, *, method: str = 
 
 def sparsified_smoothgrad(model: nn.Module, x: torch.Tensor, target: Any, *, method: str = "gradient", n: int = 16,
                           sigma: float = 0.15, seed: int = 0, keep: float = 0.1, clip: float = 0.01,
-                          create_graph: bool = False, batch_size: int | None = None,
-                          **method_kwargs: Any) -> torch.Tensor:  # fmt: skip
-    """Sparsified SmoothGrad map (N, 1, H, W) (or (N, D)), values in [0, 1]: see :class:`SparsifiedSmoothGrad`."""
-    return SparsifiedSmoothGrad(method, n=n, sigma=sigma, seed=seed, keep=keep, clip=clip, batch_size=batch_size,
+                          create_graph: bool = False, **method_kwargs: Any) -> torch.Tensor:  # fmt: skip
+    """Sparsified SmoothGrad map (N, 1, H, W) (or (N, D)), values in [0, 1]: see :class:`SparsifiedSmoothGrad`
+    (which also bounds memory with ``batch_size``)."""
+    return SparsifiedSmoothGrad(method, n=n, sigma=sigma, seed=seed, keep=keep, clip=clip,
                                 **method_kwargs)(model, x, target, create_graph=create_graph)  # fmt: skip
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ._checks import check_batch, check_int
-from .saliency import _baseline_tensor, _check_model, _select, _target_tensor
+from .saliency import check_model
+from .saliency.common import baseline_tensor, select_score, target_tensor
 
 __all__ = ["perturbation_curves", "auc"]
 
@@ -73,7 +74,7 @@ def perturbation_curves(
     dict with ``deletion`` / ``insertion`` (N, steps + 1) curves, ``deletion_auc`` / ``insertion_auc`` (N,) and
     ``fractions`` (steps + 1,) of pixels moved.
     """
-    _check_model(model)
+    check_model(model)
     check_batch(x)
     if x.dim() != 4:
         raise ValueError(f"x must be images (N, C, H, W), got shape {tuple(x.shape)}")
@@ -86,8 +87,8 @@ def perturbation_curves(
         raise ValueError(f"score must be 'probability' or 'logit', got {score!r}")
     if batch_size is not None:
         check_int(batch_size, "batch_size", 1)
-    t = _target_tensor(target, n, x.device)
-    b = _baseline_tensor(baseline, x)
+    t = target_tensor(target, n, x.device)
+    b = baseline_tensor(baseline, x)
     d = h * w
     counts = [-(-j * d // steps) for j in range(steps + 1)]  # ceil(j d / steps)
     rank = torch.empty((n, d), dtype=torch.long, device=x.device)
@@ -99,7 +100,7 @@ def perturbation_curves(
     batch = torch.cat([deleted, inserted]).flatten(0, 1)  # (2 (S+1) N, C, H, W)
     tt = t.repeat(2 * (steps + 1))
     size = batch.shape[0] if batch_size is None else batch_size
-    scores = torch.cat([_select(model(batch[i : i + size]), tt[i : i + size], score)
+    scores = torch.cat([select_score(model(batch[i : i + size]), tt[i : i + size], score)
                         for i in range(0, batch.shape[0], size)])  # fmt: skip
     scores = scores.view(2, steps + 1, n).transpose(1, 2)
     fractions = torch.tensor(counts, dtype=torch.float64) / d

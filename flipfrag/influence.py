@@ -44,17 +44,20 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ._checks import stochastic_layers_training
+from ._options import Options
 
 __all__ = [
     "LOSSES",
     "LogisticHead",
     "fit_logistic",
+    "FitOptions",
     "logistic_loss",
     "per_example_grads",
     "param_hessian",
@@ -65,6 +68,7 @@ __all__ = [
     "topk_overlap",
     "InfluenceAttackResult",
     "influence_attack",
+    "InfluenceAttackOptions",
     "random_sign_influence",
     "evaluate_influence_change",
 ]
@@ -220,23 +224,47 @@ def _grad_and_hessian(theta, fa, y, s, loss, l2):
     return grad, hess
 
 
+@dataclass(frozen=True)
+class FitOptions(Options):
+    """The optimiser of :func:`fit_logistic` (validated when made; keywords of the call override the fields).
+
+    ``method="newton"`` (default): full-batch damped Newton with a backtracking line search, run until the objective's
+    gradient inf-norm is below ``tol`` or ``max_iter`` steps; exact to rounding for BCE, the method to use for
+    leave-one-out oracles. ``"lbfgs"``: ``torch.optim.LBFGS`` with a strong-Wolfe line search (``max_iter`` steps).
+    ``"adam"``: the authors' recipe (Adam, ``epochs`` passes over minibatches of ``batch_size``, learning rate ``lr``,
+    shuffled with ``seed``; defaults: their 10 epochs of batches of 100, Adam's 1e-3); stops early, so
+    ``fit_info["converged"]`` is usually False. ``dtype``: computation and parameter dtype (float64); ``progress``:
+    a tqdm bar over iterations / epochs.
+    """
+
+    method: str = "newton"
+    max_iter: int = 100
+    tol: float = 1e-10
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-3
+    seed: int = 0
+    dtype: torch.dtype = torch.float64
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("newton", "lbfgs", "adam"):
+            raise ValueError(f"method must be 'newton', 'lbfgs' or 'adam', got {self.method!r}")
+        if int(self.max_iter) < 1 or int(self.epochs) < 0 or int(self.batch_size) < 1:
+            raise ValueError(f"need max_iter >= 1, epochs >= 0, batch_size >= 1; got {self.max_iter}, {self.epochs}, "
+                             f"{self.batch_size}")  # fmt: skip
+
+
 def fit_logistic(
     features: torch.Tensor,
     y: torch.Tensor,
     *,
     loss: str = "bce",
     l2: float = 0.0,
-    method: str = "newton",
     sample_weight: torch.Tensor | None = None,
     init: torch.Tensor | LogisticHead | None = None,
-    max_iter: int = 100,
-    tol: float = 1e-10,
-    epochs: int = 10,
-    batch_size: int = 100,
-    lr: float = 1e-3,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    progress: bool = False,
+    options: FitOptions | None = None,
+    **overrides: Any,
 ) -> LogisticHead:
     """Fit a logistic unit to frozen features by minimising ``(1/n) sum_i s_i L_i + (l2/2) ||w||^2``.
 
@@ -250,24 +278,15 @@ def fit_logistic(
         Per-example loss (see the module docstring). Default ``"bce"``.
     l2 : float
         L2 penalty on ``w`` (not on ``b``). ``l2 > 0`` makes the BCE minimiser unique and the Hessian well conditioned.
-    method : {"newton", "lbfgs", "adam"}
-        ``"newton"`` (default): full-batch damped Newton with a backtracking line search, run until the objective's
-        gradient inf-norm is below ``tol`` or ``max_iter`` steps; exact to rounding for BCE, the method to use for
-        leave-one-out oracles. ``"lbfgs"``: ``torch.optim.LBFGS`` with a strong-Wolfe line search (``max_iter`` steps).
-        ``"adam"``: the authors' recipe (Adam, ``epochs`` passes over minibatches of ``batch_size``, learning rate
-        ``lr``, shuffled with ``seed``); stops early, so ``fit_info["converged"]`` is usually False.
     sample_weight : Tensor, shape (n,), optional
         Per-example weights ``s_i`` (default 1). A zero weight removes the example but keeps the ``1/n`` scaling, i.e.
         exactly Koh & Liang's ``eps = -1/n`` up-weighting.
     init : Tensor (d + 1,) or LogisticHead, optional
         Starting parameters (default zeros for Newton/L-BFGS, seeded Glorot-uniform for Adam, as TensorFlow's default).
-    max_iter, tol : int, float
-        Iteration cap and gradient tolerance for Newton / L-BFGS.
-    epochs, batch_size, lr, seed : Adam settings (defaults: the authors' 10 epochs of batches of 100, Adam's 1e-3).
-    dtype : torch.dtype
-        Computation and parameter dtype (default float64).
-    progress : bool
-        Show a tqdm bar over iterations / epochs.
+    options : FitOptions, optional
+        The optimiser: ``method`` (``"newton"``, ``"lbfgs"`` or ``"adam"``), ``max_iter``, ``tol``, ``epochs``,
+        ``batch_size``, ``lr``, ``seed``, ``dtype``, ``progress`` (see :class:`FitOptions`); ``**overrides`` replace
+        its fields, so ``fit_logistic(f, y, method="adam", epochs=5)`` works.
 
     Returns
     -------
@@ -275,15 +294,14 @@ def fit_logistic(
         In eval mode, with ``loss``, ``l2`` and ``fit_info`` set. A Newton/L-BFGS run that does not reach ``tol``
         warns and records ``converged=False``.
     """
+    opts = FitOptions.resolve(options, overrides)
+    method, max_iter, tol, epochs, batch_size = opts.method, opts.max_iter, opts.tol, opts.epochs, opts.batch_size
+    lr, seed, dtype, progress = opts.lr, opts.seed, opts.dtype, opts.progress
     _check_loss(loss)
     l2 = _check_nonneg("l2", l2)
     features = _as_features("features", features)
     n, d = features.shape
     y = _as_labels("y", y, n)
-    if method not in ("newton", "lbfgs", "adam"):
-        raise ValueError(f"method must be 'newton', 'lbfgs' or 'adam', got {method!r}")
-    if int(max_iter) < 1 or int(epochs) < 0 or int(batch_size) < 1:
-        raise ValueError(f"need max_iter >= 1, epochs >= 0, batch_size >= 1; got {max_iter}, {epochs}, {batch_size}")
     fa = _augment(features.detach().to(dtype))
     yy = y.detach().to(dtype)
     if sample_weight is None:
@@ -847,21 +865,37 @@ def _attack_direction(
     return g, targets
 
 
+@dataclass(frozen=True)
+class InfluenceAttackOptions(Options):
+    """Settings of :func:`influence_attack` (validated when made; keywords of the call override them):
+    ``feature_step`` per target in feature space (0.01, the authors' ``factor``), ``n_targets`` attacked training
+    points (3), ``k`` of the top-k overlap metric (5), the input range ``[lower, upper]``, ``normalize`` the reported
+    influence vectors (metrics do not depend on it), ``batch_size`` images per chunk (None: all), tqdm ``progress``."""
+
+    feature_step: float = 0.01
+    n_targets: int = 3
+    k: int = 5
+    lower: float = 0.0
+    upper: float = 1.0
+    normalize: bool = True
+    batch_size: int | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        _check_nonneg("feature_step", self.feature_step)
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
 def influence_attack(
     feature_extractor: Callable,
     influence: LogisticInfluence,
     x: torch.Tensor,
     *,
     eps: float = 8 / 255,
-    feature_step: float = 0.01,
-    n_targets: int = 3,
-    k: int = 5,
-    lower: float = 0.0,
-    upper: float = 1.0,
     test_y: torch.Tensor | None = None,
-    normalize: bool = True,
-    batch_size: int | None = None,
-    progress: bool = False,
+    options: InfluenceAttackOptions | None = None,
+    **overrides: Any,
 ) -> InfluenceAttackResult:
     """Ghorbani et al.'s single-step gradient-sign attack on the influence of the top training points (§5).
 
@@ -889,23 +923,19 @@ def influence_attack(
         Images in ``[lower, upper]`` (default [0, 1]); not mutated.
     eps : float
         L-inf budget in input units (default 8/255, the authors' ``noises = [8]/255``).
-    feature_step : float
-        Feature-space step per target (default 0.01, the authors' ``factor``).
-    n_targets, k : int
-        Number of attacked training points (3) and the top-``k`` of the overlap metric (5).
     test_y : LongTensor (N,), optional
         Fix the labels of the test points instead of using the predictions.
-    normalize : bool
-        Normalise the reported influence vectors (metrics do not depend on it).
-    batch_size : int, optional
-        Images per chunk (default: all at once).
-    progress : bool
-        tqdm over chunks.
+    options : InfluenceAttackOptions, optional
+        ``feature_step``, ``n_targets``, ``k``, ``lower``, ``upper``, ``normalize``, ``batch_size``, ``progress`` (see
+        :class:`InfluenceAttackOptions`); ``**overrides`` replace its fields, so ``k=5`` works as a keyword.
 
     Returns
     -------
     InfluenceAttackResult
     """
+    opts = InfluenceAttackOptions.resolve(options, overrides)
+    feature_step, n_targets, k, lower, upper = opts.feature_step, opts.n_targets, opts.k, opts.lower, opts.upper
+    normalize, batch_size, progress = opts.normalize, opts.batch_size, opts.progress
     _check_extractor(feature_extractor)
     _check_images(x, eps, lower, upper)
     feature_step = _check_nonneg("feature_step", feature_step)

@@ -46,6 +46,7 @@ import os
 import platform
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ from ._io import (
     verify_sha256,
     write_checksummed,
 )
+from ._options import Options
 from .efficientnet import efficientnet_lite0
 from .smooth import Erf
 
@@ -82,6 +84,7 @@ __all__ = [
     "squeezenet1_0",
     "inception_v3",
     "train",
+    "TrainOptions",
     "evaluate",
     "predict",
     "tensor_hash",
@@ -430,29 +433,46 @@ def _deterministic(fn: Callable) -> Callable:
     return wrapper
 
 
+@dataclass(frozen=True)
+class TrainOptions(Options):
+    """Settings of :func:`train` (validated when made; keywords of the call override them): Adam with learning rate
+    ``lr`` and ``weight_decay`` for ``epochs`` passes over minibatches of ``batch_size`` shuffled with ``seed``;
+    ``progress`` shows a tqdm bar over epochs."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+
+
 @_deterministic
 def train(
     model: nn.Module,
     X: torch.Tensor,
     y: torch.Tensor,
     *,
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 128,
-    weight_decay: float = 0.0,
-    seed: int = 0,
     X_val: torch.Tensor | None = None,
     y_val: torch.Tensor | None = None,
-    progress: bool = True,
+    options: TrainOptions | None = None,
+    **overrides: Any,
 ) -> dict[str, list[float]]:
     """Train a classifier with Adam and cross-entropy on pre-softmax scores; deterministic for a given seed.
 
     Returns a history dict: ``loss`` (mean train loss per epoch), ``train_acc`` and, if validation data is given,
-    ``val_acc`` per epoch. The model is left in eval mode. Runs under :func:`deterministic_training`.
+    ``val_acc`` per epoch. The model is left in eval mode. Runs under :func:`deterministic_training`. The settings
+    (``epochs``, ``lr``, ``batch_size``, ``weight_decay``, ``seed``, ``progress``) are :class:`TrainOptions` fields,
+    given as ``options`` and/or keywords.
     """
+    opts = TrainOptions.resolve(options, overrides)
+    epochs, lr, batch_size, weight_decay, seed, progress = (opts.epochs, opts.lr, opts.batch_size, opts.weight_decay,
+                                                            opts.seed, opts.progress)  # fmt: skip
     _check_xy(X, y)
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -36,10 +36,12 @@ import datetime as _dt
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write
+from ._options import Options
 from .plotting import current_run, figures_dir, locked_json_store, read_json_store, read_manifest
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "qualitative_verdict",
     "derive_verdict",
     "record_claim",
+    "ClaimNotes",
     "read_claims",
     "render_reproduction",
     "write_reproduction",
@@ -376,6 +379,25 @@ def _legacy(claim_id: str, verdict: str, text: str) -> tuple[str, str]:
     return "legacy", verdict
 
 
+@dataclass(frozen=True)
+class ClaimNotes(Options):
+    """The words around a claim's numbers in its ``REPRODUCTION.md`` row (the ``options`` of :func:`record_claim`;
+    its keywords ``source=``, ``note=``, ``deviation=`` override them).
+
+    ``source``: where the paper's value comes from, with an evidence tag (e.g. "F3 [FIG]", see
+    ``docs/papers/README.md``); ``note``: a claim-specific remark on the row; ``deviation``: listed once per
+    notebook."""
+
+    source: str = ""
+    note: str = ""
+    deviation: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("source", "note", "deviation"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+
+
 def record_claim(
     claim_id: str,
     *,
@@ -387,9 +409,8 @@ def record_claim(
     reference: float | Mapping[str, float] | None = None,
     conditions: Mapping[str, bool] | None = None,
     verdict: str | None = None,
-    deviation: str = "",
-    source: str = "",
-    note: str = "",
+    options: ClaimNotes | None = None,
+    **overrides: str,
 ) -> dict[str, Any]:
     """Record one headline claim for ``REPRODUCTION.md`` (id like ``"fragility/claim1"``); the verdict is derived.
 
@@ -400,8 +421,11 @@ def record_claim(
     paper's value comes from, with an evidence tag (e.g. "F3 [FIG]", see ``docs/papers/README.md``); ``note`` adds
     a claim-specific remark to the table row; ``deviation`` is listed once per notebook. A ``verdict`` passed along
     with ``kind`` must equal the derived one. Without ``kind``, ``verdict`` is the old API (see the module
-    docstring). Profile, notebook and substitutions come from the current run.
+    docstring). Profile, notebook and substitutions come from the current run. ``source``, ``note`` and
+    ``deviation`` are the fields of :class:`ClaimNotes` (``options``), given as keywords.
     """
+    notes = ClaimNotes.resolve(options, overrides)
+    source, note, deviation = notes.source, notes.note, notes.deviation
     entry: dict[str, Any] = {"id": claim_id, "claim": claim, "source": source}
     legacy_call = kind is None
     if legacy_call:

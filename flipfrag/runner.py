@@ -27,8 +27,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["NotebookFailed", "find_notebooks", "run_notebook", "run_all", "main"]
+from ._options import Options
+
+__all__ = ["NotebookFailed", "find_notebooks", "run_notebook", "KernelOptions", "run_all", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Torch threads of a notebook's kernel when neither ``threads=`` nor ``$FLIPFRAG_THREADS`` says otherwise.
@@ -92,6 +95,24 @@ def _environment(name: str, value: str | None) -> Iterator[None]:
             os.environ[name] = old
 
 
+@dataclass(frozen=True)
+class KernelOptions(Options):
+    """How :func:`run_notebook` runs a notebook's kernel (its ``options``; keywords override the fields).
+
+    ``kernel``: the Jupyter kernel name; ``progress``: papermill's progress bar; ``scheduler`` (None: leave
+    ``$FLIPFRAG_SCHEDULER`` as it is): set as the kernel's ``FLIPFRAG_SCHEDULER`` and passed as the parameter
+    ``scheduler`` if the notebook's parameters cell declares it; ``threads``: torch threads in the kernel (passed as
+    ``$FLIPFRAG_THREADS``; default: the caller's ``$FLIPFRAG_THREADS``, else :data:`DEFAULT_THREADS`); ``device``
+    (None: leave ``$FLIPFRAG_DEVICE`` as it is): set as the kernel's ``FLIPFRAG_DEVICE``, where the attack-grid
+    cells and flip-point shards compute ("cpu", "cuda", "auto")."""
+
+    kernel: str = "python3"
+    progress: bool = False
+    scheduler: str | None = None
+    threads: int | None = None
+    device: str | None = None
+
+
 def run_notebook(
     path: str | Path,
     *,
@@ -100,24 +121,20 @@ def run_notebook(
     figures_dir: str | Path,
     output_dir: str | Path,
     root: str | Path = REPO_ROOT / "notebooks",
-    kernel: str = "python3",
-    progress: bool = False,
-    scheduler: str | None = None,
-    threads: int | None = None,
-    device: str | None = None,
+    options: KernelOptions | None = None,
+    **overrides: Any,
 ) -> NotebookRun:
     """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the cell and the error.
 
-    ``scheduler`` (None: leave ``$FLIPFRAG_SCHEDULER`` as it is) is set as the kernel's ``FLIPFRAG_SCHEDULER`` and
-    passed as the parameter ``scheduler`` if the notebook's parameters cell declares it. ``threads``: torch threads
-    in the kernel (passed as ``$FLIPFRAG_THREADS``); default: the caller's ``$FLIPFRAG_THREADS``, else
-    :data:`DEFAULT_THREADS`. ``device`` (None: leave ``$FLIPFRAG_DEVICE`` as it is) is set as the kernel's
-    ``FLIPFRAG_DEVICE``: where the attack-grid cells and flip-point shards compute ("cpu", "cuda", "auto")."""
+    ``kernel``, ``progress``, ``scheduler``, ``threads`` and ``device`` are the fields of :class:`KernelOptions`
+    (``options``), given as keywords."""
     import papermill as pm
 
     from . import THREADS_ENV
     from .engine import DEVICE_ENV, SCHEDULER_ENV, default_device, parse_scheduler
 
+    opts = KernelOptions.resolve(options, overrides)
+    kernel, progress, scheduler, threads, device = opts.kernel, opts.progress, opts.scheduler, opts.threads, opts.device
     path, root = Path(path).resolve(), Path(root).resolve()
     rel = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
     output = Path(output_dir) / rel

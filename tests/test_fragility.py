@@ -554,6 +554,11 @@ def test_grid_sizes_of_the_imagenet_role_and_setting_subset():
     assert im["beta"] == quick["imagenet_grid"]["beta"] and im["iters"] == quick["imagenet_grid"]["iters"]
     assert cifar["iters"] == quick["grid_iters"] and cifar["beta"] == quick["softplus_beta"]
     assert fr.grid_sizes("imagenet", get_profile("paper"))["iters"] == 300  # SqueezeNet: the shared paper sizes
+    # F4's photos: the role's own count where given, else the grid's photos
+    assert im["targeted_n_images"] == quick["imagenet_grid"]["targeted_n_images"] < im["n_images"]
+    assert cifar["targeted_n_images"] == cifar["n_images"] == quick["grid_n_images"]
+    smoke_im = fr.grid_sizes("imagenet", get_profile("smoke"))
+    assert smoke_im["targeted_n_images"] == smoke_im["n_images"] == get_profile("smoke")["imagenet_grid"]["n_images"]
     with pytest.raises(ValueError, match="imagenet_grid"):
         fr.grid_sizes("imagenet", {**quick, "imagenet_grid": {"iterations": 3}})
     st = fr.ImageSetting("cifar", torch.nn.Identity(), torch.rand(3, 1, 4, 4), torch.arange(3), torch.zeros(1), 2,

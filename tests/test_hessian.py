@@ -10,11 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from flipfrag.hessian import (
+from flipfrag.fragility.geometry import (
     TwoLayerSoftplus,
     decision_grid,
     dimension_sweep,
     fit_toy_models,
+    toy_geometry_data,
+)
+from flipfrag.hessian import (
     gradient_rotation,
     hessian_operator,
     hvp,
@@ -23,7 +26,6 @@ from flipfrag.hessian import (
     random_sign_like,
     score_fn,
     top_eigenpairs,
-    toy_geometry_data,
 )
 from flipfrag.models import MLP, SmallCNN, train
 from flipfrag.smooth import softplus_surrogate
@@ -400,3 +402,16 @@ def test_repeated_eigenvalues_need_lanczos_restarts(method):
     assert res.residuals.max() < 1e-8
     V = res.eigenvectors[0]
     torch.testing.assert_close(V @ V.T, torch.eye(5, dtype=DT), rtol=0, atol=1e-9)
+
+
+def test_moved_geometry_names_are_still_found_in_hessian():
+    """The toy and input-dimension code moved to flipfrag.fragility.geometry; the old names still resolve."""
+    from flipfrag import fragility, hessian
+    from flipfrag.fragility import geometry
+
+    for name in ("toy_geometry_data", "ToyModels", "fit_toy_models", "decision_grid", "TwoLayerSoftplus",
+                 "dimension_sweep"):  # fmt: skip
+        assert getattr(hessian, name) is getattr(geometry, name) is getattr(fragility, name)
+        assert name in dir(hessian)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        hessian.no_such_name  # noqa: B018

@@ -132,11 +132,14 @@ def _seconds_per_map(case: DefenseCase, model, x, y) -> tuple[torch.Tensor, floa
 
 def _code_version() -> str:
     """sha256 (16 hex) of the modules a cell depends on: cells computed by other code are never reused."""
-    from .. import _io, attacks, defenses, faithfulness, metrics, saliency, smooth
+    from pathlib import Path
 
-    files = [attacks.__file__, defenses.__file__, faithfulness.__file__, metrics.__file__, saliency.__file__,
-             smooth.__file__, __file__]  # fmt: skip
-    return _io.sha256_files(files)[:16]
+    from .. import attacks, defenses, faithfulness, metrics, saliency, smooth
+    from .._io import sha256_files
+
+    files = [attacks.__file__, defenses.__file__, faithfulness.__file__, metrics.__file__, smooth.__file__, __file__,
+             *sorted(Path(saliency.__file__).parent.glob("*.py"))]  # fmt: skip
+    return sha256_files(files)[:16]
 
 
 def _case_identity(case: DefenseCase) -> dict[str, Any]:

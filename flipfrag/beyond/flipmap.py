@@ -483,12 +483,7 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     own = {"topk": "topk", "center": "center"} if st.surrogate_beta is None else {
         "topk": "surrogate-topk", "center": "surrogate-center"}  # fmt: skip
     if info["differentiable"] and any(a in ("topk", "center") for a in st.attacks):
-        t = time.perf_counter()
-        res_d = _flip_with_derivative(dmodel, x, dsolver, st.weak)
-        status = res_d.grad_status or ["not differentiable"] * n
-        has_d = res_d.converged.to(x.device) & _derivative_ok(status, n, x.device)
-        info["grad_status"] = list(status)
-        info["seconds"]["derivative check"] = time.perf_counter() - t
+        has_d = _derivative_check(dmodel, x, dsolver, st.weak, info)
     info["n_derivative"] = int(has_d.sum())
     if st.n_differentiated is not None:  # the budget: only the first n_differentiated images with a derivative
         has_d &= torch.cumsum(has_d.long(), 0) <= st.n_differentiated
@@ -538,6 +533,22 @@ def flip_fragility_rows(setting: ImageSetting, prof: dict[str, Any], *, seed: in
     grid.loc[grid.eps == 0, "attack"] = "none"
     grid = grid.drop_duplicates(["method", "attack", "eps", "image"])
     return pd.concat([grid[keep], flip_rows], ignore_index=True), info
+
+
+def _derivative_check(dmodel: nn.Module, x: torch.Tensor, dsolver: dict[str, Any], weak: str,
+                      info: dict[str, Any]) -> torch.Tensor:  # fmt: skip
+    """(N,) bool: the images whose flip point (of ``dmodel``) is certified and has a derivative; records
+    ``info["grad_status"]`` and the time taken (``info["seconds"]["derivative check"]``)."""
+    import time
+
+    t = time.perf_counter()
+    n = x.shape[0]
+    res_d = _flip_with_derivative(dmodel, x, dsolver, weak)
+    status = res_d.grad_status or ["not differentiable"] * n
+    has_d = res_d.converged.to(x.device) & _derivative_ok(status, n, x.device)
+    info["grad_status"] = list(status)
+    info["seconds"]["derivative check"] = time.perf_counter() - t
+    return has_d
 
 
 def _examples(sub: ImageSetting, map0: torch.Tensor, found: dict[str, Any], n: int,

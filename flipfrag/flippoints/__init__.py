@@ -105,7 +105,13 @@ from .study_features import ADULT_UNITS, IMMUTABLE, FeatureStudy, feature_study,
 from .study_homotopy import homotopy_strategies, homotopy_study
 from .study_pca import SPECTRA, leading_directions, pca_spectra, rrqr_groups, rrqr_study
 from .study_training import RETRAIN_SETUPS, summarize_training, training_study
-from .training import TrainedPredictor, mlp_trainer, retraining_experiment, select_training_subset
+from .training import (
+    RetrainingOptions,
+    TrainedPredictor,
+    mlp_trainer,
+    retraining_experiment,
+    select_training_subset,
+)
 
 __all__ = [
     # cache
@@ -147,6 +153,7 @@ __all__ = [
     # influential training points
     "select_training_subset",
     "retraining_experiment",
+    "RetrainingOptions",
     "mlp_trainer",
     "TrainedPredictor",
     # PCA / RR-QR

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._options import Options
 from ._util import _as_numpy
 
 _SELECTIONS = ("closest", "random", "farthest")
@@ -64,6 +66,33 @@ def select_training_subset(distance: Any, y: Any, fraction: float, how: str, *, 
     return np.sort(np.concatenate(picked))
 
 
+@dataclass(frozen=True)
+class RetrainingOptions(Options):
+    """Settings of :func:`retraining_experiment` (validated when made; keywords of the call override them).
+
+    Attributes
+    ----------
+    repeats : training seeds per (selection, fraction); random subsets are also redrawn per repeat.
+    selections : which subsets to train on, among ``("closest", "random", "farthest")``.
+    stratify : passed to :func:`select_training_subset`.
+    seed : base seed of the subsets (``seed + 1000 * repeat``) and of the trainer (``seed + repeat``).
+    progress : tqdm over the training runs.
+    """
+
+    repeats: int = 1
+    selections: Sequence[str] = _SELECTIONS
+    stratify: bool = True
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        for s in self.selections:
+            if s not in _SELECTIONS:
+                raise ValueError(f"selections must be among {_SELECTIONS}, got {s!r}")
+
+
 def retraining_experiment(
     fit: Callable[[torch.Tensor, torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]],
     X: torch.Tensor,
@@ -73,12 +102,9 @@ def retraining_experiment(
     y_test: torch.Tensor,
     *,
     fractions: Sequence[float],
-    repeats: int = 1,
     reference: torch.Tensor | None = None,
-    selections: Sequence[str] = _SELECTIONS,
-    stratify: bool = True,
-    seed: int = 0,
-    progress: bool = False,
+    options: RetrainingOptions | None = None,
+    **overrides: Any,
 ) -> pd.DataFrame:
     """E5: retrain on the closest / random / farthest fraction of the training set; compare with the full model.
 
@@ -95,10 +121,11 @@ def retraining_experiment(
     X, y : training set (N, ...), (N,); distance : (N,) distances of the training points to their flip points.
     X_test, y_test : test set.
     fractions : fractions of the certified training points to keep, each in (0, 1].
-    repeats : training seeds per (selection, fraction); random subsets are also redrawn per repeat.
     reference : LongTensor (M,), optional
         The full model's test predictions; default: ``fit(X, y, seed)`` on the whole training set.
-    stratify : passed to :func:`select_training_subset`.
+    options : RetrainingOptions, optional
+        ``repeats``, ``selections``, ``stratify``, ``seed``, ``progress``; ``**overrides`` replace its fields (so
+        ``repeats=2`` works as a keyword).
 
     Returns
     -------
@@ -106,13 +133,10 @@ def retraining_experiment(
     ``test_acc``, ``agreement`` (fraction of test inputs predicted as the reference predicts), ``mean_distance``
     of the selected points. At fraction 1 all selections are the same set and are trained once per repeat.
     """
+    opts = RetrainingOptions.resolve(options, overrides)
+    repeats, selections, stratify, seed = opts.repeats, opts.selections, opts.stratify, opts.seed
     if not callable(fit):
         raise TypeError("fit must be callable: fit(X_sub, y_sub, seed) -> predict function")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for s in selections:
-        if s not in _SELECTIONS:
-            raise ValueError(f"selections must be among {_SELECTIONS}, got {s!r}")
     d = _as_numpy(distance, "distance", ndim=1)
     if d.shape[0] != X.shape[0] or y.shape[0] != X.shape[0]:
         raise ValueError(f"X, y and distance must have the same length, got {X.shape[0]}, {y.shape[0]}, {d.shape[0]}")
@@ -126,7 +150,7 @@ def retraining_experiment(
                 jobs.append((s, float(frac), r))
     done: dict[tuple, dict] = {}
     rows = []
-    for s, frac, r in tqdm(jobs, desc="retraining", disable=not progress, leave=False):
+    for s, frac, r in tqdm(jobs, desc="retraining", disable=not opts.progress, leave=False):
         if (s, frac, r) not in done:
             idx = select_training_subset(d, y, frac, "random" if s == "all" else s, seed=seed + 1000 * r,
                                          stratify=stratify)  # fmt: skip

@@ -20,7 +20,9 @@ here, so ``from flipfrag import fragility; fragility.run_attack_grid(...)`` work
 * :mod:`~flipfrag.fragility.examples` — single attacks for the example figures (F1, F4: :func:`attack_examples`,
   :func:`target_box`).
 * :mod:`~flipfrag.fragility.exemplars` — influence functions (F5): :func:`influence_setting`, :func:`influence_curves`.
-* :mod:`~flipfrag.fragility.geometry` — F2's toy rotation and F6's attack-vs-random geometry.
+* :mod:`~flipfrag.fragility.geometry` — the geometry section: the 2-D toy (:func:`toy_geometry_data`,
+  :func:`fit_toy_models`, :func:`decision_grid`, F2's :func:`toy_rotation`), F6's attack-vs-random geometry
+  (:func:`geometry_comparison`) and the input-dimension sweep (:class:`TwoLayerSoftplus`, :func:`dimension_sweep`).
 
 Units: images are in [0, 1]; epsilons are given on that scale (the paper's ε = 8 is ``8/255``) and reported on the
 paper's 0-255 scale as ``eps255``. Center shifts are in pixels of the saliency map; ``center_rel`` divides by the
@@ -39,7 +41,16 @@ from .exemplars import (
     median_example,
     summarize_influence,
 )
-from .geometry import geometry_comparison, toy_rotation
+from .geometry import (
+    ToyModels,
+    TwoLayerSoftplus,
+    decision_grid,
+    dimension_sweep,
+    fit_toy_models,
+    geometry_comparison,
+    toy_geometry_data,
+    toy_rotation,
+)
 from .grid import (
     BETA_RULE,
     CELL_COLUMNS,
@@ -164,4 +175,10 @@ __all__ = [
     "influence_curves",
     "toy_rotation",
     "geometry_comparison",
+    "toy_geometry_data",
+    "ToyModels",
+    "fit_toy_models",
+    "decision_grid",
+    "TwoLayerSoftplus",
+    "dimension_sweep",
 ]

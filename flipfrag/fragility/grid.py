@@ -100,7 +100,8 @@ def _code_version() -> str:
     code (a fixed bug in an attack, a changed saliency rule) are never reused."""
     from .. import attacks, metrics, saliency, smooth
 
-    return sha256_files([attacks.__file__, metrics.__file__, saliency.__file__, smooth.__file__, __file__])[:16]
+    saliency_files = sorted(Path(saliency.__file__).parent.glob("*.py"))  # the package: every module of it
+    return sha256_files([attacks.__file__, metrics.__file__, *saliency_files, smooth.__file__, __file__])[:16]
 
 
 def _records_digest(records: list[dict[str, Any]]) -> str:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._options import Options
 from .paper import role_k
 
 # --------------------------------------------------------------------------------------------- settings
@@ -68,7 +69,9 @@ def grid_sizes(role: str, prof: dict[str, Any]) -> dict[str, Any]:
     """The attack sizes of a role in a profile: the shared ``grid_*`` keys (images, iterations, IG's iterations and
     steps), ``attack_step``, ``softplus_beta``, ``epsilons``, ``attack_iters`` (``example_iters``: the single
     attacks of F1 / F4 / F6), ``convergence_*``, ``hessian_n_images``, ``lanczos_k`` and ``ig_internal_batch`` (IG
-    interpolants per pass; None = the grid's default), overridden for
+    interpolants per pass; None = the grid's default), ``targeted_n_images`` (the photos of F4's targeted attack;
+    default: the grid's), ``lanczos_iters`` (Lanczos steps of F6's spectrum; None = hessian.top_eigenpairs' default),
+    overridden for
     ``role="imagenet"`` by ``prof["imagenet_grid"]`` where the profile gives one (offline: EfficientNet-Lite0 at
     224x224, about a hundred times the 32x32 CNN's cost per image-iteration; ``side``: the photos' size, None = 224,
     smaller only in the smoke profile, to keep it seconds)."""
@@ -78,7 +81,7 @@ def grid_sizes(role: str, prof: dict[str, Any]) -> dict[str, Any]:
              "example_ig_steps": prof["ig_steps"], "convergence_iters": prof["convergence_iters"],
              "convergence_n_images": prof["convergence_n_images"], "held_out_n": None,
              "hessian_n_images": prof["hessian_n_images"], "lanczos_k": prof["lanczos_k"],
-             "ig_internal_batch": None, "side": None}  # fmt: skip
+             "ig_internal_batch": None, "side": None, "targeted_n_images": None, "lanczos_iters": None}  # fmt: skip
     if role == "imagenet" and prof.get("imagenet_grid"):
         own = dict(prof["imagenet_grid"])
         unknown = set(own) - set(sizes)
@@ -86,6 +89,8 @@ def grid_sizes(role: str, prof: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"prof['imagenet_grid']: unknown keys {sorted(unknown)}")
         own.setdefault("example_ig_steps", own.get("ig_steps", sizes["ig_steps"]))
         sizes.update(own)
+    if sizes["targeted_n_images"] is None:
+        sizes["targeted_n_images"] = sizes["n_images"]
     return sizes
 
 
@@ -224,6 +229,19 @@ class ImageSetting:
         return {"integrated_gradients": ig, "deeplift": {"baseline": self.baseline}}
 
 
+@dataclass(frozen=True)
+class SettingInfo(Options):
+    """What :func:`prepare_setting` records about a setting besides its data (its ``options``; the keywords
+    ``class_names=``, ``description=``, ``substitution=``, ``meta=``, ``model_name=`` make or override it): the
+    :class:`ImageSetting` fields of the same names."""
+
+    class_names: Sequence[str]
+    description: str
+    substitution: str | None
+    meta: dict[str, Any] | None = None
+    model_name: str = ""
+
+
 def prepare_setting(
     role: str,
     model: nn.Module,
@@ -232,17 +250,15 @@ def prepare_setting(
     *,
     n: int | None,
     baseline: torch.Tensor,
-    class_names: Sequence[str],
-    description: str,
-    substitution: str | None,
     seed: int = 0,
-    meta: dict[str, Any] | None = None,
-    model_name: str = "",
     image_names: Sequence[str] | None = None,
     k: int | None = None,
+    options: SettingInfo | None = None,
+    **overrides: Any,
 ) -> ImageSetting:
     """The part shared by every path: pick ``n`` correctly classified images, set ``k`` for the role (the role's
     fraction of the map, :func:`role_k`, unless ``k`` is given)."""
+    info = SettingInfo.resolve(options, overrides)
     if role not in ROLES:
         raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
     if X_test.dim() != 4 or float(X_test.min()) < 0 or float(X_test.max()) > 1:
@@ -253,9 +269,9 @@ def prepare_setting(
     names = [list(image_names)[i] for i in idx.tolist()] if image_names is not None else []
     k = role_k(ROLES[role], x.shape[-2] * x.shape[-1]) if k is None else int(k)
     return ImageSetting(role=role, model=model, x=x, y=y, baseline=baseline.detach().to(x.dtype),
-                        k=k, class_names=list(class_names),
-                        test_accuracy=acc, description=description, substitution=substitution,
-                        meta=dict(meta or {}), model_name=model_name, image_names=names)  # fmt: skip
+                        k=k, class_names=list(info.class_names),
+                        test_accuracy=acc, description=info.description, substitution=info.substitution,
+                        meta=dict(info.meta or {}), model_name=info.model_name, image_names=names)  # fmt: skip
 
 
 def cifar10_setting(role: str, prof: dict[str, Any], *, n: int | None, seed: int = 0) -> ImageSetting:

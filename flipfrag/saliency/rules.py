@@ -1,43 +1,6 @@
-"""Differentiable feature-importance maps: simple gradient, integrated gradients, DeepLIFT (Rescale) and LRP-epsilon.
-
-Every method takes a batch ``x`` of shape (N, *shape), a ``target`` (an int or a LongTensor (N,) of classes) and a
-model mapping (N, *shape) to pre-softmax scores (N, classes); it returns attributions of ``x``'s shape. With
-``create_graph=True`` the attribution stays in the autograd graph, so a loss on the saliency map can be
-differentiated with respect to the input (pass an ``x`` that requires grad) — what Captum's attributions do not
-offer, and what Ghorbani et al.'s attacks need.
-
-Methods (names accepted by :func:`attribute` / :func:`saliency_fn` in brackets)
-
-* :func:`gradient` ["gradient", "sg"] — ``dS_y/dx`` (Simonyan et al.), the paper's "simple gradient".
-* :func:`integrated_gradients` ["integrated_gradients", "ig"] — the right Riemann sum of Ghorbani et al.'s code:
-  ``(x - b) * mean_{k=1..M} dS_y/dx (b + k/M (x - b))``, ``M = 100``; zero baseline by default (the authors used
-  the mean image: pass it as ``baseline``). Equals Captum's ``IntegratedGradients(method="riemann_right")``.
-* :func:`deeplift` ["deeplift"] — DeepLIFT with the Rescale rule, zero reference by default. Equals Captum's
-  ``DeepLift`` on nets without max-pooling (see the function's notes for max-pooling).
-* :func:`lrp` ["lrp"] — layer-wise relevance propagation with the epsilon rule (LRP-eps) on linear, convolution,
-  pooling and batch-norm layers, relevance passed unchanged through ReLUs: the "relevance propagation" named by the
-  paper's first arXiv version. Equals Captum's ``LRP`` with ``EpsilonRule(eps)`` on those layers.
-* :func:`dtd` ["dtd", "deep_taylor"] — Deep Taylor Decomposition (Montavon et al. 2017) as in Ghorbani et al.'s code:
-  the z+ rule on every linear / convolution layer except the first, the z^B (box) rule with the input pixel range
-  ``[lower, upper]`` at the first one; relevance passed unchanged through ReLUs, max-pooling winner-take-all.
-
-:func:`saliency_map` applies the paper's post-processing: absolute value, sum over channels, normalise to sum 1.
-
-Second derivatives. ReLU nets have zero second derivative almost everywhere, so ``create_graph=True`` on a ReLU
-net gives a correct but useless (zero almost everywhere) input-gradient of a simple-gradient, IG or LRP map. The
-attacks therefore differentiate these maps on :func:`flipfrag.smooth.softplus_surrogate` (same weights), as the
-authors did; DeepLIFT's Rescale multipliers and DTD's ratios ``z / z+``, ``z / z^B`` depend smoothly on the input,
-so these two are differentiated on the ReLU net itself.
-
-Rule-based methods (DeepLIFT, LRP, DTD) intercept operations with a :class:`torch.overrides.TorchFunctionMode` while
-the model runs, so they work for ``nn.ReLU`` modules and functional ReLU calls alike (the set of ReLU forms is
-``flipfrag.smooth.RELU_FUNCS``), with no module hooks and no restriction on module reuse. With ``create_graph=True``
-they run the model twice (once for the true forward values the rules depend on, once for the modified backward), so
-their second derivatives are exact rather than derivatives of the modified chain. Unsupported: ReLUs
-written as ``clamp``/``hardtanh``/``threshold``/``relu6``/``leaky_relu`` (treated as ordinary differentiable ops,
-i.e. by the gradient rule), in-place ReLU calls whose return value is ignored, and models that mix samples of a
-batch (train-mode batch norm; rejected) or do not keep the batch as dimension 0 (DeepLIFT checks this).
-"""
+"""Propagation rules: DeepLIFT (Rescale), LRP-epsilon and Deep Taylor Decomposition as modified gradients, with the
+operation tables they act on (activations, LRP layers, DTD layers) and the two-pass scheme that keeps their second
+derivatives exact. Each method is a public function over a private core that also returns the model's scores."""
 
 from __future__ import annotations
 
@@ -45,304 +8,25 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._checks import check_batch as _check_x
-from .ops import depthwise_conv2d
-from .smooth import RELU_FUNCS, softplus
+from .._checks import check_batch
+from ..ops import depthwise_conv2d
+from ..smooth import RELU_FUNCS, softplus
+from .common import (
+    baseline_tensor,
+    box_bounds,
+    check_model,
+    grad_or_zeros,
+    input_for_grad,
+    select_score,
+    target_tensor,
+)
 
-__all__ = [
-    "METHODS",
-    "canonical_method",
-    "gradient",
-    "integrated_gradients",
-    "deeplift",
-    "lrp",
-    "dtd",
-    "saliency_map",
-    "attribute",
-    "saliency_fn",
-    "completeness_gap",
-]
-
-#: Canonical method names; aliases are listed in ``_ALIASES``.
-METHODS = ("gradient", "integrated_gradients", "deeplift", "lrp", "dtd")
-_ALIASES = {
-    "ig": "integrated_gradients",
-    "sg": "gradient",
-    "simple_gradient": "gradient",
-    "saliency": "gradient",
-    "lrp_epsilon": "lrp",
-    "lrp-eps": "lrp",
-    "deep_taylor": "dtd",
-    "deep-taylor": "dtd",
-    "deep_taylor_decomposition": "dtd",
-}
-_SCORES = ("logit", "probability")
-
-
-def canonical_method(method: str) -> str:
-    """Return the canonical name of a saliency method (resolving aliases such as ``"ig"``).
-
-    Raises
-    ------
-    ValueError
-        Naming ``method`` if it is not one of :data:`METHODS` or an alias.
-    """
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a string, got {type(method).__name__}")
-    name = method.lower()
-    name = _ALIASES.get(name, name)
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)} (or aliases {sorted(_ALIASES)}), got {method!r}")
-    return name
-
-
-# --------------------------------------------------------------------------------------------- input checks
-
-# Modules whose train mode makes one sample's output depend on the rest of the batch or on randomness.
-_MODE_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.AlphaDropout)
-
-
-def _check_model(model: nn.Module) -> None:
-    if not callable(model):
-        raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.Module):
-        bad = [type(m).__name__ for m in model.modules() if m.training and isinstance(m, _MODE_SENSITIVE)]
-        if bad:
-            raise ValueError(
-                f"model has {sorted(set(bad))} layers in training mode (attributions would depend on the batch or "
-                "on dropout noise); call model.eval() first"
-            )
-
-
-def _target_tensor(target: Any, n: int, device: torch.device) -> torch.Tensor:
-    """``target`` (int, sequence or tensor) as a LongTensor (n,) on ``device``."""
-    if isinstance(target, bool) or target is None:
-        raise TypeError(f"target must be an int or a LongTensor (N,) of class indices, got {target!r}")
-    if isinstance(target, int):
-        t = torch.full((n,), target, dtype=torch.long, device=device)
-    else:
-        t = torch.as_tensor(target, device=device)
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
-        t = t.long()
-        if t.dim() == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"target must be an int or have shape ({n},), got shape {tuple(t.shape)}")
-    return t
-
-
-def _select(logits: torch.Tensor, target: torch.Tensor, score: str = "logit") -> torch.Tensor:
-    """Per-sample score S_target (N,) from the model output (N, C)."""
-    if logits.dim() != 2 or logits.shape[0] != target.shape[0]:
-        raise ValueError(
-            f"model must map a batch of {target.shape[0]} inputs to scores of shape (N, classes), "
-            f"got output shape {tuple(logits.shape)}"
-        )
-    n_classes = logits.shape[1]
-    if (target < 0).any() or (target >= n_classes).any():
-        raise ValueError(f"target: class indices must lie in [0, {n_classes}), got {target.tolist()}")
-    if score == "probability":
-        logits = torch.softmax(logits, dim=1)
-    return logits.gather(1, target[:, None])[:, 0]
-
-
-def _check_score(score: str) -> None:
-    if score not in _SCORES:
-        raise ValueError(f"score must be one of {list(_SCORES)}, got {score!r}")
-
-
-def _input_for_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself if it already requires grad (so results stay attached to the caller's graph), else a leaf copy."""
-    return x if x.requires_grad else x.detach().requires_grad_(True)
-
-
-def _grad(output: torch.Tensor, inp: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    (g,) = torch.autograd.grad(output, inp, create_graph=create_graph, allow_unused=True)
-    return torch.zeros_like(inp) if g is None else g
-
-
-def _baseline_tensor(baseline: Any, x: torch.Tensor, name: str = "baseline") -> torch.Tensor:
-    """The reference input as a detached tensor of x's shape (None -> zeros; scalars and broadcastables allowed)."""
-    if baseline is None:
-        return torch.zeros_like(x, requires_grad=False).detach()
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline)).detach()
-    if not isinstance(baseline, torch.Tensor):
-        raise TypeError(f"{name} must be None, a number or a tensor broadcastable to x, got {type(baseline).__name__}")
-    b = baseline.detach().to(device=x.device, dtype=x.dtype)
-    try:
-        b = torch.broadcast_to(b, x.shape)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{name} of shape {tuple(baseline.shape)} does not broadcast to x of shape {tuple(x.shape)}"
-        ) from err
-    if not torch.isfinite(b).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return b.contiguous()
-
-
-# ----------------------------------------------------------------------------------------- simple gradient
-
-
-def _gradient(
-    model: nn.Module, x: torch.Tensor, target: Any, *, create_graph: bool = False, score: str = "logit"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_model(model)
-    _check_x(x)
-    _check_score(score)
-    t = _target_tensor(target, x.shape[0], x.device)
-    with torch.enable_grad():
-        xin = _input_for_grad(x)
-        logits = model(xin)
-        s = _select(logits, t, score)
-        g = _grad(s.sum(), xin, create_graph)
-    return g, logits.detach()
-
-
-def gradient(
-    model: nn.Module, x: torch.Tensor, target: Any, *, create_graph: bool = False, score: str = "logit"
-) -> torch.Tensor:
-    """Simple gradient ``dS_target / dx`` (Simonyan et al. 2014; Ghorbani et al.'s "simple gradient").
-
-    Parameters
-    ----------
-    model : nn.Module
-        Maps (N, *shape) to pre-softmax scores (N, classes); samples must not interact (eval mode).
-    x : Tensor (N, *shape)
-        Inputs (e.g. images in [0, 1], (N, C, H, W)). Not modified. If ``x.requires_grad``, the result stays attached
-        to the caller's graph (needed to differentiate it w.r.t. ``x`` with ``create_graph=True``).
-    target : int or LongTensor (N,)
-        Class whose score is explained (the predicted label in the paper).
-    create_graph : bool
-        Keep the graph of the gradient computation so that the result can be differentiated again.
-    score : {"logit", "probability"}
-        Differentiate the pre-softmax score (default; the paper) or the softmax probability.
-
-    Returns
-    -------
-    Tensor (N, *shape)
-        The gradient, same dtype and shape as ``x``.
-    """
-    return _gradient(model, x, target, create_graph=create_graph, score=score)[0]
-
-
-# ----------------------------------------------------------------------------------- integrated gradients
-
-
-def _integrated_gradients(
-    model: nn.Module,
-    x: torch.Tensor,
-    target: Any,
-    *,
-    baseline: Any = None,
-    steps: int = 100,
-    create_graph: bool = False,
-    internal_batch_size: int | None = None,
-    score: str = "logit",
-    weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, None]:
-    """IG core. With ``weights`` (N, *shape) it returns instead ``d/dx <weights, IG(x)>`` (a vector-Jacobian
-    product with ``weights`` held fixed), accumulated chunk by chunk so that memory stays bounded by
-    ``internal_batch_size`` interpolants even though each chunk is differentiated twice."""
-    _check_model(model)
-    _check_x(x)
-    _check_score(score)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if internal_batch_size is not None and (
-        isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
-    ):
-        raise ValueError(f"internal_batch_size must be None or an integer >= 1, got {internal_batch_size!r}")
-    n, m = x.shape[0], steps
-    t = _target_tensor(target, n, x.device)
-    b = _baseline_tensor(baseline, x)
-    total = n * m
-    chunk = total if internal_batch_size is None else internal_batch_size
-    # alpha_k = k/M, k = 1..M: the right Riemann sum of the authors' code (the baseline itself is not evaluated).
-    alphas = torch.arange(1, m + 1, device=x.device, dtype=x.dtype) / m
-    feat = (1,) * (x.dim() - 1)
-    vjp_mode = weights is not None
-    with torch.enable_grad():
-        xin = _input_for_grad(x) if (create_graph or vjp_mode) else x.detach()
-        delta = xin - b
-        gsum = torch.zeros_like(x)
-        for start in range(0, total, chunk):
-            rows = torch.arange(start, min(start + chunk, total), device=x.device)
-            img, k = rows // m, rows % m
-            pts = b[img] + alphas[k].view(-1, *feat) * delta[img]
-            if not (create_graph or vjp_mode):
-                pts = pts.detach().requires_grad_(True)
-            s = _select(model(pts), t[img], score)
-            g = _grad(s.sum(), pts, create_graph or vjp_mode)
-            if vjp_mode:
-                # <w, (x - b) * sum_k g_k / M>: this chunk's share, differentiated now and its graph freed.
-                part = (weights[img] * delta[img] * g).sum() / m
-                gsum = gsum + _grad(part, xin, False)
-            elif create_graph:
-                gsum = gsum.index_add(0, img, g)
-            else:
-                gsum.index_add_(0, img, g.detach())
-        if vjp_mode:
-            return gsum, None
-        attr = delta * gsum / m
-    if not create_graph:
-        attr = attr.detach()
-    return attr, None
-
-
-def integrated_gradients(
-    model: nn.Module,
-    x: torch.Tensor,
-    target: Any,
-    *,
-    baseline: Any = None,
-    steps: int = 100,
-    create_graph: bool = False,
-    internal_batch_size: int | None = None,
-    score: str = "logit",
-) -> torch.Tensor:
-    """Integrated gradients by the right Riemann sum (Sundararajan et al. 2017; Ghorbani et al.'s code).
-
-    ``IG(x) = (x - b) * (1/M) sum_{k=1..M} dS_target/dx evaluated at b + (k/M)(x - b)``. Completeness:
-    ``IG(x).sum() -> S(x) - S(b)`` as ``M`` grows (see :func:`completeness_gap`).
-
-    Parameters
-    ----------
-    model, x, target, create_graph, score
-        As in :func:`gradient`.
-    baseline : None, float or Tensor broadcastable to x
-        Reference input ``b``. Default None = zeros (black image). Ghorbani et al. used the mean image: for
-        ImageNet the per-channel mean (shape (C, 1, 1)), for CIFAR-10 the per-pixel mean (shape (C, H, W)).
-    steps : int
-        Number of Riemann steps ``M`` (default 100, the paper's value).
-    internal_batch_size : int or None
-        Evaluate at most this many interpolants per forward/backward pass (bounds memory for large ``N * M``);
-        None evaluates all ``N * M`` at once. Does not change the values.
-
-    Returns
-    -------
-    Tensor (N, *shape)
-        Equal (to rounding) to Captum's ``IntegratedGradients(model).attribute(x, baselines=b, target=target,
-        n_steps=M, method="riemann_right")``.
-    """
-    return _integrated_gradients(
-        model,
-        x,
-        target,
-        baseline=baseline,
-        steps=steps,
-        create_graph=create_graph,
-        internal_batch_size=internal_batch_size,
-        score=score,
-    )[0]
-
+__all__ = ["deeplift", "lrp", "dtd", "CORES"]
 
 # ------------------------------------------------------------------------------- rule-based backward passes
 #
@@ -542,8 +226,8 @@ def _modified_gradient(
         v = xin.detach().requires_grad_(True)
         with _RuleMode(phase="apply", saved=saved, **mode_kwargs) as mode:
             logits = model(make_input(v))
-        s = _select(logits[:n], target)
-        g = _grad(s.sum(), v, create_graph)
+        s = select_score(logits[:n], target)
+        g = grad_or_zeros(s.sum(), v, create_graph)
     return g, logits[:n].detach(), mode.count
 
 
@@ -576,15 +260,15 @@ def _deeplift(
     create_graph: bool = False,
     eps: float = 1e-10,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_model(model)
-    _check_x(x)
+    check_model(model)
+    check_batch(x)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     n = x.shape[0]
-    t = _target_tensor(target, n, x.device)
-    b = _baseline_tensor(baseline, x)
+    t = target_tensor(target, n, x.device)
+    b = baseline_tensor(baseline, x)
     with torch.enable_grad():
-        xin = _input_for_grad(x) if create_graph else x.detach()
+        xin = input_for_grad(x) if create_graph else x.detach()
         g, logits, _ = _modified_gradient(
             model,
             xin,
@@ -666,13 +350,13 @@ def _derivative_factor(u: torch.Tensor, fn: Callable, dfn: Callable, params: tup
 def _lrp(
     model: nn.Module, x: torch.Tensor, target: Any, *, eps: float = 1e-6, create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_model(model)
-    _check_x(x)
+    check_model(model)
+    check_batch(x)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    t = _target_tensor(target, x.shape[0], x.device)
+    t = target_tensor(target, x.shape[0], x.device)
     with torch.enable_grad():
-        xin = _input_for_grad(x) if create_graph else x.detach()
+        xin = input_for_grad(x) if create_graph else x.detach()
         g, logits, count = _modified_gradient(
             model,
             xin,
@@ -845,27 +529,6 @@ class _DTDMode(_RuleMode):
         return _with_factor(z, t, c)
 
 
-def _box(x: torch.Tensor, lower: Any, upper: Any, why: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lower`` / ``upper`` (numbers or tensors broadcastable to x) as tensors of x's shape, checked: finite,
-    ``lower < upper`` everywhere and ``lower <= x <= upper``. ``why`` ends the out-of-range message."""
-    bounds = []
-    for value, name in ((lower, "lower"), (upper, "upper")):
-        if value is None:
-            raise TypeError(f"{name} must be a number or a tensor broadcastable to x, got None")
-        if isinstance(value, (list, tuple, np.ndarray)):
-            value = torch.as_tensor(np.asarray(value, dtype=np.float64))
-        bound = _baseline_tensor(value, x, name)
-        if not torch.isfinite(bound).all():
-            raise ValueError(f"{name} contains NaN or inf")
-        bounds.append(bound)
-    lo, hi = bounds
-    if not (lo < hi).all():
-        raise ValueError("lower must be < upper everywhere")
-    if (x < lo).any() or (x > hi).any():
-        span = f"[{float(x.min()):.4g}, {float(x.max()):.4g}]"
-        raise ValueError(f"x has values outside [lower, upper] (x in {span}); {why}")
-    return lo, hi
-
 
 def _dtd(
     model: nn.Module,
@@ -877,16 +540,16 @@ def _dtd(
     create_graph: bool = False,
     eps: float = 1e-9,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_model(model)
-    _check_x(x)
+    check_model(model)
+    check_batch(x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     n = x.shape[0]
-    t = _target_tensor(target, n, x.device)
-    lo, hi = _box(x, lower, upper, "DTD's box rule needs lower <= x <= upper: pass the model's input range")
+    t = target_tensor(target, n, x.device)
+    lo, hi = box_bounds(x, lower, upper, "DTD's box rule needs lower <= x <= upper: pass the model's input range")
     eps = float(eps)
     with torch.enable_grad():
-        xin = _input_for_grad(x) if create_graph else x.detach()
+        xin = input_for_grad(x) if create_graph else x.detach()
         lo_v, hi_v = lo.clone().requires_grad_(True), hi.clone().requires_grad_(True)
         box = _first_layer_bounds(model, lo_v, hi_v)
         saved = None
@@ -897,7 +560,7 @@ def _dtd(
         v = xin.detach().requires_grad_(True)
         with _DTDMode(box, eps, phase="apply", saved=saved):
             logits = model(v)
-        s = _select(logits, t)
+        s = select_score(logits, t)
         grads = torch.autograd.grad(s.sum(), (v, lo_v, hi_v), create_graph=create_graph, allow_unused=True)
         g_x, g_l, g_h = (torch.zeros_like(x) if g is None else g for g in grads)
         attr = xin * g_x + lo * g_l + hi * g_h
@@ -973,83 +636,6 @@ def dtd(
     return _dtd(model, x, target, lower=lower, upper=upper, create_graph=create_graph, eps=eps)[0]
 
 
-# ------------------------------------------------------------------------------------------ post-processing
 
-
-def saliency_map(attr: torch.Tensor) -> torch.Tensor:
-    """The papers' post-processing: absolute value, summed over channels, normalised to sum 1 per sample.
-
-    Parameters
-    ----------
-    attr : Tensor (N, C, H, W), (N, H, W) or (N, D)
-        Attributions. 4-D input is summed over the channel dimension 1; 3-D and 2-D inputs are taken as
-        already single-channel.
-
-    Returns
-    -------
-    Tensor (N, H, W) (or (N, D) for 2-D input)
-        Non-negative, each sample summing to 1 (an all-zero attribution gives an all-zero map). Differentiable.
-    """
-    if not isinstance(attr, torch.Tensor):
-        raise TypeError(f"attr must be a torch.Tensor, got {type(attr).__name__}")
-    if attr.dim() not in (2, 3, 4):
-        raise ValueError(f"attr must have shape (N, C, H, W), (N, H, W) or (N, D), got {tuple(attr.shape)}")
-    s = attr.abs()
-    if s.dim() == 4:
-        s = s.sum(1)
-    total = s.flatten(1).sum(1).clamp_min(torch.finfo(s.dtype).tiny)
-    return s / total.view(-1, *([1] * (s.dim() - 1)))
-
-
-def completeness_gap(
-    model: nn.Module, x: torch.Tensor, target: Any, attr: torch.Tensor, baseline: Any = None
-) -> torch.Tensor:
-    """``attr.sum() - (S(x) - S(baseline))`` per sample (N,): the completeness error of IG / DeepLIFT.
-
-    Zero up to rounding for DeepLIFT on ReLU nets without max-pooling; shrinks as ``steps`` grows for IG. For LRP
-    with zero biases, pass ``baseline=None`` and compare against ``S(x) - S(0)``.
-    """
-    _check_x(x)
-    t = _target_tensor(target, x.shape[0], x.device)
-    b = _baseline_tensor(baseline, x)
-    with torch.no_grad():
-        diff = _select(model(x), t) - _select(model(b), t)
-    return attr.detach().flatten(1).sum(1) - diff
-
-
-# ------------------------------------------------------------------------------------------------ dispatch
-
-_CORE = {
-    "gradient": _gradient,
-    "integrated_gradients": _integrated_gradients,
-    "deeplift": _deeplift,
-    "lrp": _lrp,
-    "dtd": _dtd,
-}
-_PUBLIC = {
-    "gradient": gradient,
-    "integrated_gradients": integrated_gradients,
-    "deeplift": deeplift,
-    "lrp": lrp,
-    "dtd": dtd,
-}
-
-
-def saliency_fn(method: str) -> Callable[..., torch.Tensor]:
-    """The attribution function for a method name (aliases allowed), e.g. ``saliency_fn("ig")``."""
-    return _PUBLIC[canonical_method(method)]
-
-
-def attribute(model: nn.Module, x: torch.Tensor, target: Any, method: str = "gradient", **kwargs: Any) -> torch.Tensor:
-    """Dispatch to a method by name: ``attribute(model, x, y, method="ig", steps=50)``.
-
-    ``kwargs`` are the chosen method's keyword arguments (``create_graph``, ``baseline``, ``steps``, ``eps``, ...).
-    """
-    return saliency_fn(method)(model, x, target, **kwargs)
-
-
-def _attribute_with_logits(
-    model: nn.Module, x: torch.Tensor, target: Any, method: str, **kwargs: Any
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Internal: attributions and, when the method evaluates the model at ``x`` itself, its detached scores."""
-    return _CORE[canonical_method(method)](model, x, target, **kwargs)
+#: The private cores by canonical method name: ``core(model, x, target, **kwargs) -> (attr, scores)``.
+CORES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"deeplift": _deeplift, "lrp": _lrp, "dtd": _dtd}
