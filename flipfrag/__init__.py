@@ -2,7 +2,8 @@
 
 Modules (one concept each): ``profiles``, ``datasets``, ``models``, ``smooth``, ``flip`` (a package: the solver,
 its options and its implicit derivative), ``saliency`` (a package: gradient methods, propagation rules, maps),
-``attacks``, ``metrics``, ``influence``, ``hessian``; the studies ``flippoints`` (paper 1), ``fragility`` (paper 2),
+``defenses`` (SmoothGrad, sparsified SmoothGrad and its certificate, beta-smoothed maps), ``attacks``, ``metrics``,
+``faithfulness``, ``influence``, ``hessian``; the studies ``flippoints`` (paper 1), ``fragility`` (paper 2),
 ``beyond``; ``plotting``; ``engine`` runs the heavy work (in process or on a Dask cluster, ``FLIPFRAG_SCHEDULER``)
 with resumable, checksummed caches. Entry points with many settings take them as one frozen options object plus
 keyword overrides (``options=None, **overrides``; :class:`flipfrag.flip.FlipOptions` and the others built on

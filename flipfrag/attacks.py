@@ -324,8 +324,12 @@ class InterpretationAttack:
     model : nn.Module
         Maps images (N, C, H, W) in [lower, upper] to pre-softmax scores (N, classes); any normalisation is inside.
         Must be in eval mode (samples may not interact).
-    method : str
-        Saliency method: "gradient" (alias "sg"), "integrated_gradients" ("ig"), "deeplift", "lrp" or "dtd".
+    method : str or saliency callable
+        Saliency method: "gradient" (alias "sg"), "integrated_gradients" ("ig"), "deeplift", "lrp" or "dtd"; or an
+        object called as ``method(model, x, target, create_graph=...)`` with the saliency functions' call shape (a
+        defense of :mod:`flipfrag.defenses`): the attack then differentiates through it (an adaptive attack), on the
+        softplus surrogate unless the object's ``on_model`` attribute is True. Its options live in the object
+        (``method_kwargs`` must then be empty).
     eps : float
         L∞ budget on the 0–1 pixel scale (default 8/255, the paper's largest ε). ``eps = 0`` returns x.
     step : float
@@ -371,7 +375,7 @@ class InterpretationAttack:
     def __init__(
         self,
         model: nn.Module,
-        method: str = "gradient",
+        method: str | Callable[..., torch.Tensor] = "gradient",
         *,
         options: AttackOptions | None = None,
         **overrides: Any,
@@ -379,7 +383,16 @@ class InterpretationAttack:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.method = canonical_method(method)
+        # a method is a name (flipfrag.saliency) or a saliency object with the call shape of the saliency functions
+        # (e.g. a flipfrag.defenses defense): the attack then differentiates through that object (adaptive attack)
+        self._method_fn: Callable[..., torch.Tensor] | None = None
+        if isinstance(method, str):
+            self.method = canonical_method(method)
+        elif callable(method):
+            self._method_fn = method
+            self.method = str(getattr(method, "name", type(method).__name__))
+        else:
+            raise TypeError(f"method must be a method name or a saliency callable, got {type(method).__name__}")
         opts = AttackOptions.resolve(options, overrides)
         self.options = opts
         self.eps, self.step, self.iters, self.k = opts.eps, opts.step, opts.iters, opts.k
@@ -388,7 +401,10 @@ class InterpretationAttack:
         self.method_kwargs = dict(opts.method_kwargs or {})
         if "create_graph" in self.method_kwargs:
             raise ValueError("method_kwargs: create_graph is set by the attack, do not pass it")
-        allowed = set(inspect.signature(saliency_fn(self.method)).parameters) - {"model", "x", "target", "create_graph"}
+        if self._method_fn is not None and self.method_kwargs:
+            raise ValueError("method_kwargs: a saliency object carries its own options; pass them to it instead")
+        fn = self._method_fn if self._method_fn is not None else saliency_fn(self.method)
+        allowed = set(inspect.signature(fn).parameters) - {"model", "x", "target", "create_graph"}
         unknown = set(self.method_kwargs) - allowed
         if unknown:
             raise TypeError(f"method_kwargs: {sorted(unknown)} are not options of {self.method!r} ({sorted(allowed)})")
@@ -442,9 +458,9 @@ class InterpretationAttack:
             check_model(self.surrogate)
             return self.surrogate
         relu = has_relu(self.model, x[:1])
-        if self.surrogate == "softplus" and relu and self.method not in _ON_MODEL:
+        if self.surrogate == "softplus" and relu and not self._on_model:
             return softplus_surrogate(self.model, self.beta)
-        if self.surrogate is None and relu and self.method not in _ON_MODEL:
+        if self.surrogate is None and relu and not self._on_model:
             raise ValueError(
                 f"surrogate=None: the model contains ReLUs, whose second derivative is zero almost everywhere, so "
                 f"the {self.method!r} map cannot be attacked by gradients on the model itself; use "
@@ -453,7 +469,16 @@ class InterpretationAttack:
         return self.model
 
     # --------------------------------------------------------------------------------------- pieces
+    @property
+    def _on_model(self) -> bool:
+        """Whether the step direction differentiates the map on the model itself (no softplus surrogate)."""
+        if self._method_fn is not None:
+            return bool(getattr(self._method_fn, "on_model", False))
+        return self.method in _ON_MODEL
+
     def _attr(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool):
+        if self._method_fn is not None:
+            return self._method_fn(model, x, y, create_graph=create_graph), None
         return attribute_with_logits(model, x, y, self.method, create_graph=create_graph, **self.method_kwargs)
 
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -554,7 +579,7 @@ class InterpretationAttack:
         n = x0.shape[0]
         obj = self.objective(map0, x0, y, self._k)
         dmodel = self._direction_model(x0)
-        if self.second_order and self.method not in _ON_MODEL:
+        if self.second_order and not self._on_model:
             found = _piecewise_linear_calls(self.model, x0[:1])
             if found:
                 warnings.warn(
@@ -638,7 +663,7 @@ class InterpretationAttack:
     def _config(self) -> dict[str, Any]:
         return {
             "attack": type(self).__name__,
-            "method": self.method,
+            "method": self.method if self._method_fn is None else repr(self._method_fn),
             "eps": self.eps,
             "step": self.step,
             "iters": self.iters,

@@ -103,6 +103,19 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_cifar_diff_step255": 8,
         "beyond_cifar_surrogate_iters": 25,  # SQP iterations of the surrogate's flip solves (10: photo 0 not certified)
         "beyond_n_boot": 200,
+        # defenses (notebooks/beyond/03_defenses): explanation defenses under the adaptive top-k attack
+        "defense_role": "cifar",
+        "defense_n_images": 1,
+        "defense_iters": 1,
+        "defense_step": 8 / 255,
+        "defense_eps": 8 / 255,
+        "defense_sg_n": 2,
+        "defense_sg_sigma": 0.15,
+        "defense_keep": 0.1,
+        "defense_clip": 0.01,
+        "defense_beta": 3.0,
+        "defense_faith_steps": 2,
+        "defense_quantus_samples": 1,
     },
     "quick": {
         **_COMMON,
@@ -182,6 +195,21 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_cifar_diff_step255": 2,
         "beyond_cifar_surrogate_iters": 40,  # the surrogate's solves: measured 5-18 SQP iterations on photos 0-1
         "beyond_n_boot": 2000,
+        # defenses (notebooks/beyond/03_defenses): the CIFAR-10 CNN on 4 photos (a double backward costs ~15 ms per
+        # photo on one free core, SmoothGrad n times that; measured: the study ~25 s of the notebook's <= 60 s),
+        # 5 steps of 2/255 (4 reach eps = 8/255). EfficientNet-Lite0 at 224 (~1 s per double backward): paper only
+        "defense_role": "cifar",
+        "defense_n_images": 4,
+        "defense_iters": 5,
+        "defense_step": 2 / 255,
+        "defense_eps": 8 / 255,
+        "defense_sg_n": 4,
+        "defense_sg_sigma": 0.15,
+        "defense_keep": 0.1,  # sparsified SmoothGrad: Levine et al.'s CIFAR-10 settings (10 % kept, 1 % set to 1)
+        "defense_clip": 0.01,
+        "defense_beta": 3.0,
+        "defense_faith_steps": 16,
+        "defense_quantus_samples": 4,
     },
     "paper": {
         **_COMMON,
@@ -237,6 +265,19 @@ PROFILES: dict[str, dict[str, Any]] = {
         "beyond_cifar_diff_step255": 0.5,  # the paper's step
         "beyond_cifar_surrogate_iters": 300,
         "beyond_n_boot": 10000,
+        # defenses: the paper's ImageNet role, SmoothGrad with 50 draws (Smilkov et al.), the paper's attack
+        "defense_role": "imagenet",
+        "defense_n_images": 32,
+        "defense_iters": 300,
+        "defense_step": 0.5 / 255,
+        "defense_eps": 8 / 255,
+        "defense_sg_n": 50,
+        "defense_sg_sigma": 0.15,
+        "defense_keep": 0.1,
+        "defense_clip": 0.01,
+        "defense_beta": 3.0,
+        "defense_faith_steps": 50,
+        "defense_quantus_samples": 50,
     },
 }
 

@@ -118,6 +118,24 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
             "beyond/flip_target_survival",
         ),
     },
+    "beyond/03_defenses": {
+        "items": (
+            "beyond/fig_defenses_examples",
+            "beyond/fig_defenses_plane",
+            "beyond/table_defenses",
+        ),
+        "claims": (
+            "beyond/defense_beta_deeplift",
+            "beyond/defense_beta_gradient",
+            "beyond/defense_certificate",
+            "beyond/defense_deeplift",
+            "beyond/defense_gradient",
+            "beyond/defense_quantus_ranking",
+            "beyond/defense_smoothgrad_deeplift",
+            "beyond/defense_smoothgrad_gradient",
+            "beyond/defense_sparsified_smoothgrad_gradient",
+        ),
+    },
     "flip_points/01_models": {
         "items": ("flip_points/table_models",),
         "claims": (

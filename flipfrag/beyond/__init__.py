@@ -10,6 +10,9 @@
   (ReLU networks: the step direction from a smooth surrogate's flip map, :func:`flip_surrogate`).
 * :mod:`~flipfrag.beyond.claims` — the REPRODUCTION.md rows of both studies.
 * :mod:`~flipfrag.beyond.plots` — the two figures.
+* :mod:`~flipfrag.beyond.defenses` — study 3: explanation defenses (SmoothGrad, sparsified SmoothGrad, beta-smoothing)
+  under adaptive top-k attacks, their certificate, cost, faithfulness and Quantus metrics, and its REPRODUCTION.md
+  rows; :mod:`~flipfrag.beyond.defense_plots` its two figures. (Imported as submodules, not re-exported here.)
 """
 
 from .boundary import (
