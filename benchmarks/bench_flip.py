@@ -118,7 +118,14 @@ def imagenet_cnn() -> dict:
     150,528 inputs, 1000 classes. Flip points toward the runner-up class at x (``target``): screening all 1000
     classes would cost a 1000-row Jacobian per point. FAB runs targeted at the runner-up (``multi_targeted``, one
     target class); FMN and DDN untargeted (one gradient per step whatever C); torchattacks' DeepFool is left out (it
-    differentiates all 1000 classes in every step)."""
+    differentiates all 1000 classes in every step).
+
+    Measured limit (issue 25, 2026-12-07): on the shared 2-core CPU (load average 6-9) flipfrag's default call on
+    one photo did not finish within 25 minutes (13 CPU minutes, 1.2 GB; a 2-photo run reached 15.6 GB during its
+    peers and was stopped at 25 minutes too), so no ImageNet results file exists yet: run it on a GPU (``make
+    gpu-check`` runs this row last) or a quiet machine. Per photo the float64 solve runs ~20 SQP iterations with up
+    to 9 backward passes each, the segment crossings, the polish's 64 class rows and up to 512 sign rows, and the
+    certificate's kink rows, each a float64 pass of EfficientNet-Lite0 at 224 x 224."""
     net = models.efficientnet_lite0(pretrained=True).eval()
     photos = datasets.load_imagenet_photos()
     return {"net": net, "X": photos.X.float(), "lo": 0.0, "hi": 1.0, "runner_up": True,
