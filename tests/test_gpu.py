@@ -98,6 +98,50 @@ def test_solver_smooth_mlp_cuda_matches_cpu(ieee):
 
 
 @gpu
+def test_solver_every_result_tensor_on_cuda_float64_matches_cpu(ieee):
+    """A float64 tanh MLP with restarts, a one-hot group and ``differentiable=True`` on CUDA: every tensor of the
+    result on the input's device, the points in its dtype, every point certified on both devices, distances within
+    1e-6 relative (the same float64 problem; only the order of reductions differs) and the gradient d x_flip / d x
+    within 1e-5 of the CPU's."""
+    torch.manual_seed(0)
+    net = MLP(6, [10], 3, activation="tanh").double().eval()
+    x = torch.rand(4, 6, dtype=torch.float64)
+    x[:, 3:] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    kw = dict(lower=0.0, upper=1.0, restarts=1, groups=[[3, 4, 5]], differentiable=True)
+    xc = x.clone().requires_grad_(True)
+    xg = x.to(CUDA).requires_grad_(True)
+    cpu = closest_flip_point(net, xc, **kw)
+    gpu_res = closest_flip_point(_cuda(net), xg, **kw)
+    for name, t in vars(gpu_res).items():
+        if isinstance(t, torch.Tensor):
+            assert t.device.type == "cuda", name
+    assert gpu_res.x_flip.dtype == torch.float64
+    assert cpu.success_rate == gpu_res.success_rate == 1.0, (cpu.status, gpu_res.status)
+    torch.testing.assert_close(gpu_res.distance.cpu(), cpu.distance, rtol=1e-6, atol=1e-9)
+    (gc,) = torch.autograd.grad(cpu.x_flip.sum(), xc)
+    (gg,) = torch.autograd.grad(gpu_res.x_flip.sum(), xg)
+    torch.testing.assert_close(gg.cpu(), gc, rtol=1e-5, atol=1e-7)
+
+
+@gpu
+@pytest.mark.slow
+def test_solver_mnist_smallcnn_digits_cuda_match_cpu(ieee):
+    """The shipped MNIST SmallCNN (ReLU, max-pooling), 4 test digits: certified on both devices (region polish),
+    distances within 1 % (each run is certified within 1 % of its region's closest flip point)."""
+    from flipfrag import models
+
+    net, ds, _ = models.trained_model("mnist-cnn", "quick", seed=0)
+    net = net.float().eval()
+    x = ds.X_test[:4].float()
+    cpu = closest_flip_point(net, x, lower=0.0, upper=1.0)
+    gpu_res = closest_flip_point(_cuda(net), x.to(CUDA), lower=0.0, upper=1.0)
+    assert cpu.success_rate == 1.0 and gpu_res.success_rate == 1.0, (cpu.status, gpu_res.status)
+    rel = (gpu_res.distance.cpu().double() - cpu.distance.double()).abs() / cpu.distance.double()
+    assert (rel <= 0.01).all(), rel
+    assert gpu_res.x_flip.device.type == "cuda"
+
+
+@gpu
 @pytest.mark.slow
 def test_solver_cifar10_cnn_photo_cuda_matches_cpu(ieee):
     """The pretrained CIFAR-10 ReLU CNN, one shipped photo (the CPU test's photo 1): certified by the region polish

@@ -28,26 +28,26 @@ def _as_feature_tensor(name: str, v, x: torch.Tensor, dtype=torch.float64) -> to
     if v is None:
         return None
     if isinstance(v, (int, float, bool)):
-        v = torch.tensor(v)
+        v = torch.tensor(v, device=x.device)
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or a number, got {type(v).__name__}")
     try:
-        return torch.broadcast_to(v.detach().to(dtype), x.shape).clone()
+        return torch.broadcast_to(v.detach().to(device=x.device, dtype=dtype), x.shape).clone()
     except RuntimeError as err:
         raise ValueError(f"{name} of shape {tuple(v.shape)} does not broadcast to x of shape {tuple(x.shape)}") from err
 
 
-def _check_classes(name: str, v, N: int, C: int) -> torch.Tensor | None:
+def _check_classes(name: str, v, N: int, C: int, device: torch.device) -> torch.Tensor | None:
     if v is None:
         return None
     if isinstance(v, int):
-        v = torch.full((N,), v, dtype=torch.long)
+        v = torch.full((N,), v, dtype=torch.long, device=device)
     if not isinstance(v, torch.Tensor) or v.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8,
                                                           torch.uint8):
         raise TypeError(f"{name} must be None or an integer tensor of shape ({N},)")
     if v.shape != (N,):
         raise ValueError(f"{name} must have shape ({N},), got {tuple(v.shape)}")
-    v = v.long()
+    v = v.to(device=device, dtype=torch.long)
     if ((v < 0) | (v >= C)).any():
         raise ValueError(f"{name} has classes out of range [0, {C}): {v[(v < 0) | (v >= C)][:5].tolist()}")
     return v
@@ -58,7 +58,7 @@ def _train_mode_modules(model: nn.Module) -> list[str]:
     return [type(m).__name__ for m in model.modules() if isinstance(m, kinds) and m.training]
 
 
-def _check_groups(groups, n: int) -> list[torch.Tensor]:
+def _check_groups(groups, n: int, device: torch.device) -> list[torch.Tensor]:
     if groups is None:
         return []
     if isinstance(groups, torch.Tensor) or not isinstance(groups, Sequence):
@@ -73,7 +73,7 @@ def _check_groups(groups, n: int) -> list[torch.Tensor]:
         if seen & set(idx) or len(set(idx)) != len(idx):
             raise ValueError(f"groups[{gi}] overlaps another group or repeats an index")
         seen |= set(idx)
-        out.append(torch.tensor(idx, dtype=torch.long))
+        out.append(torch.tensor(idx, dtype=torch.long, device=device))
     return out
 
 
@@ -169,9 +169,9 @@ def closest_flip_point(
     cert_dtype = _model_dtype(model, x.dtype)
     z = _scores_at(model, x_in, cert_dtype)
     N, C = z.shape
-    src = _check_classes("source", source, N, C)
+    src = _check_classes("source", source, N, C, x.device)
     src = z.argmax(1) if src is None else src
-    tgt = _check_classes("target", target, N, C)
+    tgt = _check_classes("target", target, N, C, x.device)
     if tgt is not None and (tgt == src).any():
         bad = torch.nonzero(tgt == src)[:5, 0].tolist()
         raise ValueError(f"target equals the source (predicted) class at points {bad}")
@@ -180,6 +180,7 @@ def closest_flip_point(
     sd = run.dtype
     points = _Problems(xh.to(sd), lo.to(sd), hi.to(sd), w.to(sd), src, src if tgt is None else tgt)
     cand = _check_candidates(candidates, x_in, run)
+    # cpu-ok: the restarts' draws are made on the CPU (the same on any device), then moved
     gen = torch.Generator().manual_seed(opts.seed)
     pool = _solve(run, _model_fn(run.work, run.shape), points, C, z, tgt=tgt, candidates=cand, groups=grp, gen=gen)
     res = _choose(run, pool, z, N, C, given_target=tgt is not None)
@@ -208,6 +209,10 @@ def _check_model_and_x(model, x) -> None:
         raise ValueError("x is an empty batch (N = 0)")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or inf")
+    dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), None)
+    if dev is not None and dev != x.device:
+        raise ValueError(f"x is on {x.device} but the model's parameters are on {dev}: move x (or the model) so that "
+                         "both are on the same device")
     busy = _train_mode_modules(model)
     if busy:
         raise ValueError(f"model has {sorted(set(busy))} layers in train mode; call model.eval() first")
@@ -235,8 +240,8 @@ def _feature_data(x: torch.Tensor, lower, upper, scale, mask, groups):
     N, n = x.shape[0], math.prod(x.shape[1:])
     lo = _as_feature_tensor("lower", lower, x)
     hi = _as_feature_tensor("upper", upper, x)
-    lo = torch.full(x.shape, -math.inf, dtype=torch.float64) if lo is None else lo
-    hi = torch.full(x.shape, math.inf, dtype=torch.float64) if hi is None else hi
+    lo = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device) if lo is None else lo
+    hi = torch.full(x.shape, math.inf, dtype=torch.float64, device=x.device) if hi is None else hi
     if torch.isnan(lo).any() or torch.isnan(hi).any():
         raise ValueError("lower/upper contain NaN")
     if (lo > hi).any():
@@ -244,7 +249,7 @@ def _feature_data(x: torch.Tensor, lower, upper, scale, mask, groups):
     w = _as_feature_tensor("scale", scale, x)
     if w is not None and not (torch.isfinite(w).all() and (w > 0).all()):
         raise ValueError("scale must be finite and > 0 everywhere")
-    w = torch.ones(x.shape, dtype=torch.float64) if w is None else w**2
+    w = torch.ones(x.shape, dtype=torch.float64, device=x.device) if w is None else w**2
     free = _as_feature_tensor("mask", mask, x, dtype=torch.bool)
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
@@ -256,7 +261,7 @@ def _feature_data(x: torch.Tensor, lower, upper, scale, mask, groups):
         lo = torch.where(fixed, xh, lo)
         hi = torch.where(fixed, xh, hi)
     lo, hi, w, xh = (t.reshape(N, n) for t in (lo, hi, w, xh))
-    grp = _check_groups(groups, n)
+    grp = _check_groups(groups, n, x.device)
     for gidx in grp:  # the relaxation: a one-hot entry lives in [0, 1]
         movable = lo[:, gidx] < hi[:, gidx]
         lo[:, gidx] = torch.where(movable, lo[:, gidx].clamp(min=0.0), lo[:, gidx])
@@ -300,4 +305,4 @@ def _check_candidates(candidates, x: torch.Tensor, run: _Setup) -> torch.Tensor 
         raise ValueError(f"candidates must be a tensor of x's shape {tuple(x.shape)}, got {got}")
     if not torch.isfinite(candidates).all():
         raise ValueError("candidates contain NaN or inf")
-    return candidates.detach().reshape(x.shape[0], -1).to(run.dtype)
+    return candidates.detach().reshape(x.shape[0], -1).to(device=x.device, dtype=run.dtype)

@@ -89,11 +89,11 @@ def _start_from_valid_crossings(run: _Setup, fn: ScoreFn, pool: _Pool, points: _
     pr, pid, N = pool.pr, pool.pid, len(points)
     rel = torch.where(torch.isfinite(relaxed_x), relaxed_x.to(run.dtype), pr.xh)
     plain = _model_fn(run.work, run.shape)
-    rows = torch.arange(len(pid))
+    rows = torch.arange(len(pid), device=pid.device)
     # per point: the pool row, crossing, class and categories of its closest valid crossing
-    best_row = torch.full((N,), -1, dtype=torch.long)
+    best_row = torch.full((N,), -1, dtype=torch.long, device=pid.device)
     best_x = torch.zeros_like(points.xh)
-    best_cls = torch.zeros(N, dtype=torch.long)
+    best_cls = torch.zeros(N, dtype=torch.long, device=pid.device)
     best_cats = torch.zeros_like(points.xh)
     for cats in _category_choices(pr, rel, groups):
         lo, hi = pr.lo.clone(), pr.hi.clone()
@@ -119,11 +119,12 @@ def _start_from_valid_crossings(run: _Setup, fn: ScoreFn, pool: _Pool, points: _
                 found &= cls == pr.tgt
             dist = torch.sqrt((pr.w * (xc - pr.xh) ** 2).sum(1)).to(torch.float64)
             dist = torch.where(found, dist, torch.full_like(dist, math.inf))
-            near = torch.full((N,), math.inf, dtype=torch.float64).scatter_reduce(0, pid, dist, "amin")
+            near = torch.full((N,), math.inf, dtype=torch.float64, device=pid.device).scatter_reduce(
+                0, pid, dist, "amin")
             closer = near < pool.bound
             if not closer.any():
                 continue
-            first = torch.full((N,), len(pid), dtype=torch.long).scatter_reduce(
+            first = torch.full((N,), len(pid), dtype=torch.long, device=pid.device).scatter_reduce(
                 0, pid, torch.where(found & (dist == near[pid]), rows, len(pid)), "amin")
             pool.bound = torch.where(closer, near, pool.bound)
             i = torch.nonzero(closer)[:, 0]

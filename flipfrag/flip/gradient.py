@@ -116,9 +116,9 @@ def _flat_feature(v, x: torch.Tensor, default: float, dtype=_F64) -> torch.Tenso
     """A number / tensor broadcastable to x (N, *shape) -> (N, n) (closest_flip_point has validated it)."""
     N = x.shape[0]
     if v is None:
-        return torch.full((N, x[0].numel()), default, dtype=dtype)
-    t = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v)
-    return torch.broadcast_to(t.to(dtype), x.shape).reshape(N, -1).clone()
+        return torch.full((N, x[0].numel()), default, dtype=dtype, device=x.device)
+    t = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v, device=x.device)
+    return torch.broadcast_to(t.to(device=x.device, dtype=dtype), x.shape).reshape(N, -1).clone()
 
 
 def _scores(an_model: nn.Module, shape: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ def _active_rows(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, margin: 
     """Rows (P, m, C) of the active constraints (slot 0: z_s - z_t; then z_k - z_t for h_k >= -tol_abs, the
     certificate's tolerance), the slot validity (P, m) and the class of each slot (P, m; -1 for the equality)."""
     P, C = z.shape
-    ar = torch.arange(P)
+    ar = torch.arange(P, device=z.device)
     zs, zt = z[ar, src], z[ar, tgt]
     tol_abs = tol * torch.maximum(torch.ones_like(zs), torch.maximum(zs.abs(), zt.abs()))
     h = z - zt[:, None] + margin
@@ -138,12 +138,12 @@ def _active_rows(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, margin: 
     other[ar, tgt] = False
     act = other & (h >= -tol_abs[:, None])
     m = 1 + int(act.sum(1).max()) if P else 1
-    rows = torch.zeros(P, m, C, dtype=z.dtype)
+    rows = torch.zeros(P, m, C, dtype=z.dtype, device=z.device)
     rows[ar, 0, src] = 1.0
     rows[ar, 0, tgt] = -1.0
-    valid = torch.zeros(P, m, dtype=torch.bool)
+    valid = torch.zeros(P, m, dtype=torch.bool, device=z.device)
     valid[:, 0] = True
-    cls = torch.full((P, m), -1, dtype=torch.long)
+    cls = torch.full((P, m), -1, dtype=torch.long, device=z.device)
     order = torch.argsort((~act).to(torch.int8), dim=1, stable=True)  # active classes first
     for j in range(1, m):
         k = order[:, j - 1]
@@ -160,7 +160,7 @@ def _jacobian_rows(model, shape, x: torch.Tensor, rows: torch.Tensor) -> torch.T
     xr = x.detach().requires_grad_(True)
     with torch.enable_grad():
         z = _scores(model, shape, xr)
-        A = torch.empty(*rows.shape[:2], x.shape[1], dtype=_F64)
+        A = torch.empty(*rows.shape[:2], x.shape[1], dtype=_F64, device=x.device)
         for j in range(rows.shape[1]):
             (gj,) = torch.autograd.grad(z, xr, rows[:, j].to(z.dtype), retain_graph=j < rows.shape[1] - 1)
             A[:, j] = gj.to(_F64)
@@ -220,8 +220,9 @@ def _analyse(
     lo = _flat_feature(lower, x, -math.inf)
     hi = _flat_feature(upper, x, math.inf)
     w = _flat_feature(scale, x, 1.0) ** 2
-    masked = ~_flat_feature(mask, x, 1.0, dtype=torch.bool) if mask is not None else torch.zeros(N, n, dtype=bool)
-    in_group = torch.zeros(N, n, dtype=torch.bool)
+    masked = (~_flat_feature(mask, x, 1.0, dtype=torch.bool) if mask is not None
+              else torch.zeros(N, n, dtype=torch.bool, device=x.device))
+    in_group = torch.zeros(N, n, dtype=torch.bool, device=x.device)
     for grp in groups or []:
         in_group[:, [int(i) for i in grp]] = True
     at_lo = (xs <= lo) & ~masked & ~in_group
@@ -241,7 +242,7 @@ def _analyse(
     Gn = G / (rn[:, :, None] * rn[:, None, :])
     sig = torch.sqrt(torch.linalg.eigvalsh(Gn)[:, 0].clamp(min=0))
     licq = (sig > rank_tol) & (G.diagonal(dim1=1, dim2=2) > 0).all(1)
-    Gs = torch.where(licq[:, None, None], G, torch.eye(m, dtype=_F64).expand(N, m, m))
+    Gs = torch.where(licq[:, None, None], G, torch.eye(m, dtype=_F64, device=G.device).expand(N, m, m))
     G_chol = torch.linalg.cholesky(Gs)
     # multipliers: least squares on the free coordinates, scaled norm (as the certificate)
     grad_f = w * (xs - xh)
@@ -281,7 +282,7 @@ def _analyse(
                 status[i] = (
                     f"degenerate: feature {j} at its {side} bound has multiplier ~0 (strict complementarity fails)"
                 )
-    bad = torch.tensor([not s.startswith(GRAD_OK) for s in status], dtype=torch.bool)
+    bad = torch.tensor([not s.startswith(GRAD_OK) for s in status], dtype=torch.bool, device=x.device)
     params = [p for p in model.parameters() if p.requires_grad]
     an = _Analysis(
         model=model, shape=shape, params=params, xf=xs.to(md), rows=rows, lam=lam, sw=sw, free=free, masked=masked,
@@ -298,13 +299,13 @@ def _dense_system(an: _Analysis) -> None:
     P, n = an.xf.shape
     with torch.enable_grad():
         xr, _, gs = _lagrangian_gradient_graph(an)
-        curv = torch.zeros(P, n, n, dtype=_F64)
+        curv = torch.zeros(P, n, n, dtype=_F64, device=an.xf.device)
         for j in range(n):
-            e = torch.zeros(P, n, dtype=_F64)
+            e = torch.zeros(P, n, dtype=_F64, device=an.xf.device)
             e[:, j] = 1.0
             curv[:, :, j] = _hvp(xr, gs, e)
-    Ht = torch.eye(n, dtype=_F64) + an.sw[:, :, None] * curv * an.sw[:, None, :]
-    I = torch.eye(n, dtype=_F64).expand(P, n, n)
+    Ht = torch.eye(n, dtype=_F64, device=an.xf.device) + an.sw[:, :, None] * curv * an.sw[:, None, :]
+    I = torch.eye(n, dtype=_F64, device=an.xf.device).expand(P, n, n)
     # projector columns: project each basis vector (batched over points)
     Pz = torch.stack([_project(an, I[:, :, j]) for j in range(n)], 2)
     M = Pz @ Ht @ Pz + (I - Pz)

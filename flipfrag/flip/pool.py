@@ -37,7 +37,7 @@ class _Candidates(_Certificate):
     def of(cls, x: torch.Tensor, chk: _Certificate, iterations: torch.Tensor, solver: torch.Tensor,
            start: torch.Tensor | int) -> _Candidates:  # fmt: skip
         if isinstance(start, int):
-            start = torch.full((len(x),), start, dtype=torch.long)
+            start = torch.full((len(x),), start, dtype=torch.long, device=x.device)
         cert = {f.name: getattr(chk, f.name) for f in fields(_Certificate)}
         return cls(**cert, x=x, iterations=iterations, solver=solver, start=start)
 
@@ -111,12 +111,12 @@ class _Pool:
     def closest_feasible(self, N: int, margin: float) -> torch.Tensor:
         """Per point, the smallest distance of a feasible candidate so far (inf where none). (N,)"""
         d = torch.where(self.feasible(margin), self.best.distance, torch.full_like(self.best.distance, math.inf))
-        return torch.full((N,), math.inf, dtype=d.dtype).scatter_reduce(0, self.pid, d, "amin")
+        return torch.full((N,), math.inf, dtype=d.dtype, device=d.device).scatter_reduce(0, self.pid, d, "amin")
 
     def closest_certified(self, N: int) -> torch.Tensor:
         """Per point, the smallest certified distance so far (inf where none). (N,)"""
         d = torch.where(self.best.ok, self.best.distance, torch.full_like(self.best.distance, math.inf))
-        return torch.full((N,), math.inf, dtype=d.dtype).scatter_reduce(0, self.pid, d, "amin")
+        return torch.full((N,), math.inf, dtype=d.dtype, device=d.device).scatter_reduce(0, self.pid, d, "amin")
 
 
 def _cat_problems(prs: list[_Problems]) -> _Problems:

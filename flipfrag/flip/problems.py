@@ -107,7 +107,7 @@ def _pad_slots(t: torch.Tensor, m: int, value: float = 0) -> torch.Tensor:
     """(P, k) slot values -> (P, m), padded with ``value``."""
     if t.shape[1] == m:
         return t
-    return torch.cat([t, torch.full((t.shape[0], m - t.shape[1]), value, dtype=t.dtype)], 1)
+    return torch.cat([t, torch.full((t.shape[0], m - t.shape[1]), value, dtype=t.dtype, device=t.device)], 1)
 
 
 def _offset_fn(fn: ScoreFn, offset: torch.Tensor | None) -> ScoreFn:
@@ -120,13 +120,14 @@ def _model_fn(model: nn.Module, shape: tuple) -> ScoreFn:
     return lambda xf: model(xf.reshape(xf.shape[0], *shape))
 
 
-def _chunks(P: int, size: int):
-    return [torch.arange(i, min(P, i + size)) for i in range(0, P, size)]
+def _chunks(P: int, size: int, device: torch.device | str = "cpu"):
+    """Index ranges of ``size`` rows covering range(P) (CPU indices index tensors on any device)."""
+    return [torch.arange(i, min(P, i + size), device=device) for i in range(0, P, size)]
 
 
 def _pair_rows(src: torch.Tensor, tgt: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
     """(P, C) rows e_s - e_t: (z * rows).sum(1) = z_s - z_t."""
-    rows = torch.zeros(len(src), C, dtype=dtype)
+    rows = torch.zeros(len(src), C, dtype=dtype, device=src.device)
     rows.scatter_(1, src[:, None], 1.0)
     rows.scatter_add_(1, tgt[:, None], -torch.ones_like(rows[:, :1]))
     return rows

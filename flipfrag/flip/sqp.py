@@ -68,20 +68,21 @@ def _scores_and_jacobian(fn: ScoreFn, x: torch.Tensor, src, tgt, margin: float, 
             near = h >= -(g.abs() + 0.1 * (1 + zt.abs()))[:, None]
             n_ineq = min(n_ineq, int(near.sum(1).max()))
         m = 1 + n_ineq
-        rows = torch.zeros(P, m, C, dtype=z.dtype)
+        rows = torch.zeros(P, m, C, dtype=z.dtype, device=z.device)
         rows.scatter_(2, src[:, None, None].expand(P, 1, 1), 1.0)
-        rows[:, :, :].scatter_add_(2, tgt[:, None, None].expand(P, m, 1), -torch.ones(P, m, 1, dtype=z.dtype))
-        c = torch.zeros(P, m, dtype=z.dtype)
+        rows[:, :, :].scatter_add_(2, tgt[:, None, None].expand(P, m, 1),
+                                   -torch.ones(P, m, 1, dtype=z.dtype, device=z.device))
+        c = torch.zeros(P, m, dtype=z.dtype, device=z.device)
         c[:, 0] = g
-        valid = torch.ones(P, m, dtype=torch.bool)
-        cls = torch.full((P, m), -1, dtype=torch.long)  # class of each slot; -1 = the equality
+        valid = torch.ones(P, m, dtype=torch.bool, device=z.device)
+        cls = torch.full((P, m), -1, dtype=torch.long, device=z.device)  # class of each slot; -1 = the equality
         if n_ineq:
             hv, kk = h.topk(n_ineq, dim=1)
-            rows[:, 1:, :].scatter_add_(2, kk[:, :, None], torch.ones(P, n_ineq, 1, dtype=z.dtype))
+            rows[:, 1:, :].scatter_add_(2, kk[:, :, None], torch.ones(P, n_ineq, 1, dtype=z.dtype, device=z.device))
             valid[:, 1:] = torch.isfinite(hv)
             c[:, 1:] = torch.where(valid[:, 1:], hv, torch.zeros_like(hv))
             cls[:, 1:] = kk
-        A = torch.empty(P, m, x.shape[1], dtype=z.dtype)
+        A = torch.empty(P, m, x.shape[1], dtype=z.dtype, device=z.device)
         for j in range(m):
             (A[:, j],) = torch.autograd.grad(z, x, rows[:, j], retain_graph=j < m - 1)
     A = A * valid[:, :, None]
@@ -94,7 +95,7 @@ def _dual_eps(dtype: torch.dtype) -> float:
 
 def _dual_qp(pr: _Problems, A: torch.Tensor, b: torch.Tensor, is_eq: torch.Tensor, rho: torch.Tensor,
              lam0: torch.Tensor | None = None, iters: int = 15,
-             anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             anchor: torch.Tensor | None = None, rel_damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Closest point to ``anchor`` (default x_hat; scaled norm) with A[:, 0] x = b[:, 0], A[:, j] x <= b[:, j] and
     lo <= x <= hi, for P problems at once.
 
@@ -106,21 +107,24 @@ def _dual_qp(pr: _Problems, A: torch.Tensor, b: torch.Tensor, is_eq: torch.Tenso
     first (an infeasible linearisation is settled there; its multipliers grow like violation / eps, so a smaller
     eps only costs more doublings), then eps = 1e-14 (1e-6 in float32) for the problems found feasible,
     warm-started. Projected semismooth Newton with an Armijo line search; only the problems still active are
-    computed on. Returns (x, lam) of shapes (P, n), (P, m).
+    computed on. ``rel_damping``: Levenberg-Marquardt damping of the Newton systems relative to their largest
+    diagonal entry (the region polish: hundreds of rows, many linearly dependent — facets the point lies on —
+    make the systems singular, and the undamped steps fail their line search long before the optimum).
+    Returns (x, lam) of shapes (P, n), (P, m).
     """
     P, m, n = A.shape
     xh = pr.xh if anchor is None else anchor
     rho = rho[:, None].expand(P, m) if rho.dim() == 1 else rho
     L = torch.where(is_eq, -rho, torch.zeros_like(b))
     U = rho
-    lam = torch.zeros(P, m, dtype=A.dtype) if lam0 is None else lam0.clamp(L, U)
+    lam = torch.zeros(P, m, dtype=A.dtype, device=A.device) if lam0 is None else lam0.clamp(L, U)
     # A x - b is computed with cancellation: ask for a small multiple of its rounding level, no more
     rel = 1e-12 if A.dtype == torch.float64 else 1e-5
     tol = rel * (1.0 + b.abs().amax(1) + torch.sqrt((pr.w * xh**2).sum(1)))
     eps_final = _dual_eps(A.dtype)
     eps1 = max(eps_final, 1e-8)
-    qp = _DualQP(A, b, xh, pr.w, pr.lo, pr.hi, L, U)
-    lam, x = qp.solve(lam, torch.ones(P, dtype=torch.bool), eps1, tol, iters)
+    qp = _DualQP(A, b, xh, pr.w, pr.lo, pr.hi, L, U, rel_damping)
+    lam, x = qp.solve(lam, torch.ones(P, dtype=torch.bool, device=A.device), eps1, tol, iters)
     if eps_final < eps1:
         slack = torch.einsum("pmn,pn->pm", A, x) - b
         viol = torch.where(is_eq, slack.abs(), slack.clamp(min=0)).amax(1)
@@ -150,8 +154,9 @@ def _batched_solve(H: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 class _DualQP:
     """The dual of one batch of QP subproblems (see :func:`_dual_qp`), maximised by projected Newton."""
 
-    def __init__(self, A, b, xh, w, lo, hi, L, U):
+    def __init__(self, A, b, xh, w, lo, hi, L, U, rel_damping: float = 0.0):
         self.A, self.b, self.xh, self.w, self.lo, self.hi, self.L, self.U = A, b, xh, w, lo, hi, L, U
+        self.rel_damping = rel_damping
 
     def data(self, idx):
         """(A, b, xh, w, lo, hi, L, U) of the problems idx — without copying when idx is all of them."""
@@ -175,16 +180,16 @@ class _DualQP:
         lam = lam.clone()
         P, m = lam.shape
         if x_prev is None:
-            state = self.evaluate(torch.arange(P), lam, eps)
+            state = self.evaluate(torch.arange(P, device=lam.device), lam, eps)
         else:  # only the problems to re-solve are evaluated; the others keep their previous primal point
             w_idx = torch.nonzero(which)[:, 0]
             sub = self.evaluate(w_idx, lam[w_idx], eps)
-            state = [torch.zeros((P, *t.shape[1:]), dtype=t.dtype) for t in sub]
+            state = [torch.zeros((P, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in sub]
             state[1] = x_prev.clone()
             for t, v in zip(state, sub):
                 t[w_idx] = v
         active = which & (state[6] > tol)
-        eye = torch.eye(m, dtype=lam.dtype)
+        eye = torch.eye(m, dtype=lam.dtype, device=lam.device)
         for _ in range(iters):
             idx = torch.nonzero(active)[:, 0]
             if idx.numel() == 0:
@@ -199,9 +204,11 @@ class _DualQP:
             # the eps term's own curvature, plus 1 % damping (it changes the path, not the solution): in the null
             # space of H (parallel rows, all coordinates clipped) the step is then within 1 % of exact
             H = H + eye * (1.01 * eps)
+            if self.rel_damping:
+                H = H + eye * (self.rel_damping * H.diagonal(dim1=1, dim2=2).amax(1))[:, None, None]
             d = _batched_solve(H, pg)
-            step = torch.ones(len(idx), dtype=lam.dtype)
-            todo = torch.ones(len(idx), dtype=torch.bool)
+            step = torch.ones(len(idx), dtype=lam.dtype, device=lam.device)
+            todo = torch.ones(len(idx), dtype=torch.bool, device=lam.device)
             for _ls in range(30):
                 j = torch.nonzero(todo)[:, 0]
                 if j.numel() == 0:
@@ -269,7 +276,8 @@ def _kkt_measure(pr: _Problems, x, A, c, valid, is_eq, tol_abs, bundle: torch.Te
             G = Af @ Af.transpose(1, 2)
             reg = (1e-12 if A.dtype == torch.float64 else 1e-6) * G.diagonal(dim1=1, dim2=2).amax(1)
             reg = reg.clamp(min=torch.finfo(A.dtype).tiny)
-            G = G + torch.diag_embed((~use).to(A.dtype)) + reg[:, None, None] * torch.eye(M, dtype=A.dtype)
+            eye = torch.eye(M, dtype=A.dtype, device=A.device)
+            G = G + torch.diag_embed((~use).to(A.dtype)) + reg[:, None, None] * eye
             lam = torch.linalg.solve(G, rhs[:, :, None])[:, :, 0] * use
             neg = use & signed & (lam < 0)
             if not neg.any():
@@ -282,7 +290,7 @@ def _kkt_measure(pr: _Problems, x, A, c, valid, is_eq, tol_abs, bundle: torch.Te
     if bundle is None:
         rn = fit(A, use0, ~is_eq)
     else:
-        rn = torch.full((P,), math.inf, dtype=A.dtype)
+        rn = torch.full((P,), math.inf, dtype=A.dtype, device=A.device)
         for sign in (1.0, -1.0):
             cols = torch.cat([sign * A[:, :1], sign * bundle, A[:, 1:]], 1)
             K = bundle.shape[1]
@@ -367,8 +375,8 @@ def _region_rows(fn: ScoreFn, x: torch.Tensor, kink_tol: float, max_kinks: int):
             sel.append(uf.detach().abs() <= _kink_tolerance(u, kink_tol)[:, None])
         moved = None
         if rec.pools:  # the pooling inputs after a tiny random move of x: which entries depend on x at all
-            gen = torch.Generator().manual_seed(0)
-            step = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+            gen = torch.Generator().manual_seed(0)  # cpu-ok: drawn on the CPU, moved below
+            step = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
             with torch.no_grad(), _KinkRecorder() as rec2:
                 fn(x.detach() + 1e-7 * (1 + x.detach().abs()) * step)
             moved = [p[0] for p in rec2.pools]
@@ -387,11 +395,11 @@ def _region_rows(fn: ScoreFn, x: torch.Tensor, kink_tol: float, max_kinks: int):
             live = ((cols2.gather(2, first) != cols.detach().gather(2, first))
                     | (cols2.gather(2, other) != cols.detach().gather(2, other)))[:, :, 0].reshape(P, -1)
             sel.append((gap <= _kink_tolerance(v, kink_tol)[:, None]) & ((gap > 0) | live))
-        count = sum((m.sum(1) for m in sel), torch.zeros(P, dtype=torch.long))
+        count = sum((m.sum(1) for m in sel), torch.zeros(P, dtype=torch.long, device=x.device))
         K = int(min(count.max(), max_kinks)) if len(sel) else 0
-        rows = torch.zeros(P, K, n, dtype=x.dtype)
+        rows = torch.zeros(P, K, n, dtype=x.dtype, device=x.device)
         if K == 0:
-            return rows, torch.zeros(P, 0, dtype=torch.bool), count, not rec.unsupported
+            return rows, torch.zeros(P, 0, dtype=torch.bool, device=x.device), count, not rec.unsupported
         # slot k of point p: its k-th kink in the order (tensor, entry)
         flat = torch.cat(sel, 1)
         rank = flat.long().cumsum(1) - 1
@@ -405,7 +413,7 @@ def _region_rows(fn: ScoreFn, x: torch.Tensor, kink_tol: float, max_kinks: int):
                 continue
             (rows[:, k],) = torch.autograd.grad([o for o, _ in pairs], xg, [gk for _, gk in pairs],
                                                 retain_graph=k < K - 1, allow_unused=False)
-    used = torch.arange(K)[None, :] < count[:, None]
+    used = torch.arange(K, device=x.device)[None, :] < count[:, None]
     used &= rows.abs().amax(2) > 0
     return rows, used, count, not rec.unsupported
 
@@ -419,9 +427,9 @@ def _region_kkt(fn: ScoreFn, pr: _Problems, x, A, c, valid, is_eq, tol_abs, kink
     rows, used, count, supported = _region_rows(fn, x, kink_tol, max_kinks)
     P, K = used.shape
     A2 = torch.cat([A, rows], 1)
-    c2 = torch.cat([c, torch.zeros(P, K, dtype=c.dtype)], 1)
+    c2 = torch.cat([c, torch.zeros(P, K, dtype=c.dtype, device=c.device)], 1)
     v2 = torch.cat([valid, used], 1)
-    e2 = torch.cat([is_eq, torch.zeros(P, K, dtype=torch.bool)], 1)
+    e2 = torch.cat([is_eq, torch.zeros(P, K, dtype=torch.bool, device=c.device)], 1)
     kkt = _kkt_measure(pr, x, A2, c2, v2, e2, tol_abs)
     gap = _region_gap(pr, x, A2, c2, v2, e2)
     bad = (count > max_kinks) | (not supported)
@@ -445,7 +453,7 @@ def _region_gap(pr: _Problems, x, A, c, valid, is_eq) -> torch.Tensor:
     An = torch.where(ok[:, :, None], A / nrm.clamp(min=_TINY)[:, :, None], torch.zeros_like(A)) * free[:, None, :]
     b = torch.einsum("pmn,pn->pm", An, x) - torch.where(ok, c / nrm.clamp(min=_TINY), torch.zeros_like(c))
     b = torch.where(ok, b, torch.where(is_eq, torch.zeros_like(b), torch.ones_like(b)))
-    _, lam = _dual_qp(pr, An, b, is_eq, torch.full((P,), math.inf, dtype=x.dtype), iters=50)
+    _, lam = _dual_qp(pr, An, b, is_eq, torch.full((P,), math.inf, dtype=x.dtype, device=x.device), iters=50)
     lam = torch.where(is_eq, lam, lam.clamp(min=0)) * ok
     y = torch.minimum(torch.maximum(pr.xh - torch.bmm(lam[:, None, :], An)[:, 0] / pr.w, pr.lo), pr.hi)
     q = 0.5 * (pr.w * (y - pr.xh) ** 2).sum(1) + (lam * (torch.einsum("pmn,pn->pm", An, y) - b)).sum(1)
@@ -499,7 +507,7 @@ def _check(fn: ScoreFn, pr: _Problems, x: torch.Tensor, margin: float, tol: floa
     is_eq[:, 0] = True
     kkt = _kkt_measure(pr, x, A, c, valid, is_eq, tol_abs)
     marg = (-(h - margin)).amin(1) if z.shape[1] > 2 else torch.full_like(g, math.inf)
-    kinks = torch.zeros(len(x), dtype=torch.long)
+    kinks = torch.zeros(len(x), dtype=torch.long, device=x.device)
     gap = torch.full_like(kkt, math.nan)
     if region:
         near = (g.abs() <= tol_abs) & (marg >= margin - tol_abs) & (kkt > kkt_tol)
@@ -591,7 +599,7 @@ def _line_search_step(fn: ScoreFn, pr: _Problems, x: torch.Tensor, g, h, lp: _Li
         return phi <= phi0[idx] + 1e-4 * alpha * dphi[idx]
 
     xnew = x.clone()
-    idx = torch.arange(P)
+    idx = torch.arange(P, device=x.device)
     xc = torch.minimum(torch.maximum(y, pr.lo), pr.hi)
     phi, gc, hc = merit(idx, xc)
     ok = sufficient(idx, phi, 1.0)
@@ -610,7 +618,7 @@ def _line_search_step(fn: ScoreFn, pr: _Problems, x: torch.Tensor, g, h, lp: _Li
         xnew[bad[ok2]] = y2[ok2]
         todo[bad[ok2]] = False
     full = ~todo
-    alpha = torch.full((P,), 0.5, dtype=x.dtype)
+    alpha = torch.full((P,), 0.5, dtype=x.dtype, device=x.device)
     for _ in range(max_halvings):
         if not todo.any():
             break
@@ -713,26 +721,27 @@ class _SqpState:
     @classmethod
     def start(cls, pr: _Problems, x0: torch.Tensor, m: int, nonsmooth: bool) -> _SqpState:
         P, n = x0.shape
-        dt = x0.dtype
-        kink = ([torch.zeros(P, n, dtype=dt), torch.zeros(P, n, dtype=dt), torch.zeros(P, dtype=dt),
-                 torch.zeros(P, dtype=torch.bool)] if nonsmooth else [None] * 4)
+        dt, dev = x0.dtype, x0.device
+        kink = ([torch.zeros(P, n, dtype=dt, device=dev), torch.zeros(P, n, dtype=dt, device=dev),
+                 torch.zeros(P, dtype=dt, device=dev), torch.zeros(P, dtype=torch.bool, device=dev)]
+                if nonsmooth else [None] * 4)
         return cls(
             x=torch.minimum(torch.maximum(x0, pr.lo), pr.hi).clone(),
-            iters=torch.zeros(P, dtype=torch.long),
-            status=torch.full((P,), _RUNNING, dtype=torch.long),
-            mu=torch.zeros(P, dtype=dt),
-            lam_prev=torch.zeros(P, m, dtype=dt),
-            stalls=torch.zeros(P, dtype=torch.long),
+            iters=torch.zeros(P, dtype=torch.long, device=dev),
+            status=torch.full((P,), _RUNNING, dtype=torch.long, device=dev),
+            mu=torch.zeros(P, dtype=dt, device=dev),
+            lam_prev=torch.zeros(P, m, dtype=dt, device=dev),
+            stalls=torch.zeros(P, dtype=torch.long, device=dev),
             dist_scale=1.0 + torch.sqrt((pr.w * pr.xh**2).sum(1)),
             # no box on the multipliers: the QP's quadratic elastic term (_DUAL_EPS) already bounds them
-            rho=torch.full((P,), math.inf, dtype=dt),
-            s_prev=torch.zeros(P, n, dtype=dt),
-            lamu_prev=torch.zeros(P, m, dtype=dt),
-            cls_prev=torch.full((P, m), -1, dtype=torch.long),
-            as_prev=torch.zeros(P, m, dtype=dt),
-            have_s=torch.zeros(P, dtype=torch.bool),
-            gamma=torch.ones(P, dtype=dt),
-            v_ref=torch.full((P,), math.inf, dtype=dt),
+            rho=torch.full((P,), math.inf, dtype=dt, device=dev),
+            s_prev=torch.zeros(P, n, dtype=dt, device=dev),
+            lamu_prev=torch.zeros(P, m, dtype=dt, device=dev),
+            cls_prev=torch.full((P, m), -1, dtype=torch.long, device=dev),
+            as_prev=torch.zeros(P, m, dtype=dt, device=dev),
+            have_s=torch.zeros(P, dtype=torch.bool, device=dev),
+            gamma=torch.ones(P, dtype=dt, device=dev),
+            v_ref=torch.full((P,), math.inf, dtype=dt, device=dev),
             m=m,
             kink_x=kink[0], kink_a=kink[1], kink_g=kink[2], has_kink=kink[3],
         )  # fmt: skip
@@ -859,7 +868,8 @@ def _linearise(sub: _Problems, ev: _Evaluation, ga: torch.Tensor) -> _Linearised
     # linearised: the elastic dual then leaves x unchanged)
     b = torch.einsum("pmn,pn->pm", An, xa) - cn
     b = torch.where(ok_row | is_eq, b, torch.full_like(b, 1.0))
-    b = torch.where(valid | ~is_eq | (torch.arange(b.shape[1]) == 0), b, torch.zeros_like(b))  # unused kink row
+    slot0 = torch.arange(b.shape[1], device=b.device) == 0
+    b = torch.where(valid | ~is_eq | slot0, b, torch.zeros_like(b))  # unused kink row
     return _Linearised(An, b, c, cn, nrm, ok_row, valid.clone(), is_eq, ev.cls, ga, xa + (sub.xh - xa) / ga[:, None],
                        in_merit)
 
@@ -924,7 +934,7 @@ def _probe_kinks(fn: ScoreFn, st: _SqpState, act, sub: _Problems, ev: _Evaluatio
     unit = lambda v: v / v.norm(dim=-1, keepdim=True).clamp(min=_TINY)  # noqa: E731
     diff = (unit(pa) - unit(a0).repeat(2, 1)).norm(dim=1).reshape(2, -1)
     side = diff.argmax(0)
-    k = side * len(o) + torch.arange(len(o))
+    k = side * len(o) + torch.arange(len(o), device=o.device)
     new_kink = diff.amax(0) > 1e-6
     tgt_idx = act[o[new_kink]]
     st.kink_x[tgt_idx], st.kink_a[tgt_idx], st.kink_g[tgt_idx] = probe[k][new_kink], pa[k][new_kink], pg[k][new_kink]

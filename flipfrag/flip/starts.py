@@ -104,7 +104,7 @@ def _class_jacobian(fn: ScoreFn, x: torch.Tensor, C: int, chunk: int) -> tuple[t
         with torch.enable_grad():
             z = fn(xr)
             if eye is None or eye.dtype != z.dtype:
-                eye = torch.eye(C, dtype=z.dtype)
+                eye = torch.eye(C, dtype=z.dtype, device=z.device)
             (J,) = torch.autograd.grad(z, xr, eye.repeat(len(idx), 1))
         zs.append(z.detach()[::C])
         Js.append(J.reshape(len(idx), C, n))
@@ -137,9 +137,9 @@ def _deepfool(fn: ScoreFn, pr: _Problems, C: int, chunk: int, max_iter: int = 8,
     whose lead over the runner-up shrinks by less than 10 % in a step are stopped).
     Returns (x (P, n), label_changed (P,))."""
     x = torch.minimum(torch.maximum(pr.xh, pr.lo), pr.hi).clone()
-    changed = torch.zeros(len(pr), dtype=torch.bool)
-    active = torch.ones(len(pr), dtype=torch.bool)
-    prev_lead = torch.full((len(pr),), math.inf, dtype=x.dtype)
+    changed = torch.zeros(len(pr), dtype=torch.bool, device=x.device)
+    active = torch.ones(len(pr), dtype=torch.bool, device=x.device)
+    prev_lead = torch.full((len(pr),), math.inf, dtype=x.dtype, device=x.device)
     free = ~pr.fixed
     for _ in range(max_iter):
         idx = torch.nonzero(active)[:, 0]
@@ -184,8 +184,8 @@ def _segment_crossing(fn: ScoreFn, pr: _Problems, x_end: torch.Tensor, samples: 
     x0 = torch.minimum(torch.maximum(pr.xh, pr.lo), pr.hi)
     x_end = torch.minimum(torch.maximum(x_end, pr.lo), pr.hi)
     d = x_end - x0
-    ts = torch.linspace(0, 1, samples + 1, dtype=x0.dtype)[1:]
-    first = torch.full((P,), samples, dtype=torch.long)
+    ts = torch.linspace(0, 1, samples + 1, dtype=x0.dtype, device=x0.device)[1:]
+    first = torch.full((P,), samples, dtype=torch.long, device=x0.device)
     for j in range(samples):  # evaluated sample by sample: the memory of one batch
         lab = fn(x0 + ts[j] * d).argmax(1)
         first = torch.where((first == samples) & (lab != pr.src), torch.full_like(first, j), first)
@@ -220,7 +220,7 @@ def _homotopy(run: _Setup, pr: _Problems, steps: int, tau: float) -> _Iterates:
         with torch.no_grad(), _ReluScale() as rec:
             model(xh_in)
         if rec.scales:
-            s = float(torch.tensor(rec.scales).median().clamp(min=1e-12))
+            s = float(torch.tensor(rec.scales).median().clamp(min=1e-12))  # cpu-ok: Python floats
             betas = [(1.0 / s) * (1e4 ** (i / max(steps - 1, 1))) for i in range(steps)]
 
             def deform(i):  # softplus beta from 1/s (smooth) to 1e4/s, then the ReLU net itself
@@ -235,7 +235,7 @@ def _homotopy(run: _Setup, pr: _Problems, steps: int, tau: float) -> _Iterates:
         z0 = fn(pr.xh)
     off0 = _feasible_offset(z0, pr.src, pr.tgt, run.opts.margin)
     x = pr.xh.clone()
-    iters = torch.zeros(len(pr), dtype=torch.long)
+    iters = torch.zeros(len(pr), dtype=torch.long, device=x.device)
     inner = max(10, run.opts.max_iter // 4)
     out = None
     x_smooth = x
@@ -301,7 +301,7 @@ def _closest_feasible(fn: ScoreFn, pr: _Problems, cands: list[torch.Tensor], mar
     """Per problem, the closest of the candidate points that is feasible (residual and margin within tolerance);
     the first candidate where none is."""
     best = cands[0].clone()
-    best_f = torch.full((len(pr),), math.inf, dtype=best.dtype)
+    best_f = torch.full((len(pr),), math.inf, dtype=best.dtype, device=best.device)
     for xc in cands:
         with torch.no_grad():
             z = fn(xc)

@@ -51,14 +51,17 @@ def _solve_candidates(run: _Setup, pr: _Problems, gen: torch.Generator) -> _Cand
         xd = _to_output(run, pr, cands[0][1].x)
         chk0 = _certify(run, pr, xd)
         d = torch.where(chk0.ok, chk0.distance, torch.full_like(chk0.distance, math.nan))
-        fallback = d.nanmedian() if torch.isfinite(d).any() else torch.tensor(1.0, dtype=torch.float64)
+        fallback = d.nanmedian() if torch.isfinite(d).any() else torch.tensor(1.0, dtype=torch.float64, device=d.device)
         d = torch.where(torch.isfinite(d) & (d > 0), d, fallback.clamp(min=1e-6)).to(run.dtype)
         free = (~pr.fixed).to(run.dtype)
         xs = []
         for _ in range(restarts):
-            xi = torch.randn(pr.xh.shape, generator=gen, dtype=torch.float64).to(run.dtype) * free
+            # cpu-ok: drawn on the CPU from the seeded generator (the same restarts on any device), then moved
+            xi = torch.randn(pr.xh.shape, generator=gen, dtype=torch.float64).to(device=pr.xh.device,
+                                                                                 dtype=run.dtype) * free
             xi = xi / torch.sqrt(pr.w) / torch.sqrt((xi**2).sum(1, keepdim=True)).clamp(min=_TINY)
-            rad = d * (0.5 + torch.rand(P, generator=gen, dtype=torch.float64).to(run.dtype))
+            u = torch.rand(P, generator=gen, dtype=torch.float64).to(device=pr.xh.device, dtype=run.dtype)  # cpu-ok
+            rad = d * (0.5 + u)
             xs.append(torch.minimum(torch.maximum(pr.xh + rad[:, None] * xi, pr.lo), pr.hi))
         prr = pr.repeat(restarts)
         outr = _run_sqp(run, fn, prr, torch.cat(xs), run.opts.max_iter, "restarts")
@@ -116,13 +119,14 @@ def _solve_steps(run: _Setup, fn: ScoreFn, points: _Problems, C: int, z: torch.T
     pid, ptgt = _screen(run, fn, points, C, tgt, screen)
     pr = points.take(pid)
     pr.tgt = ptgt
-    pool = _Pool(pid, pr, _solve_candidates(run, pr, gen), torch.full((N,), math.inf, dtype=torch.float64))
+    no_bound = torch.full((N,), math.inf, dtype=torch.float64, device=points.xh.device)
+    pool = _Pool(pid, pr, _solve_candidates(run, pr, gen), no_bound)
     starts = []
     if upper_bounds and tgt is None:
         x_df, changed = _deepfool(fn, points, C, run.chunk)
         starts.append((x_df, changed, _START_DEEPFOOL))
     if candidates is not None:
-        starts.append((candidates, torch.ones(N, dtype=torch.bool), _START_CANDIDATES))
+        starts.append((candidates, torch.ones(N, dtype=torch.bool, device=points.xh.device), _START_CANDIDATES))
     for x_end, usable, start_id in starts:
         _start_from_crossings(run, fn, pool, torch.nonzero(usable)[:, 0], points, x_end[usable], tgt, start_id)
     if upper_bounds:  # the solver's own last iterates: the segment to each may cross another class first
@@ -137,7 +141,7 @@ def _solve_steps(run: _Setup, fn: ScoreFn, points: _Problems, C: int, z: torch.T
         relaxed_x = pool.best.x
         pool.best, pool.rounding_changed = _round_groups(run, pool.pr, pool.best, groups)
         # the relaxed crossings have fractional categories: only crossings with valid categories bound a rounded point
-        pool.bound = torch.full((N,), math.inf, dtype=torch.float64)
+        pool.bound = torch.full((N,), math.inf, dtype=torch.float64, device=points.xh.device)
         if upper_bounds:
             _start_from_valid_crossings(run, fn, pool, points, C, relaxed_x, groups, tgt)
     return pool
@@ -161,10 +165,10 @@ def _continue_infeasible(run: _Setup, fn: ScoreFn, pool: _Pool, points: _Problem
         return
     sub = points.take(i)
     tg = _screen_targets(fn, sub, C, min(3, C - 1), run.chunk)
-    tried = torch.zeros(len(i), C, dtype=torch.bool)
+    tried = torch.zeros(len(i), C, dtype=torch.bool, device=i.device)
     mine = torch.isin(pool.pid, i)
-    rank = torch.full((N,), -1, dtype=torch.long)
-    rank[i] = torch.arange(len(i))
+    rank = torch.full((N,), -1, dtype=torch.long, device=i.device)
+    rank[i] = torch.arange(len(i), device=i.device)
     tried[rank[pool.pid[mine]], pool.pr.tgt[mine]] = True
     new = ~tried.gather(1, tg)
     pid = i[:, None].expand_as(tg)[new]
@@ -182,13 +186,13 @@ def _screen(run: _Setup, fn: ScoreFn, points: _Problems, C: int, tgt, screen) ->
     distance (all other classes when ``screen`` is None). Returns (point index (P,), target (P,))."""
     N = len(points)
     if tgt is not None:
-        return torch.arange(N), tgt
+        return torch.arange(N, device=points.xh.device), tgt
     if screen is None or screen >= C - 1:
-        tg = torch.arange(C).repeat(N, 1)
+        tg = torch.arange(C, device=points.xh.device).repeat(N, 1)
         tg = tg[tg != points.src[:, None]].reshape(N, C - 1)
     else:
         tg = _screen_targets(fn, points, C, screen, run.chunk)
-    return torch.arange(N)[:, None].expand_as(tg).reshape(-1), tg.reshape(-1)
+    return torch.arange(N, device=points.xh.device)[:, None].expand_as(tg).reshape(-1), tg.reshape(-1)
 
 
 def _start_from_crossings(run: _Setup, fn: ScoreFn, pool: _Pool, pid: torch.Tensor, points: _Problems,
@@ -205,15 +209,15 @@ def _start_from_crossings(run: _Setup, fn: ScoreFn, pool: _Pool, pid: torch.Tens
     dist = torch.sqrt((sub.w * (xc - sub.xh) ** 2).sum(1)).to(torch.float64)
     dist = torch.where(found, dist, torch.full_like(dist, math.inf))
     N = len(points)
-    near = torch.full((N,), math.inf, dtype=torch.float64).scatter_reduce(0, pid, dist, "amin")
+    near = torch.full((N,), math.inf, dtype=torch.float64, device=pid.device).scatter_reduce(0, pid, dist, "amin")
     # the first entry achieving each point's closest crossing
-    first = torch.full((N,), len(pid), dtype=torch.long).scatter_reduce(
-        0, pid, torch.where(found & (dist == near[pid]), torch.arange(len(pid)), len(pid)), "amin")
+    first = torch.full((N,), len(pid), dtype=torch.long, device=pid.device).scatter_reduce(
+        0, pid, torch.where(found & (dist == near[pid]), torch.arange(len(pid), device=pid.device), len(pid)), "amin")
     use = first < len(pid)
     if run.opts.nonsmooth:  # remembered as a start of the region polish
         if pool.bound_x is None:
-            pool.bound_x = torch.full((N, xc.shape[1]), math.nan, dtype=xc.dtype)
-            pool.bound_cls = torch.full((N,), -1, dtype=torch.long)
+            pool.bound_x = torch.full((N, xc.shape[1]), math.nan, dtype=xc.dtype, device=xc.device)
+            pool.bound_cls = torch.full((N,), -1, dtype=torch.long, device=xc.device)
         closer = use & (near < pool.bound)
         pool.bound_x[closer] = xc[first[closer]]
         pool.bound_cls[closer] = cls[first[closer]]
@@ -237,17 +241,17 @@ def _choose(run: _Setup, pool: _Pool, z: torch.Tensor, N: int, C: int, given_tar
     best, pid, ptgt = pool.best, pool.pid, pool.pr.tgt
     P = len(pid)
     dist_ok = torch.where(best.ok, best.distance, torch.full_like(best.distance, math.inf))
-    has = torch.zeros(N, dtype=torch.long).scatter_reduce(0, pid, best.ok.long(), "amax").bool()
+    has = torch.zeros(N, dtype=torch.long, device=pid.device).scatter_reduce(0, pid, best.ok.long(), "amax").bool()
     zt = z.to(torch.float64)[pid, ptgt]
     key = torch.where(has[pid], dist_ok, -zt)  # smaller is better
     order = torch.argsort(key, stable=True)
     order = order[torch.argsort(pid[order], stable=True)]
-    firsts = torch.ones(P, dtype=torch.bool)
+    firsts = torch.ones(P, dtype=torch.bool, device=pid.device)
     firsts[1:] = pid[order][1:] != pid[order][:-1]
     sel = order[firsts]  # one problem per point, in point order
     distances = None
     if not given_target:
-        distances = torch.full((N * C,), math.inf, dtype=torch.float64)
+        distances = torch.full((N * C,), math.inf, dtype=torch.float64, device=pid.device)
         distances = distances.scatter_reduce(0, pid * C + ptgt, dist_ok.to(torch.float64), "amin").reshape(N, C)
     b = best.take(sel)
     bound = pool.bound
