@@ -107,6 +107,9 @@ class Run:
     code: dict[str, Any] = field(default_factory=dict)
     #: per kind of cached work unit ("attack-grid cells", "flip points ..."): {"cached", "computed", "code"}
     cache_use: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ids of the claims recorded by this run (:func:`flipfrag.report.record_claim`): at :func:`finish_run` the
+    #: notebook's other claims in claims.json (from an earlier run with other sizes) are removed as stale
+    claims: set[str] = field(default_factory=set)
 
     @property
     def elapsed(self) -> float:
@@ -318,6 +321,14 @@ def finish_run() -> dict[str, Any]:
     }
     with locked_json_store(run.figures_dir / "MANIFEST.json", _MANIFEST_SECTIONS) as manifest:
         manifest["notebooks"][run.notebook] = info
+    claims_path = run.figures_dir / "claims.json"
+    if claims_path.exists():  # a claim this notebook no longer makes (e.g. an epsilon its profile dropped) goes
+        with locked_json_store(claims_path, ("claims", "substitutions")) as store:
+            stale = [cid for cid, c in store["claims"].items()
+                     if c.get("notebook") == run.notebook and cid not in run.claims]  # fmt: skip
+            for cid in stale:
+                del store["claims"][cid]
+        info["stale_claims_removed"] = stale
     return info
 
 

@@ -281,7 +281,9 @@ def test_committed_figures_match_the_declared_notebook_outputs():
         if nb not in manifest["notebooks"]:  # a notebook added since the figures were made (make figures adds it)
             continue
         assert items.get(nb, set()) == set(declared["items"]), nb
-        assert claims.get(nb, set()) == set(declared["claims"]), nb
+        profile = manifest["notebooks"][nb]["profile"]  # a claim at a size the profile does not run is omitted
+        expected = set(declared["claims"]) - set(declared.get(f"{profile}_omits", ()))
+        assert claims.get(nb, set()) == expected, nb
     assert set(items) | set(claims) <= set(report.NOTEBOOK_OUTPUTS)
 
 
@@ -292,3 +294,21 @@ def test_check_claim_row_finds_problems(run, tmp_path):
     assert any("missing field" in p for p in report.check_claim_row({k: v for k, v in row.items() if k != "kind"}))
     bad = {**row, "numbers": {**row["numbers"], "tolerance": -1}}
     assert any("cannot re-derive" in p for p in report.check_claim_row(bad))
+
+
+def test_a_rerun_drops_the_claims_its_notebook_no_longer_makes(run, tmp_path):
+    """A notebook rerun with other sizes (the quick ImageNet grid lost eps = 1) must not leave its old claim rows in
+    claims.json: finish_run removes that notebook's claims not recorded by the run; other notebooks' stay."""
+    kw = dict(claim="top-k overlap", kind="numeric", paper_value=0.2, ours=0.9, tolerance=0.05, reference=1.0)
+    report.record_claim("fragility/c_eps1", **kw)
+    report.record_claim("fragility/c_eps8", **kw)
+    plotting.finish_run()
+    plotting.start_run("fragility/98_other", profile="smoke", seed=0, figures_dir=tmp_path)
+    report.record_claim("fragility/c_other", **kw)
+    plotting.finish_run()
+    plotting.start_run("fragility/99_test", profile="smoke", seed=0, figures_dir=tmp_path)
+    report.record_claim("fragility/c_eps8", **kw)
+    info = plotting.finish_run()
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    assert sorted(claims) == ["fragility/c_eps8", "fragility/c_other"]
+    assert info["stale_claims_removed"] == ["fragility/c_eps1"]
