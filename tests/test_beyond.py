@@ -314,8 +314,10 @@ def test_the_surrogate_direction_is_the_derivative_of_the_surrogates_flip_map_ob
         pytest.skip("closest_flip_point(differentiable=True) not in this build")
     model, x, y = _tiny_relu_cnn()
     sur = beyond.flip_surrogate(model, beta=10.0)
-    # the ReLU flip points' classes (3 screened targets, 200 iterations: the smooth models' defaults, pinned)
-    target = closest_flip_point(model, x, lower=0.0, upper=1.0, max_ineq=2, screen=3, max_iter=200).target
+    # toward each image's runner-up class of the ReLU model (pinned: the targets the ReLU solver picks moved with its
+    # region polish, and the derivative under test does not depend on which class is the target)
+    with torch.no_grad():
+        target = model(x).topk(2, dim=1).indices[:, 1]
     atk = cls(model, solver=_TIGHT, surrogate=sur, surrogate_solver={"target": target}, k=6, progress=False)
     assert atk._direction_model(x) is sur
     res = closest_flip_point(sur, x, target=target, **_TIGHT)
@@ -341,8 +343,9 @@ def test_the_surrogate_direction_is_the_derivative_of_the_surrogates_flip_map_ob
     rel = (an - fd).abs() / an.abs()
     assert bool((an.abs() > 1e-3).all())  # a real direction, not zeros
     # the differences carry the solver's error / h (kkt ~1e-8) and cross kinks of |x_flip - x| (pixels where
-    # x_flip ~ x): measured median 1e-6 - 3e-5, worst 8e-4 - 3e-3; a wrong derivative is off by O(1)
-    assert float(rel.median()) <= 1e-4 and float(rel.max()) <= 1e-2, rel
+    # x_flip ~ x): measured with the runner-up targets median 3e-5 (top-k) / 3.4e-4 (center), worst 1.2e-3 / 1.5e-3
+    # (the same at h = 3e-5: not the difference quotient's noise); a wrong derivative is off by O(1)
+    assert float(rel.median()) <= 1e-3 and float(rel.max()) <= 1e-2, rel
 
 
 def test_surrogate_direction_rows_are_labelled_and_measured_on_the_relu_model(tmp_path, monkeypatch):
