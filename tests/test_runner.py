@@ -212,3 +212,43 @@ def test_the_beyond_notebooks_run_last(tmp_path):
         _notebook(tmp_path / rel, "x = 1")
     names = [str(p.relative_to(tmp_path)) for p in runner.find_notebooks(tmp_path)]
     assert names == ["00_top.ipynb", "fragility/04_b.ipynb", "zeta/01_c.ipynb", "beyond/01_a.ipynb"]
+
+
+@pytest.mark.notebooks
+def test_notebooks_run_side_by_side_with_jobs_and_a_failure_still_fails_the_run(tmp_path, capsys):
+    """jobs=2: two notebooks overlap in time (each records when it ran), each kernel gets 1 torch thread, the
+    beyond/ folder still runs after the others, and a failing notebook fails the run with its name."""
+    body = ("import time, torch\nfrom pathlib import Path\nfrom flipfrag import plotting\n"
+            "plotting.start_run(NAME, profile=profile, seed=seed, figures_dir=figures_dir)\n"
+            "t0 = time.time(); time.sleep(3)\n"
+            "Path(figures_dir, NAME.replace('/', '_')).write_text(f'{t0} {time.time()} {torch.get_num_threads()}')")
+    root = tmp_path / "nb"
+    for name in ("a/01_x", "a/02_y", "beyond/01_z"):
+        _notebook(root / f"{name}.ipynb", f"NAME = {name!r}\n" + body)
+    figs = tmp_path / "f"
+    runs = runner.run_all(profile="smoke", figures_dir=figs, output_dir=tmp_path / "o", root=root, jobs=2)
+    assert len(runs) == 3
+    spans = {n: [float(v) for v in (figs / n).read_text().split()] for n in ("a_01_x", "a_02_y", "beyond_01_z")}
+    (s1, e1, t1), (s2, e2, t2), (s3, _, _) = spans["a_01_x"], spans["a_02_y"], spans["beyond_01_z"]
+    assert s1 < e2 and s2 < e1  # the two a/ notebooks overlapped
+    assert s3 >= max(e1, e2)  # beyond/ after the others
+    assert t1 == t2 == 1
+    _notebook(root / "a" / "03_fail.ipynb", "raise ValueError('deliberate failure 7')")
+    code = runner.main(["--profile", "smoke", "--root", str(root), "--figures-dir", str(figs),
+                        "--output-dir", str(tmp_path / "o"), "--jobs", "2"])  # fmt: skip
+    assert code == 1 and "03_fail.ipynb" in capsys.readouterr().err
+
+
+def test_auto_jobs_reads_the_environment_and_refuses_nonsense(monkeypatch):
+    monkeypatch.setenv("FLIPFRAG_JOBS", "3")
+    assert runner.auto_jobs() == 3
+    monkeypatch.setenv("FLIPFRAG_JOBS", "zero")
+    with pytest.raises(ValueError, match="FLIPFRAG_JOBS"):
+        runner.auto_jobs()
+    monkeypatch.delenv("FLIPFRAG_JOBS")
+    monkeypatch.setattr(runner, "_memory_limit", lambda: 2 * 2**30)  # a 2 GB Binder session
+    assert runner.auto_jobs() == 1
+    monkeypatch.setattr(runner, "_memory_limit", lambda: 64 * 2**30)
+    assert runner.auto_jobs() == (2 if (os.cpu_count() or 1) >= 2 else 1)
+    with pytest.raises(ValueError, match="jobs"):
+        runner.run_all(profile="smoke", figures_dir=Path("unused"), jobs=0)

@@ -14,6 +14,8 @@ here, so ``from flipfrag import fragility; fragility.run_attack_grid(...)`` work
 * :mod:`~flipfrag.fragility.grid` — the attack grid: :class:`GridSpec` (one specification: methods, attacks,
   epsilons, iterations, IG steps, k, ...), :func:`run_attack_grid` (cached, checksummed cells), :func:`summarize_grid`
   and :func:`grid_table` (ours next to the paper's values).
+* :mod:`~flipfrag.fragility.cells` — the paper-scale F3 on the ImageNet CNN from committed, checked grid cells
+  (:data:`SCALE_GRID`, :func:`run_cells` — ``make cells`` — :func:`load_scale_grid`, :func:`verify_cell`).
 * :mod:`~flipfrag.fragility.claims` — the REPRODUCTION.md rows the grids answer (:func:`grid_claims`,
   :func:`dimension_claim`).
 * :mod:`~flipfrag.fragility.plots` — :func:`plot_attack_grid` (F3's layout).
@@ -29,6 +31,16 @@ paper's 0-255 scale as ``eps255``. Center shifts are in pixels of the saliency m
 map's side so that maps of different sizes can be compared.
 """
 
+from .cells import (
+    SCALE_GRID,
+    ScaleGrid,
+    load_scale_grid,
+    plot_scale_grid,
+    run_cells,
+    scale_claims,
+    scale_deviation,
+    verify_cell,
+)
 from .claims import attacks_beat_random, dimension_claim, grid_claims, shape_stats
 from .examples import attack_examples, target_box
 from .exemplars import (
@@ -109,6 +121,14 @@ from .settings import (
 )
 
 __all__ = [
+    "SCALE_GRID",
+    "ScaleGrid",
+    "load_scale_grid",
+    "plot_scale_grid",
+    "run_cells",
+    "scale_claims",
+    "scale_deviation",
+    "verify_cell",
     "BETA_RULE",
     "choose_beta",
     "GridSpec",

@@ -96,12 +96,19 @@ def grid_cache_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings:
 
 
 def _code_version() -> str:
-    """sha256 (16 hex) of the source of the modules a grid cell depends on, so that cached cells computed by other
-    code (a fixed bug in an attack, a changed saliency rule) are never reused."""
-    from .. import attacks, metrics, saliency, smooth
+    """sha256 (16 hex) of the source a grid cell's numbers depend on, so that cached cells computed by other code (a
+    fixed bug in an attack, a changed saliency rule) are never reused: the attack, metric, saliency, surrogate and
+    ImageNet-CNN modules whole, and of this module only the functions that compute a cell (so that a change to the
+    summaries, tables or docs here keeps the committed paper-scale cells of :mod:`flipfrag.fragility.cells` valid)."""
+    import inspect
+
+    from .. import attacks, efficientnet, metrics, saliency, smooth
 
     saliency_files = sorted(Path(saliency.__file__).parent.glob("*.py"))  # the package: every module of it
-    return sha256_files([attacks.__file__, metrics.__file__, *saliency_files, smooth.__file__, __file__])[:16]
+    files = sha256_files([attacks.__file__, metrics.__file__, *saliency_files, smooth.__file__, efficientnet.__file__])
+    own = [inspect.getsource(f) for f in (_jsonable, grid_cache_key, best_by_metric, _confidence, _run_cell,
+                                          GridSpec.cell_settings)]  # fmt: skip
+    return hashlib.sha256((files + json.dumps([CELL_COLUMNS, *own])).encode()).hexdigest()[:16]
 
 
 def _records_digest(records: list[dict[str, Any]]) -> str:
@@ -263,7 +270,7 @@ class GridSpec:
 
 
 def _run_cell(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: GridSpec, method: str, attack: str,
-              eps: float) -> pd.DataFrame:  # fmt: skip
+              eps: float, histories: list[dict[str, torch.Tensor]] | None = None) -> pd.DataFrame:  # fmt: skip
     from ..attacks import MassCenterAttack, RandomSignAttack, TopKAttack
 
     common = dict(k=spec.k, method_kwargs=spec.method_kwargs.get(method, {}), floor_center=spec.floor_center,
@@ -281,6 +288,8 @@ def _run_cell(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: GridSpec
     for s in range(0, x.shape[0], bs):
         xb, yb = x[s : s + bs], y[s : s + bs]
         out = atk(xb, yb)
+        if histories is not None:  # per-iterate metrics of each batch (the committed cells keep them, for checks)
+            histories.append({m: v.detach().cpu() for m, v in out.history.items()})
         best = best_by_metric(out.history)
         conf0, conf1 = _confidence(model, xb, yb), _confidence(model, out.x_adv, yb)
         for i in range(xb.shape[0]):
