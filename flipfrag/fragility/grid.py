@@ -428,7 +428,7 @@ def grid_for(setting: ImageSetting, prof: dict[str, Any], *, seed: int = 0, meth
 def grid_deviation(setting: ImageSetting, prof: dict[str, Any]) -> str:
     """What differs from the paper's F3 setting, for the claims' deviation column."""
     paper_k = {"imagenet": "1000 of 51,529", "cifar": "100 of 1,024"}[ROLES[setting.role]]
-    parts = []
+    parts = ["computed live by this run (not the committed paper-scale cells)"]
     if setting.substitution:
         parts.append(setting.substitution)
     sizes = grid_sizes(setting.role, prof)
