@@ -272,13 +272,19 @@ def _model_panels(summary: pd.DataFrame, models: Sequence[str], metric: str, ent
                   width: float = 4.4, height: float = 4.3):  # fmt: skip
     """One panel per network (a row): lines over ε, or dots where the network ran one ε; a network without rows
     gets a note. ``entries(s)`` gives the (method, attack) pairs to draw from that network's rows ``s``. Returns the
-    figure, with one legend for all panels below them."""
-    from .. import plotting
+    figure and the panels, with one legend for all panels in a subfigure of its own below them (a figure legend
+    outside the panels meets the title or the footer that save_figure writes)."""
+    import matplotlib.pyplot as plt
 
-    fig, axes = plotting.subplots(1, len(models), figsize=(width * len(models), height), squeeze=False)
+    from ..plotting import set_style
+
+    set_style()
+    fig = plt.figure(figsize=(width * len(models), height + 0.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[height, 0.6])
+    axes = list(top.subplots(1, len(models), squeeze=False)[0])
     handles: dict[str, Any] = {}
     labelled = False
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes, models):
         s = summary[summary.model == model]
         if s.empty:
             ax.set_axis_off()
@@ -296,9 +302,9 @@ def _model_panels(summary: pd.DataFrame, models: Sequence[str], metric: str, ent
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     if handles:
-        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(4, len(handles)),
-                   fontsize=8.5, frameon=False)  # fmt: skip
-    return fig, axes[0]
+        bottom.legend(handles.values(), handles.keys(), loc="center", ncol=min(4, len(handles)), fontsize=8.5,
+                      frameon=False)  # fmt: skip
+    return fig, axes
 
 
 def _derivative_note(ax, s: pd.DataFrame) -> None:
