@@ -109,7 +109,9 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "beyond/02_flip_explanation_fragility": {
         "items": (
+            "beyond/fig_flip_explanation_examples",
             "beyond/fig_flip_explanation_fragility",
+            "beyond/fig_flip_target_survival",
             "beyond/table_flip_explanation_fragility",
         ),
         "claims": (
@@ -121,6 +123,7 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "beyond/03_defenses": {
         "items": (
             "beyond/fig_defenses_examples",
+            "beyond/fig_defenses_examples_imagenet",
             "beyond/fig_defenses_plane",
             "beyond/table_defenses",
         ),

@@ -242,6 +242,45 @@ def test_attacks_differentiate_through_a_defense_and_lower_their_objective():
         TopKAttack(net, 3)
 
 
+def test_defense_examples_attack_one_image_per_case_and_lower_its_overlap():
+    """The example figure's cells (flipfrag.beyond.defenses.defense_examples): one image, each case's map before and
+    after its own adaptive top-k attack, in the budget; the "before" map is the case's own map (SmoothGrad with the
+    example's number of draws); the reported ∩ is the one between the returned maps; the attack moved the SG map."""
+    from types import SimpleNamespace
+
+    from flipfrag.beyond import defenses as study
+    from flipfrag.profiles import get_profile
+
+    net, x = _cnn(dtype=torch.float32), _images(3, dtype=torch.float32)
+    setting = SimpleNamespace(model=net, x=x, y=net(x).argmax(1).detach(), k=4, baseline=x.mean(0))
+    eps = 16 / 255
+    prof = get_profile("smoke", defense_eps=eps, defense_example_iters=6, defense_example_step=4 / 255,
+                       defense_example_sg_n=3)  # fmt: skip
+    rows, extra = study.defense_examples(setting, prof, image=1, seed=2, cache=False, scheduler="serial")
+    assert list(rows.case) == list(study.EXAMPLE_CASES) == list(extra["examples"])
+    torch.testing.assert_close(extra["x"], x[1:2])
+    y1 = setting.y[1:2]
+    own = {"gradient": gradient(net, x[1:2], y1),
+           "SmoothGrad (gradient)": defenses.SmoothGrad("gradient", n=3, sigma=0.15, seed=2)(net, x[1:2], y1),
+           "β-smoothed gradient": defenses.BetaSmoothed("gradient", beta=3.0)(net, x[1:2], y1)}  # fmt: skip
+    for label, (before, after) in extra["examples"].items():
+        assert before.shape == after.shape == (1, 6, 6)
+        torch.testing.assert_close(before, saliency_map(own[label]))
+        x_adv = extra["x_adv"][label]
+        assert x_adv.shape == (1, 2, 6, 6) and float((x_adv - x[1:2]).abs().max()) <= eps + 1e-6
+        row = rows[rows.case == label].iloc[0]
+        assert row.photo == 1 and row.image == 0
+        assert row.topk_attack == pytest.approx(float(topk_intersection(before, after, 4)[0]))
+    sg = rows[rows.case == "gradient"].iloc[0]
+    assert sg.topk_attack < 1 and sg.topk_mass_after < sg.topk_mass_before
+    with pytest.raises(ValueError, match="image"):
+        study.defense_examples(setting, prof, image=3, cache=False)
+    with pytest.raises(ValueError, match="labels"):
+        study.defense_examples(setting, prof, labels=("no such case",), cache=False)
+    with pytest.raises(ValueError, match="defense_example_iters"):
+        study.defense_examples(setting, {k: v for k, v in prof.items() if k != "defense_example_iters"}, cache=False)
+
+
 # ------------------------------------------------------------------------------------------ faithfulness
 
 

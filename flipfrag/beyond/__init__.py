@@ -9,7 +9,7 @@
 * :mod:`~flipfrag.beyond.flipmap` — study 2: the flip-explanation map |x_flip - x| attacked with paper 2's attacks
   (ReLU networks: the step direction from a smooth surrogate's flip map, :func:`flip_surrogate`).
 * :mod:`~flipfrag.beyond.claims` — the REPRODUCTION.md rows of both studies.
-* :mod:`~flipfrag.beyond.plots` — the two figures.
+* :mod:`~flipfrag.beyond.plots` — the figures of studies 1 and 2.
 * :mod:`~flipfrag.beyond.defenses` — study 3: explanation defenses (SmoothGrad, sparsified SmoothGrad, beta-smoothing)
   under adaptive top-k attacks, their certificate, cost, faithfulness and Quantus metrics, and its REPRODUCTION.md
   rows; :mod:`~flipfrag.beyond.defense_plots` its two figures. (Imported as submodules, not re-exported here.)
@@ -42,13 +42,19 @@ from .flipmap import (
     summarize_flip_fragility,
     transfer_attack,
 )
-from .plots import plot_boundary_vs_fragility, plot_flip_explanation_fragility
+from .plots import (
+    plot_boundary_vs_fragility,
+    plot_flip_explanation_examples,
+    plot_flip_explanation_fragility,
+    plot_flip_target_survival,
+)
 
 __all__ = [
     "PAIRS", "boundary_correlations", "boundary_examples", "boundary_flips", "boundary_frame", "certified_distance",
     "curvature",
     "CASES", "beyond_setting", "flip_arguments", "flip_solver_options", "boundary_claims", "flip_claims",
-    "plot_boundary_vs_fragility", "plot_flip_explanation_fragility",
+    "plot_boundary_vs_fragility", "plot_flip_explanation_fragility", "plot_flip_explanation_examples",
+    "plot_flip_target_survival",
     "Correlation", "bootstrap_indices", "spearman_ci", "spearman_rows",
     "FLIP_METHOD", "SURROGATE_BETA", "FlipStudy", "flip_surrogate",
     "FlipCenterAttack", "FlipRandomSignAttack", "FlipTopKAttack", "differentiable_available",

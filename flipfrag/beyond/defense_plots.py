@@ -50,14 +50,18 @@ def plt_line(color: str, marker: str, label: str):
 
 
 def plot_defense_examples(x: torch.Tensor, x_adv: Mapping[str, torch.Tensor], examples: Mapping[str, tuple],
-                          rows: pd.DataFrame, *, image: int = 0, title: str):  # fmt: skip
+                          rows: pd.DataFrame, *, image: int = 0, title: str, panel: float = 1.75,
+                          clip_quantile: float = 0.995):  # fmt: skip
     """One image: its map under every method / defense (top row) and the map after that case's adaptive top-k attack
     (bottom row), with the top-k ∩ between them; the first column shows the photo and the attacked photo (of the
-    first case: every case has its own perturbation, all within the same L∞ budget)."""
+    first case: every case has its own perturbation, all within the same L∞ budget). Each case's two maps share one
+    colour scale, from 0 (dark) to the ``clip_quantile`` quantile of their pixels (bright: a few hot pixels would
+    hide the rest, as in fragility's example figure). ``panel``: the width of one panel in inches (larger for a
+    large photo)."""
     from .. import plotting
 
     labels = list(examples)
-    fig, axes = plotting.subplots(2, len(labels) + 1, figsize=(1.75 * (len(labels) + 1), 4.3))
+    fig, axes = plotting.subplots(2, len(labels) + 1, figsize=(panel * (len(labels) + 1), 4.3 * panel / 1.75))
     first = labels[0]
     for r, img in enumerate((x[image], x_adv[first][image])):
         axes[r, 0].imshow(np.clip(img.permute(1, 2, 0).numpy(), 0, 1))
@@ -65,14 +69,16 @@ def plot_defense_examples(x: torch.Tensor, x_adv: Mapping[str, torch.Tensor], ex
     for c, label in enumerate(labels, start=1):
         before, after = examples[label]
         g = rows[(rows.case == label) & (rows.image == image)].iloc[0]
-        for r, m in enumerate((before[image], after[image])):
-            axes[r, c].imshow(m.numpy(), cmap="gray")
+        pair = (before[image].numpy(), after[image].numpy())
+        vmax = float(np.quantile(np.concatenate([m.ravel() for m in pair]), clip_quantile)) or None
+        for r, m in enumerate(pair):
+            axes[r, c].imshow(m, cmap="inferno", vmin=0, vmax=vmax)
         axes[0, c].set_title(label.replace(" (", "\n("), fontsize=8)
         axes[1, c].set_title(f"after attack: ∩ {g.topk_attack:.2f}", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 0].set_ylabel("map of the photo", fontsize=9)
+    axes[0, 0].set_ylabel("map of the photo\n(bright = salient)", fontsize=9)
     axes[1, 0].set_ylabel("map after attack", fontsize=9)
     fig.suptitle(title, fontsize=10)
     return fig

@@ -18,6 +18,9 @@ SmoothGrad, sparsified SmoothGrad (gradient) and beta-smoothing) on the images o
   metrics, next to the worst-case ∩ / ρ);
 * **the certificate** of sparsified SmoothGrad (:func:`flipfrag.defenses.certified_topk_overlap`): the certified
   top-k overlap at the L2 norm the attack actually used, and the largest L2 radius certifying half the top-k.
+
+:func:`defense_examples` runs a few cases' adaptive attacks on one image only, with their own (small) sizes: the
+example maps on an input too large for the whole study in the quick profile (an ImageNet photo).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from ..saliency import attribute, saliency_map
 
 __all__ = ["DefenseCase", "defense_cases", "defense_sizes", "defense_rows", "summarize_defenses", "quantus_available",
            "defense_claims", "DEFENSE_CLAIM_IDS", "defense_cell",
-           "quantus_robustness", "DEFENSE_LABELS"]  # fmt: skip
+           "quantus_robustness", "DEFENSE_LABELS", "EXAMPLE_CASES", "example_sizes", "defense_examples",
+           "defense_example_cell"]  # fmt: skip
 
 #: Display names of the defenses.
 DEFENSE_LABELS = {"none": "no defense", "smoothgrad": "SmoothGrad", "sparsified": "sparsified SmoothGrad",
@@ -231,6 +235,82 @@ def defense_rows(setting, prof: dict[str, Any], *, seed: int = 0, cases: list[De
     return frame, {"examples": {c.label: r.value["maps"] for c, r in zip(cases, results)},
                    "x_adv": {c.label: r.value["x_adv"] for c, r in zip(cases, results)},
                    "quantus": use_quantus, "cases": cases, "cached": sum(r.cached for r in results)}  # fmt: skip
+
+
+#: The cases of the ImageNet example figure (:func:`defense_examples`): the simple gradient, its SmoothGrad and its
+#: beta-smoothed map (the labels of :func:`defense_cases`).
+EXAMPLE_CASES = ("gradient", "SmoothGrad (gradient)", "β-smoothed gradient")
+
+
+def example_sizes(prof: dict[str, Any]) -> dict[str, Any]:
+    """The ``defense_example_*`` sizes of a profile (the ImageNet example: attack iterations and step, SmoothGrad
+    draws), with the study's ``eps``, ``sg_sigma`` and ``beta`` (see :mod:`flipfrag.profiles`)."""
+    keys = ("iters", "step", "sg_n")
+    missing = [f"defense_example_{k}" for k in keys if f"defense_example_{k}" not in prof]
+    if missing:
+        raise ValueError(f"prof: missing keys {missing}")
+    s = defense_sizes(prof)
+    return {**{k: prof[f"defense_example_{k}"] for k in keys}, "eps": s["eps"], "sg_sigma": s["sg_sigma"],
+            "beta": s["beta"]}  # fmt: skip
+
+
+def defense_example_cell(setting, case: DefenseCase, image: int, sizes: dict[str, Any],
+                         surrogate_beta: float) -> dict[str, Any]:  # fmt: skip
+    """One case's adaptive top-k attack on one image of ``setting`` (an engine task: :func:`defense_examples`):
+    ``{"row": dict, "maps": (map of x, map of x_adv) each (1, H, W), "x_adv": (1, C, H, W)}``."""
+    x, y = setting.x[image : image + 1], setting.y[image : image + 1]
+    t = time.perf_counter()
+    atk = TopKAttack(setting.model, case.method, k=setting.k, eps=float(sizes["eps"]), step=float(sizes["step"]),
+                     iters=int(sizes["iters"]), beta=float(surrogate_beta), progress=False,
+                     **({"method_kwargs": case.method_kwargs} if case.method_kwargs else {}))(x, y)  # fmt: skip
+    top0 = atk.saliency.flatten(1).topk(setting.k, dim=1).indices
+    row = {"case": case.label, "base": case.base, "defense": case.defense, "image": 0, "photo": int(image),
+           "topk_attack": float(atk.metrics["topk"][0]), "spearman_attack": float(atk.metrics["spearman"][0]),
+           "topk_mass_before": float(atk.saliency.flatten(1).gather(1, top0).sum()),
+           "topk_mass_after": float(atk.saliency_adv.flatten(1).gather(1, top0).sum()),
+           "label_kept": bool(atk.label_kept[0]), "attack_linf": float((atk.x_adv - x).abs().max()),
+           "seconds": time.perf_counter() - t}  # fmt: skip
+    return {"row": row, "maps": (atk.saliency.detach(), atk.saliency_adv.detach()), "x_adv": atk.x_adv.detach()}
+
+
+def defense_examples(setting, prof: dict[str, Any], *, image: int = 0, seed: int = 0, surrogate_beta: float = 1.0,
+                     labels: tuple[str, ...] = EXAMPLE_CASES, cache: Any = True,
+                     scheduler: Any = None) -> tuple[pd.DataFrame, dict[str, Any]]:  # fmt: skip
+    """Example maps for a figure: image ``image`` of ``setting`` under each case of ``labels`` (:func:`defense_cases`,
+    SmoothGrad with ``defense_example_sg_n`` draws), before and after that case's own adaptive top-k attack
+    (``defense_example_iters`` iterations of ``defense_example_step``, L∞ ``defense_eps``; :func:`example_sizes`).
+    The plain and SmoothGrad maps are differentiated on the softplus(``surrogate_beta``) copy of a ReLU network (the
+    attack's surrogate), the beta-smoothed map on its own smoothed network. Sized to be cheap on a large input (one
+    ImageNet photo at 224x224): every case is one cached :mod:`flipfrag.engine` task.
+
+    Returns ``(rows, extra)`` in the shapes of :func:`defense_rows` (one image, ``image`` column 0, ``photo`` its
+    index in ``setting``; ``seconds``: the attack's wall time), so that
+    :func:`flipfrag.beyond.defense_plots.plot_defense_examples` draws it: ``extra["x"]`` the photo (1, C, H, W),
+    ``extra["examples"][label]`` (map of x, map of x_adv), ``extra["x_adv"][label]``, ``extra["sizes"]``,
+    ``extra["cached"]``.
+    """
+    if not 0 <= int(image) < len(setting.x):
+        raise ValueError(f"image must index one of the setting's {len(setting.x)} images, got {image!r}")
+    sizes = example_sizes(prof)
+    by_label = {c.label: c for c in defense_cases(setting, {**prof, "defense_sg_n": sizes["sg_n"]}, seed=seed)}
+    unknown = [lab for lab in labels if lab not in by_label]
+    if unknown:
+        raise ValueError(f"labels: unknown cases {unknown} (known: {list(by_label)})")
+    cases = [by_label[lab] for lab in labels]
+    code = _code_version()
+    x, y = setting.x[image : image + 1], setting.y[image : image + 1]
+    tasks = [
+        Task(task_key("defense-example", setting.model, x, y, setting.baseline, setting.k, _case_identity(case),
+                      sizes, float(surrogate_beta), code),
+             defense_example_cell, (setting, case, int(image), sizes, float(surrogate_beta)), name=case.label)
+        for case in cases
+    ]  # fmt: skip
+    results = run_tasks(tasks, cache, scheduler=scheduler, device="cpu", progress=False, desc="defense examples",
+                        code=code)  # fmt: skip
+    rows = pd.DataFrame([r.value["row"] for r in results])
+    return rows, {"x": x, "examples": {c.label: r.value["maps"] for c, r in zip(cases, results)},
+                  "x_adv": {c.label: r.value["x_adv"] for c, r in zip(cases, results)}, "sizes": sizes,
+                  "cached": sum(r.cached for r in results)}  # fmt: skip
 
 
 def summarize_defenses(rows: pd.DataFrame) -> pd.DataFrame:

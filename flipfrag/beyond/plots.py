@@ -1,4 +1,5 @@
-"""The two figures of the beyond notebooks (one shared style: :mod:`flipfrag.plotting`)."""
+"""The figures of the first two beyond notebooks (one shared style: :mod:`flipfrag.plotting`): study 1's, and
+study 2's headline, its example maps and the flip point's target class under attack."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from matplotlib.ticker import NullFormatter
 from ..fragility.paper import METHOD_LABELS
 from .flipmap import FLIP_METHOD
 
-__all__ = ["plot_boundary_vs_fragility", "plot_flip_explanation_fragility", "METHOD_COLORS"]
+__all__ = [
+    "plot_boundary_vs_fragility",
+    "plot_flip_explanation_fragility",
+    "plot_flip_explanation_examples",
+    "plot_flip_target_survival",
+    "METHOD_COLORS",
+]
 
 METHOD_COLORS = {"gradient": "#1f77b4", "integrated_gradients": "#2ca02c", "deeplift": "#d62728", "dtd": "#9467bd",
                  FLIP_METHOD: "#000000"}  # fmt: skip
@@ -49,11 +56,10 @@ def _note(ax, text: str) -> None:
             bbox={"boxstyle": "round", "fc": "#f4f4f4", "ec": "#999999"})  # fmt: skip
 
 
-def _figure(n_rows: int, top_height: float, n_example_rows: int, n_example_cols: int, example_height: float, *,
-            row_heights: Sequence[float] | None = None, **gridspec):  # fmt: skip
+def _figure(n_rows: int, top_height: float, n_example_rows: int, n_example_cols: int, example_height: float,
+            **gridspec):  # fmt: skip
     """A figure with the (n_rows, 3) panel grid on top and, when ``n_example_rows``, a grid of image panels below it
-    (two subfigures, so that the image panels keep their own widths). ``row_heights``: every panel row in its own
-    subfigure (its columns laid out on their own: a row with long tick labels does not squeeze the others)."""
+    (two subfigures, so that the image panels keep their own widths)."""
     import matplotlib.pyplot as plt
 
     from ..plotting import set_style
@@ -65,11 +71,7 @@ def _figure(n_rows: int, top_height: float, n_example_rows: int, n_example_cols:
         top, bottom = fig.subfigures(2, 1, height_ratios=[top_height, ex_h], hspace=0.02)
     else:
         top, bottom = fig, None
-    if row_heights is None:
-        axes = top.subplots(n_rows, 3, squeeze=False, gridspec_kw=gridspec)
-    else:
-        rows = top.subfigures(n_rows, 1, height_ratios=list(row_heights), squeeze=False)[:, 0]
-        axes = np.array([row.subplots(1, 3, squeeze=False, gridspec_kw=gridspec)[0] for row in rows])
+    axes = top.subplots(n_rows, 3, squeeze=False, gridspec_kw=gridspec)
     ex = bottom.subplots(n_example_rows, n_example_cols, squeeze=False) if bottom is not None else None
     return fig, axes, ex
 
@@ -199,115 +201,188 @@ _SHORT_METHOD = {"gradient": "SG", "integrated_gradients": "IG", "deeplift": "De
                  FLIP_METHOD: "flip map"}  # fmt: skip
 _METRIC_TEXT = {"topk": "top-k intersection", "spearman": "Spearman rank correlation",
                 "target_kept": "fraction: flip point keeps its target class"}  # fmt: skip
+#: line style and marker of each attack (the flip map's lines; the saliency methods' top-k attack is solid, "o")
+_STYLES = {"topk": ("-", "o"), "random": (":", "s"), "center": ("-.", "^"), "transfer-topk": ("--", "D"),
+           "transfer-center": ("--", "v"), "surrogate-topk": ("-", "P"), "surrogate-center": ("-.", "X")}  # fmt: skip
+_OWN_TOPK = ("topk", "surrogate-topk")
+_OWN_CENTER = ("center", "surrogate-center")
 
 
-def _dot_panel(ax, s: pd.DataFrame, metric: str, styles: Mapping[str, tuple], *, labels: bool) -> None:
-    """One ε only: a dot per (method, attack) row, the metric on x, in the line panels' colours and markers."""
-    entries = []
-    for method in dict.fromkeys(s.method):
-        if metric == "target_kept" and method != FLIP_METHOD:
+def _flip_own_attacks(s: pd.DataFrame) -> tuple[str, ...]:
+    """The flip map's own top-k attacks that ran on one network's rows ``s`` (its center attacks where no top-k
+    attack ran: smoke's CIFAR-10 row)."""
+    ran = set(s[(s.method == FLIP_METHOD) & s.available.astype(bool)].attack)
+    return tuple(a for a in _OWN_TOPK if a in ran) or tuple(a for a in _OWN_CENTER if a in ran)
+
+
+def _one_eps(s: pd.DataFrame) -> bool:
+    """Only one ε and no ε = 0 row (the ReLU CNN): drawn as a dot chart, which reads better than one-point lines."""
+    return s[s.eps255 == 0].empty and s.eps255.nunique() == 1
+
+
+def _look(method: str, attack: str) -> tuple[str, str, str, float]:
+    """(colour, line style, marker, line width) of a (method, attack) row."""
+    if method == FLIP_METHOD:
+        ls, mk = _STYLES[attack]
+        return _FLIP_COLORS[attack], ls, mk, 2.2
+    return METHOD_COLORS[method], _STYLES[attack][0], _STYLES[attack][1], 1.4
+
+
+def _line_panel(ax, s: pd.DataFrame, metric: str, entries: Sequence[tuple[str, str]]) -> None:
+    """One line per (method, attack) of ``entries`` over ε (0-255 scale), from the method's ε = 0 row."""
+    zero = s[s.eps255 == 0]
+    for method, attack in entries:
+        g = s[(s.method == method) & (s.attack == attack) & s.available.astype(bool)].sort_values("eps255")
+        if g.empty:
             continue
-        for attack in ("topk", "random") if method != FLIP_METHOD else styles:
-            g = s[(s.method == method) & (s.attack == attack) & s.available]
-            if g.empty:
-                continue
-            color = _FLIP_COLORS[attack] if method == FLIP_METHOD else METHOD_COLORS[method]
-            entries.append((f"{_SHORT_METHOD.get(method, method)}: {_SHORT_ATTACK.get(attack, attack)}",
-                            float(g[metric].iloc[0]), color, styles[attack][1]))  # fmt: skip
-    for y, (_, v, color, mk) in enumerate(entries):
+        g = pd.concat([zero[zero.method == method], g])
+        color, ls, mk, lw = _look(method, attack)
+        ax.plot(g.eps255, g[metric], linestyle=ls, marker=mk, ms=4, lw=lw, color=color,
+                label=_line_label(method, attack))  # fmt: skip
+    ax.set_xlabel("ε (0–255 pixel scale)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlim(-0.4, float(s.eps255.max()) + 0.4)  # from 0 even when only one ε was run
+
+
+def _dot_panel(ax, s: pd.DataFrame, metric: str, entries: Sequence[tuple[str, str]]) -> None:
+    """One ε only: a dot per (method, attack) of ``entries``, the metric on x, in the line panels' colours and
+    markers (labelled on y, and in the legend through invisible lines)."""
+    rows = []
+    for method, attack in entries:
+        g = s[(s.method == method) & (s.attack == attack) & s.available.astype(bool)]
+        if not g.empty:
+            rows.append((method, attack, float(g[metric].iloc[0])))
+    for y, (method, attack, v) in enumerate(rows):
+        color, _, mk, _ = _look(method, attack)
+        ax.plot([], [], linestyle=_STYLES[attack][0], marker=mk, color=color, label=_line_label(method, attack))
         if np.isfinite(v):
             ax.plot([0, v], [y, y], color=color, lw=1, alpha=0.35)
-            ax.plot([v], [y], marker=mk, ms=6, color=color, linestyle="none")
+            ax.plot([v], [y], marker=mk, ms=7, color=color, linestyle="none")
         else:
-            ax.text(0.02, y, "no value (no certified flip point at the perturbed image)", fontsize=7, va="center",
+            ax.text(0.02, y, "no value (no certified flip point at the perturbed image)", fontsize=7.5, va="center",
                     color="#777777")  # fmt: skip
-    ax.set_yticks(range(len(entries)), [t for t, *_ in entries] if labels else [], fontsize=7.5)
-    ax.set_ylim(len(entries) - 0.5, -0.5)
+    ax.set_yticks(range(len(rows)), [f"{_SHORT_METHOD.get(m, m)}: {_SHORT_ATTACK.get(a, a)}" for m, a, _ in rows],
+                  fontsize=8)  # fmt: skip
+    ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(-0.03, 1.03)
     ax.set_xlabel(f"{_METRIC_TEXT[metric]} at ε = {float(s.eps255.iloc[0]):g}/255")
 
 
-def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[str], title: str = "",
-                                    examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-                                    eps255: float = 8.0):  # fmt: skip
-    """Rows = networks; columns: top-k ∩, Spearman ρ and the fraction of images whose closest flip point keeps its
-    target class, vs ε (0-255 scale). Saliency methods: top-k attack (solid) and random sign (dotted); the flip
-    explanation (black): random sign, its own top-k / center attacks (when available; for the ReLU CNN with the
-    surrogate's direction), and the SG attacks' perturbations (transfer). ``examples[model]`` (``info["examples"]``
-    of :func:`flipfrag.beyond.flip_fragility_rows`): below, one row per example image: the image, its
-    simple-gradient map before / after the SG top-k attack, its flip map before / at the SG attack's image / after
-    the flip map's own top-k attack (at ``eps255``)."""
-    styles = {"topk": ("-", "o"), "random": (":", "s"), "center": ("-.", "^"), "transfer-topk": ("--", "D"),
-              "transfer-center": ("--", "v"), "surrogate-topk": ("-", "P"),
-              "surrogate-center": ("-.", "X")}  # fmt: skip
-    has_data = [not summary[summary.model == m].empty for m in models]
-    heights = [1.0 if h else 0.25 for h in has_data]
-    ex_rows = [(m, e) for m in models for e in ((examples or {}).get(m) or [])]
-    fig, axes, ex_axes = _figure(len(models), 4.2 * sum(heights) + 2.0, len(ex_rows), 6, 2.6,
-                                 row_heights=heights)  # fmt: skip
-    for r, model in enumerate(models):
+def _model_panels(summary: pd.DataFrame, models: Sequence[str], metric: str, entries, *, ylabel: str,
+                  width: float = 4.4, height: float = 4.3):  # fmt: skip
+    """One panel per network (a row): lines over ε, or dots where the network ran one ε; a network without rows
+    gets a note. ``entries(s)`` gives the (method, attack) pairs to draw from that network's rows ``s``. Returns the
+    figure and the panels, with one legend for all panels in a subfigure of its own below them (a figure legend
+    outside the panels meets the title or the footer that save_figure writes)."""
+    import matplotlib.pyplot as plt
+
+    from ..plotting import set_style
+
+    set_style()
+    fig = plt.figure(figsize=(width * len(models), height + 0.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[height, 0.6])
+    axes = list(top.subplots(1, len(models), squeeze=False)[0])
+    handles: dict[str, Any] = {}
+    labelled = False
+    for ax, model in zip(axes, models):
         s = summary[summary.model == model]
-        zero = s[s.eps255 == 0]
-        for j, metric in enumerate(("topk", "spearman", "target_kept")):
-            ax = axes[r, j]
-            if s.empty:
-                ax.set_axis_off()
-                if j == 1:
-                    _note(ax, f"{_MODEL_LABELS.get(model, model)}:\nno image with a certified flip point, nothing to "
-                              "attack")  # fmt: skip
-                continue
-            if zero.empty and s.eps255.nunique() == 1:  # one ε only (the ReLU CNN): a dot chart reads better
-                _dot_panel(ax, s, metric, styles, labels=j != 1)
-                continue
-            for method in dict.fromkeys(s.method):
-                for attack in ("topk", "random") if method != FLIP_METHOD else styles:
-                    g = s[(s.method == method) & (s.attack == attack) & s.available].sort_values("eps255")
-                    if g.empty or (metric == "target_kept" and method != FLIP_METHOD):
-                        continue
-                    z = zero[zero.method == method]
-                    g = pd.concat([z, g]) if metric != "target_kept" or method == FLIP_METHOD else g
-                    ls, mk = styles[attack]
-                    lw = 2.2 if method == FLIP_METHOD else 1.4
-                    color = _FLIP_COLORS[attack] if method == FLIP_METHOD else METHOD_COLORS[method]
-                    ax.plot(g.eps255, g[metric], linestyle=ls, marker=mk, ms=4, lw=lw, color=color,
-                            label=_line_label(method, attack))  # fmt: skip
-            own = s[(s.method == FLIP_METHOD) & s.attack.isin(["topk", "surrogate-topk"])]
-            if j == 0 and len(own) and (~own.available.astype(bool) | (own.n_missing > 0)).any():
-                shown = own[own.available.astype(bool)]
-                text = ", ".join(f"ε={e:g}: {n - m}/{n}" for e, n, m in zip(shown.eps255, shown.n, shown.n_missing))
-                ax.text(0.02, 0.03, "flip-map top-k / center attacks: images with a derivative of x_flip "
-                        + (text if text else "none"), transform=ax.transAxes, fontsize=7, color="#aa0000")  # fmt: skip
-            ax.set_xlabel("ε (0–255 pixel scale)")
-            ax.set_ylim(-0.03, 1.03)
-            ax.set_xlim(-0.4, float(s.eps255.max()) + 0.4)  # from 0 even when only one ε was run
         if s.empty:
+            ax.set_axis_off()
+            _note(ax, f"{_MODEL_LABELS.get(model, model)}:\nno image with a certified flip point, nothing to attack")
             continue
-        if not (zero.empty and s.eps255.nunique() == 1):  # (the dot charts say it on their x axes)
-            axes[r, 0].set_ylabel("top-k intersection")
-            axes[r, 1].set_ylabel("Spearman rank correlation")
-            axes[r, 2].set_ylabel("fraction: flip point keeps its target class")
         n = int(s[s.method == FLIP_METHOD].n.max())
-        dots = zero.empty and s.eps255.nunique() == 1
-        axes[r, 0].set_title(f"{_MODEL_LABELS.get(model, model)}:{chr(10) if dots else ' '}{n} images")
-        axes[r, 1].set_title("same images and\nperturbations in every column" if dots else
-                             "same images and perturbations in every column")  # fmt: skip
-        axes[r, 2].set_title("target class of the closest flip point")
-    first = next((r for r, h in enumerate(has_data) if h), None)
-    if first is not None:
-        # inside the first row's target-class panel, whose lower part is empty (its lines stay near 1): outside the
-        # panels a figure legend meets the title (above) or the footer save_figure writes (below)
-        axes[first, 2].legend(*axes[first, 0].get_legend_handles_labels(), fontsize=7.5, loc="lower left", ncol=1)
+        ax.set_title(f"{_MODEL_LABELS.get(model, model)}\n{n} image{'s' if n != 1 else ''}", fontsize=10)
+        if _one_eps(s):
+            _dot_panel(ax, s, metric, entries(s))
+        else:
+            _line_panel(ax, s, metric, entries(s))
+            if not labelled:  # the line panels share their y scale: one label, on the first
+                ax.set_ylabel(ylabel)
+                labelled = True
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        bottom.legend(handles.values(), handles.keys(), loc="center", ncol=min(4, len(handles)), fontsize=8.5,
+                      frameon=False)  # fmt: skip
+    return fig, axes
+
+
+def _derivative_note(ax, s: pd.DataFrame) -> None:
+    """Where the flip map's own attacks lacked a derivative of x_flip on some images: how many had one (in the empty
+    lower left of a line panel; under the title of a dot chart, whose rows fill the panel)."""
+    own = s[(s.method == FLIP_METHOD) & s.attack.isin([*_OWN_TOPK, *_OWN_CENTER])]
+    if len(own) and (~own.available.astype(bool) | (own.n_missing > 0)).any():
+        shown = own[own.available.astype(bool) & own.attack.isin(_flip_own_attacks(s))]
+        text = ", ".join(f"ε={e:g}: {n - m}/{n}" for e, n, m in zip(shown.eps255, shown.n, shown.n_missing))
+        note = "flip map's own attack: images with a derivative\nof x_flip, " + (text or "none")
+        if _one_eps(s):
+            ax.set_title(f"{ax.get_title()}\n{note.replace(chr(10), ' ')}", fontsize=10)
+        else:
+            ax.text(0.02, 0.03, note, transform=ax.transAxes, fontsize=7.5, color="#aa0000")
+
+
+def plot_flip_explanation_fragility(summary: pd.DataFrame, *, models: Sequence[str], title: str = ""):
+    """The headline: one panel per network, the top-k ∩ (between the map of x and of the attacked image) against ε
+    (0-255 scale) of every explanation under its *own* top-k attack — the saliency methods (colours) and the flip
+    explanation |x_flip − x| (black, thick; for the ReLU CNN the attack with the smooth surrogate's direction; the
+    center attack where no top-k attack ran) — with the flip map's random sign perturbation (black dotted) as the
+    floor a targeted attack must beat. A network run at one ε only: dots at that ε. ``summary``:
+    :func:`flipfrag.beyond.summarize_flip_fragility`. Spearman ρ, the other attacks and the target class:
+    the table and :func:`plot_flip_target_survival`."""
+
+    def entries(s):
+        methods = [m for m in dict.fromkeys(s.method) if m != FLIP_METHOD]
+        return [(m, "topk") for m in methods] + [(FLIP_METHOD, a) for a in (*_flip_own_attacks(s), "random")]
+
+    fig, axes = _model_panels(summary, models, "topk", entries, ylabel="top-k intersection (1 = top-k unchanged)")
+    for ax, model in zip(axes, models):
+        s = summary[summary.model == model]
+        if not s.empty:
+            _derivative_note(ax, s)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_flip_target_survival(summary: pd.DataFrame, *, models: Sequence[str], title: str = ""):
+    """One panel per network: the fraction of images whose closest flip point keeps its target class at the
+    attacked image, against ε (0-255 scale), for every attack on the flip map (random sign, its own top-k / center
+    attacks, the SG attacks' perturbations); an image without a certified flip point there counts as not kept."""
+
+    def entries(s):
+        ran = set(s[s.method == FLIP_METHOD].attack)
+        return [(FLIP_METHOD, a) for a in _STYLES if a in ran]
+
+    fig, _ = _model_panels(summary, models, "target_kept", entries,
+                           ylabel="fraction: flip point keeps its target class")  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_flip_explanation_examples(summary: pd.DataFrame, examples: Mapping[str, Sequence[Mapping[str, Any]]], *,
+                                   models: Sequence[str], title: str = "", eps255: float = 8.0):  # fmt: skip
+    """One row per example image (``examples[model]``: ``info["examples"]`` of
+    :func:`flipfrag.beyond.flip_fragility_rows`): the image, its simple-gradient map before / after the SG top-k
+    attack, its flip map before / at the SG attack's image (transfer) / after the flip map's own top-k attack (the
+    surrogate-direction one for the ReLU CNN), all at ``eps255`` (0-255 scale), with the top-k ∩ to the map of x.
+    Each pair of maps shares one colour scale."""
+    from .. import plotting
+
+    ex_rows = [(m, e) for m in models for e in ((examples or {}).get(m) or [])]
+    if not ex_rows:
+        raise ValueError("examples: no example image for any of the models")
+    fig, axes = plotting.subplots(len(ex_rows), 6, figsize=(13.5, 2.45 * len(ex_rows) + 0.5), squeeze=False)
     eps = f"ε = {eps255:g}/255"
-    for r, (model, e) in enumerate(ex_rows):
-        ax = ex_axes[r]
-        label = _SHORT_MODEL.get(model, model)
-        _image(ax[0], e["x"], f"image {e.get('photo', e['image'])} ({e['label']})", ylabel=label)
+    for ax, (model, e) in zip(axes, ex_rows):
+        _image(ax[0], e["x"], f"image {e.get('photo', e['image'])}, class {e['label']}",
+               ylabel=_SHORT_MODEL.get(model, model))  # fmt: skip
         v_sg = _pair_max(e.get("sg"), e.get("sg_adv"))
         _map(ax[1], e.get("sg"), "simple-gradient map", v_sg)
         _map(ax[2], e.get("sg_adv"), f"SG after SG top-k attack\n({eps}{_cap(e.get('sg_topk'))})", v_sg)
         v_fl = _pair_max(e.get("flip"), e.get("flip_transfer"), e.get("flip_own"))
         _map(ax[3], e.get("flip"), "flip map |x_flip − x|", v_fl)
-        _map(ax[4], e.get("flip_transfer"), f"flip map at the SG attack's image{_cap(e.get('transfer_topk'), True)}",
+        _map(ax[4], e.get("flip_transfer"), f"flip map at the SG attack's\nimage{_cap(e.get('transfer_topk'), True)}",
              v_fl)  # fmt: skip
         own = "surrogate-direction" if (summary[(summary.model == model)].attack == "surrogate-topk").any() else "own"
         _map(ax[5], e.get("flip_own"), f"after the flip map's {own}\ntop-k attack{_cap(e.get('own_topk'), True)}",
