@@ -14,7 +14,6 @@ EXECUTED  ?= build/notebooks
 PYTEST_ARGS ?=
 SCHEDULER ?=
 DEVICE    ?=
-JOBS      ?=
 
 # two cores on the reference machine: keep BLAS/OpenMP and torch at 2 threads; no GUI backend
 export OMP_NUM_THREADS ?= 2
@@ -34,7 +33,6 @@ help: ## show this help
 	@echo "variables: PROFILE=smoke|quick|paper (default quick)  SEED=0  NOTEBOOKS='flip_points fragility/01...'"
 	@echo "           SCHEDULER=serial|local:N|tcp://host:port (where heavy work runs; default \$$FLIPFRAG_SCHEDULER or serial)"
 	@echo "           DEVICE=cpu|cuda|auto (where grid cells and flip-point shards compute; default \$$FLIPFRAG_DEVICE or cpu)"
-	@echo "           JOBS=N (notebooks side by side; default \$$FLIPFRAG_JOBS, else 2 on >= 2 cores and 8 GB, else 1)"
 	@echo "           EXECUTED=build/notebooks (executed copies, read by make html)"
 
 $(STAMP): pyproject.toml
@@ -46,7 +44,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create/update .venv (torch 2.14.1 + torchvision 0.29.1 pinned) and the python3 kernel
 
 figures: $(STAMP) ## run every notebook with papermill (PROFILE=quick by default) -> figures/, MANIFEST, REPRODUCTION.md
-	$(PY) -m flipfrag.runner --profile $(PROFILE) --seed $(SEED) --figures-dir $(FIGURES) --output-dir $(EXECUTED) --root $(NOTEBOOK_ROOT) $(if $(NOTEBOOKS),--select $(NOTEBOOKS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(DEVICE),--device $(DEVICE))
+	$(PY) -m flipfrag.runner --profile $(PROFILE) --seed $(SEED) --figures-dir $(FIGURES) --output-dir $(EXECUTED) --root $(NOTEBOOK_ROOT) $(if $(NOTEBOOKS),--select $(NOTEBOOKS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(DEVICE),--device $(DEVICE))
 
 html: $(STAMP) ## static site of the notebooks `make figures` executed (no re-run) -> build/site/index.html
 	$(PY) -m flipfrag.site --notebooks-dir $(EXECUTED) --figures-dir $(FIGURES) --out-dir build/site

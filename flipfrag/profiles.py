@@ -154,8 +154,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         # IG vs M) within the 12-minute budget of the fragility notebooks; IG costs ~M times more per iteration;
         # 10 photos: measured with 12, the fragility notebooks took 728 s from a cold cache (each grid ~290 s)
         # 6 photos, 20 iterations (IG 10): the quick build's 20 minutes now carry the ImageNet CNN's grids; the paper
-        # profile keeps the full sizes
-        "grid_n_images": 6,
+        # profile keeps the full sizes; 4 photos since the committed paper-scale ImageNet cells (fragility/03) and the
+        # ImageNet defense examples (beyond/03) joined the build (measured 1252 s with 6 photos before them)
+        "grid_n_images": 4,
         "grid_iters": 20,  # measured: SG / DeepLIFT converge by 10-20 iterations, DTD by 30, IG by 20 (at M = 8)
         "grid_ig_iters": 10,
         "grid_ig_steps": 8,
@@ -166,9 +167,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         # after 4 iterations, 0.0025 after 8, flat to 16). The quick build's 20 minutes allow eps in {0, 2, 8}/255
         # here (the paper's five values: 744 s for fragility/03 alone, measured; per image-iteration SG 0.65 s,
         # DeepLIFT ~1.6 s, DTD ~0.8 s, IG ~0.7 s per interpolant)
-        "imagenet_grid": {"n_images": 2, "iters": 6, "ig_iters": 3, "ig_steps": 4, "step": 1.5 / 255, "beta": 10.0,
+        "imagenet_grid": {"n_images": 2, "iters": 6, "ig_iters": 2, "ig_steps": 4, "step": 1.5 / 255, "beta": 10.0,
                           "epsilons": [0, 2 / 255, 8 / 255], "example_iters": 6,
-                          "convergence_iters": 12, "convergence_n_images": 1, "held_out_n": 7,
+                          "convergence_iters": 8, "convergence_n_images": 1, "held_out_n": 7,
                           "hessian_n_images": 1, "lanczos_k": 4, "lanczos_iters": 16, "targeted_n_images": 1,
                           "ig_internal_batch": 4},  # IG interpolants per double backward: <= 2 GB resident
         "dim_n_images": 12,
@@ -178,7 +179,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # beyond: sized to <= ~90 s per notebook on 2 cores (the quick build's budget is full); the ReLU CIFAR-10 CNN's
         # flip points cost ~3 s each (20 iterations, screen=1), so study 2 re-solves only a few
         "beyond_mnist_n": 40,
-        "beyond_cifar_n": 6,  # = grid_n_images: the saliency attacks are 04_cifar_grid's cached cells
+        "beyond_cifar_n": 4,  # = grid_n_images: the saliency attacks are 04_cifar_grid's cached cells
         "beyond_cifar_flip_n": 10,  # measured (region-gap certificate): 10 photos x 20 iterations = 30 s, 7 certified
         "beyond_cifar_flipmap_n": 3,  # study 2 re-solves each photo per attack: ~3 s per photo and solve
         "beyond_cifar_flip_iters": 20,

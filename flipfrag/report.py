@@ -199,8 +199,11 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
         "items": (
             "beyond/table_surrogate_fidelity",
             "fragility/fig_imagenet_grid",
+            "fragility/fig_imagenet_grid_scale",
             "fragility/table_convergence",
+            "fragility/table_imagenet_cells",
             "fragility/table_imagenet_grid",
+            "fragility/table_imagenet_grid_scale",
         ),
         "claims": (
             "fragility/claim1_random_topk_eps8",
@@ -215,6 +218,9 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
             "fragility/claim6_label_kept",
             "fragility/claim9_dtd",
             "fragility/imagenet_surrogate_beta",
+            "fragility/scale_claim1_random_topk_eps8",
+            "fragility/scale_claim2_topk_eps8",
+            "fragility/scale_claim3_center_shift_eps8",
         ),
         "smoke_omits": ("fragility/claim2b_topk_eps1",),  # the smoke grid has no eps = 1
         "quick_omits": ("fragility/claim2b_topk_eps1",),  # nor the quick one: eps in {0, 2, 8}/255 (20-minute build)

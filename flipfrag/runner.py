@@ -31,7 +31,7 @@ from typing import Any
 
 from ._options import Options
 
-__all__ = ["NotebookFailed", "find_notebooks", "run_notebook", "KernelOptions", "run_all", "auto_jobs", "main"]
+__all__ = ["NotebookFailed", "find_notebooks", "run_notebook", "KernelOptions", "run_all", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Torch threads of a notebook's kernel when neither ``threads=`` nor ``$FLIPFRAG_THREADS`` says otherwise.
@@ -165,66 +165,6 @@ def run_notebook(
     return NotebookRun(path, output, time.perf_counter() - start)
 
 
-#: Memory per parallel notebook kernel that :func:`auto_jobs` asks for (the heaviest quick notebooks peak near 2 GB).
-JOB_MEMORY = 4 * 2**30
-
-
-def _memory_limit() -> float:
-    """Bytes this process may use: the cgroup limit where one is set (containers, Binder), else physical memory."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        with contextlib.suppress(OSError, ValueError):
-            text = Path(path).read_text().strip()
-            if text != "max" and int(text) < 2**60:
-                return float(int(text))
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0.0
-
-
-def auto_jobs() -> int:
-    """Notebooks run side by side by default: ``$FLIPFRAG_JOBS``, else 2 where there are at least 2 cores and
-    2 x :data:`JOB_MEMORY` of memory (a 2 GB Binder session gets 1), else 1."""
-    env = os.environ.get("FLIPFRAG_JOBS", "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"$FLIPFRAG_JOBS must be a positive integer, got {env!r}")
-        return int(env)
-    return 2 if (os.cpu_count() or 1) >= 2 and _memory_limit() >= 2 * JOB_MEMORY else 1
-
-
-def _longest_first(notebooks: list[Path], root: Path, figures_dir: Path) -> list[Path]:
-    """The notebooks by their last recorded runtime (figures_dir's MANIFEST), longest first; unknown ones first."""
-    from .plotting import read_manifest
-
-    try:
-        known = {k: float(v.get("runtime_s", 0)) for k, v in read_manifest(figures_dir).get("notebooks", {}).items()}
-    except Exception:  # no or unreadable MANIFEST: keep the given order
-        known = {}
-    key = {nb: known.get(str(nb.relative_to(root).with_suffix("")), float("inf")) for nb in notebooks}
-    return sorted(notebooks, key=lambda nb: -key[nb])
-
-
-def _run_phase(notebooks: list[Path], jobs: int, run_one, progress) -> list[NotebookRun]:
-    """Run ``notebooks`` on ``jobs`` lanes (each a papermill kernel); the first failure cancels the ones not yet
-    started and is raised once the running ones have finished."""
-    if jobs == 1:
-        return [progress(nb, run_one(nb)) for nb in notebooks]
-    from concurrent.futures import ThreadPoolExecutor
-
-    runs: list[NotebookRun] = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {nb: pool.submit(run_one, nb) for nb in notebooks}
-        try:
-            for nb, fut in futures.items():
-                runs.append(progress(nb, fut.result()))
-        except BaseException:
-            for fut in futures.values():
-                fut.cancel()
-            raise
-    return runs
-
-
 def run_all(
     *,
     profile: str,
@@ -236,59 +176,30 @@ def run_all(
     scheduler: str | None = None,
     threads: int | None = None,
     device: str | None = None,
-    jobs: int = 1,
 ) -> list[NotebookRun]:
-    """Run the selected notebooks, stop at the first failure, then write REPRODUCTION.md.
+    """Run the selected notebooks in order, stop at the first failure, then write REPRODUCTION.md.
 
-    ``scheduler`` is checked first (:func:`flipfrag.engine.check_scheduler`), then passed to every notebook.
-    ``jobs``: notebooks run side by side (each kernel then gets ``threads`` or 2 // jobs torch threads, at least 1);
-    with more than one, the notebooks outside :data:`LAST_FOLDER` run first, longest first (by the MANIFEST's last
-    runtimes), then the ``beyond/`` ones, which read their caches. Per-notebook runtimes in the MANIFEST then
-    include the other lane's load."""
+    ``scheduler`` is checked first (:func:`flipfrag.engine.check_scheduler`), then passed to every notebook."""
     from .engine import check_scheduler, default_device
     from .report import update_readme, write_reproduction
 
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     if scheduler is not None:
         scheduler = check_scheduler(scheduler)
         print(f"scheduler: {scheduler}", flush=True)
     if device is not None:  # checked before the first notebook starts
         device = str(default_device(device))
         print(f"device: {device}", flush=True)
-    if jobs > 1 and threads is None:
-        threads = max(1, int(os.environ.get("FLIPFRAG_THREADS") or DEFAULT_THREADS) // jobs)
 
+    runs = []
     notebooks = find_notebooks(root, select)
-    base, root_path = Path(root).resolve().parent, Path(root).resolve()
-    started = [0]
-
-    def run_one(nb: Path) -> NotebookRun:
-        started[0] += 1
+    base = Path(root).resolve().parent
+    for i, nb in enumerate(notebooks, 1):
         name = nb.relative_to(base) if nb.is_relative_to(base) else nb
-        print(f"[{started[0]}/{len(notebooks)}] {name} (profile={profile}, seed={seed}) ...", flush=True)
-        return run_notebook(nb, profile=profile, seed=seed, figures_dir=figures_dir, output_dir=output_dir,
-                            root=root, scheduler=scheduler, threads=threads, device=device)  # fmt: skip
-
-    def progress(nb: Path, run: NotebookRun) -> NotebookRun:
+        print(f"[{i}/{len(notebooks)}] {name} (profile={profile}, seed={seed}) ...", flush=True)
+        run = run_notebook(nb, profile=profile, seed=seed, figures_dir=figures_dir, output_dir=output_dir, root=root,
+                           scheduler=scheduler, threads=threads, device=device)  # fmt: skip
         print(f"      done in {run.seconds:.1f} s -> {run.output}", flush=True)
-        return run
-
-    if jobs == 1:
-        runs = _run_phase(notebooks, 1, run_one, progress)
-    else:
-        from . import THREADS_ENV
-        from .engine import DEVICE_ENV, SCHEDULER_ENV, parse_scheduler
-
-        last = [nb for nb in notebooks if nb.relative_to(root_path).parts[0] == LAST_FOLDER]
-        first = [nb for nb in notebooks if nb not in last]
-        print(f"{jobs} notebooks at a time, {threads} torch thread(s) each", flush=True)
-        # the kernels inherit this process's environment: set it once for the whole run, so that one lane's
-        # run_notebook restoring the variables on its way out cannot take them from a kernel starting in another
-        with _environment(SCHEDULER_ENV, None if scheduler is None else parse_scheduler(scheduler)), \
-                _environment(THREADS_ENV, str(threads)), _environment(DEVICE_ENV, device):
-            runs = _run_phase(_longest_first(first, root_path, Path(figures_dir)), jobs, run_one, progress)
-            runs += _run_phase(_longest_first(last, root_path, Path(figures_dir)), jobs, run_one, progress)
+        runs.append(run)
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
     print(f"wrote {write_reproduction(figures_dir)}")
     if Path(figures_dir).resolve() == (REPO_ROOT / "figures").resolve():  # the committed figures: README follows
@@ -317,10 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per notebook (default $FLIPFRAG_THREADS or 2)"
     )
-    parser.add_argument(
-        "--jobs", type=int, default=None,
-        help="notebooks run side by side (default $FLIPFRAG_JOBS, else 2 with >= 2 cores and 8 GB, else 1)",
-    )  # fmt: skip
     args = parser.parse_args(argv)
     from .engine import SchedulerError
 
@@ -328,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = run_all(profile=args.profile, seed=args.seed, select=args.select or None, figures_dir=args.figures_dir,
                        output_dir=args.output_dir, root=args.root, scheduler=args.scheduler,
-                       threads=args.threads, device=args.device,
-                       jobs=args.jobs if args.jobs is not None else auto_jobs())  # fmt: skip
+                       threads=args.threads, device=args.device)  # fmt: skip
     except (NotebookFailed, ValueError, SchedulerError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1
