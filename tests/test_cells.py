@@ -123,7 +123,8 @@ def test_a_forged_history_fails_the_recomputation(committed, setting, tmp_path):
     cell = _sample(present, True)
     _, prov_path = _copy(folder, cell, tmp_path)
     prov = json.loads(prov_path.read_text())
-    prov["history"]["topk"][0][1] = prov["history"]["topk"][0][1] * 0.5  # a stronger first step than computed
+    v = prov["history"]["topk"][0][1]
+    prov["history"]["topk"][0][1] = v - 0.1 if v >= 0.1 else v + 0.1  # a first step other than the one computed
     prov_path.write_text(json.dumps(prov))
     report = cells.verify_cell(cell, tmp_path, setting=setting, iters=2)
     assert not report["ok"]

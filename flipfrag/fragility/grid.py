@@ -100,15 +100,22 @@ def _code_version() -> str:
     fixed bug in an attack, a changed saliency rule) are never reused: the attack, metric, saliency, surrogate and
     ImageNet-CNN modules whole, and of this module only the functions that compute a cell (so that a change to the
     summaries, tables or docs here keeps the committed paper-scale cells of :mod:`flipfrag.fragility.cells` valid)."""
-    import inspect
-
     from .. import attacks, efficientnet, metrics, saliency, smooth
 
     saliency_files = sorted(Path(saliency.__file__).parent.glob("*.py"))  # the package: every module of it
     files = sha256_files([attacks.__file__, metrics.__file__, *saliency_files, smooth.__file__, efficientnet.__file__])
-    own = [inspect.getsource(f) for f in (_jsonable, grid_cache_key, best_by_metric, _confidence, _run_cell,
-                                          GridSpec.cell_settings)]  # fmt: skip
-    return hashlib.sha256((files + json.dumps([CELL_COLUMNS, *own])).encode()).hexdigest()[:16]
+    return hashlib.sha256((files + _own_source()).encode()).hexdigest()[:16]
+
+
+def _own_source() -> str:
+    """The source of this module's cell-computing functions, read once from the functions defined here (so that a
+    test replacing one of them by a stub does not change the version of the cells it reads)."""
+    if not _OWN_SOURCE:
+        import inspect
+
+        own = [inspect.getsource(f) for f in _CELL_FUNCTIONS]
+        _OWN_SOURCE.append(json.dumps([CELL_COLUMNS, *own]))
+    return _OWN_SOURCE[0]
 
 
 def _records_digest(records: list[dict[str, Any]]) -> str:
@@ -626,3 +633,8 @@ def ig_steps_convergence(setting: ImageSetting, steps: Sequence[int] = (4, 8, 16
                      "spearman_vs_ref": float(spearman(ref, mp).mean()),
                      "completeness_gap": float((gap.abs() / diff.abs().clamp_min(1e-12)).mean())})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+_OWN_SOURCE: list[str] = []
+#: The functions whose source is part of a cell's code version (bound at import, before any test stubs them).
+_CELL_FUNCTIONS = (_jsonable, grid_cache_key, best_by_metric, _confidence, _run_cell, GridSpec.cell_settings)
