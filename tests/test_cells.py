@@ -12,7 +12,7 @@ import pytest
 
 from flipfrag._io import sha256_file
 from flipfrag.fragility import cells
-from flipfrag.fragility.grid import GridCacheError, load_grid_cell, save_grid_cell
+from flipfrag.fragility.grid import GridCacheError, grid_cache_key, load_grid_cell, save_grid_cell
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +51,16 @@ def test_the_plan_covers_the_scale_grid(setting, the_plan):
     # the headline first among the iterative cells: SG's top-k attack at eps = 8
     first = next(c for c in the_plan if c.iterative)
     assert (first.method, first.attack, first.eps) == ("gradient", "topk", 8 / 255)
+
+
+def test_plan_keys_equal_grid_cache_key(setting, the_plan):
+    # plan() hashes the weights once and copies the hash state per cell: the keys must be grid_cache_key's, byte
+    # for byte (a committed cell is found by its key); first, last and one from the middle, recomputed the slow way
+    spec = cells.scale_spec(setting)
+    for cell in (the_plan[0], the_plan[len(the_plan) // 2], the_plan[-1]):
+        idx = list(cell.images)
+        settings = {**spec.cell_settings(cell.method, cell.attack, cell.eps), "code": cells._code_version()}
+        assert cell.key == grid_cache_key(setting.model, setting.x[idx], setting.y[idx], settings)
 
 
 def test_committed_cells_are_well_formed_and_belong_to_the_grid(committed, setting):

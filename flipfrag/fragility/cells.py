@@ -23,6 +23,7 @@ tolerances, so that a forged or edited cell cannot pass (``tests/test_cells.py``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._io import atomic_write_json, sha256_file
+from .._io import atomic_write_json, sha256_file, tensor_hash
 from .grid import (
     CELL_COLUMNS,
     GridCacheError,
@@ -46,7 +47,6 @@ from .grid import (
     _code_version,
     _jsonable,
     _run_cell,
-    grid_cache_key,
     load_grid_cell,
     save_grid_cell,
 )
@@ -161,14 +161,33 @@ def plan(setting: ImageSetting | None = None, spec: GridSpec | None = None) -> l
                 combos.append((method, attack, float(eps)))
     combos.sort(key=lambda c: _priority(c[0], c[1], round(c[2] * 255, 6)))
     n, size = len(setting.x), int(g["chunk"])
+    key_of = _keyer(setting.model)
     cells = []
     for method, attack, eps in combos:
         for c, start in enumerate(range(0, n, size)):
             idx = tuple(range(start, min(start + size, n)))
             x, y = setting.x[list(idx)], setting.y[list(idx)]
-            key = grid_cache_key(setting.model, x, y, {**spec.cell_settings(method, attack, eps), "code": code})
+            key = key_of(x, y, {**spec.cell_settings(method, attack, eps), "code": code})
             cells.append(ScaleCell(method, attack, eps, c, idx, key))
     return cells
+
+
+def _keyer(model: torch.nn.Module):
+    """:func:`~flipfrag.fragility.grid.grid_cache_key` for one model and many cells, hashing the weights once (the
+    sha256 state after the weights is copied per cell): the same bytes, so the same keys (a test checks both agree).
+    ``grid_cache_key`` itself is part of the hashed cell code, so it stays unchanged."""
+    h0 = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h0.update(name.encode())
+        h0.update(tensor_hash(t.detach().cpu()).encode())
+
+    def key(x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any]) -> str:
+        h = h0.copy()
+        h.update(tensor_hash(x.detach().cpu(), y.detach().cpu()).encode())
+        h.update(json.dumps(_jsonable(settings), sort_keys=True).encode())
+        return h.hexdigest()[:24]
+
+    return key
 
 
 def _paths(folder: Path, key: str) -> tuple[Path, Path]:
