@@ -596,6 +596,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cifar-points", type=int, help="CIFAR-10 photos (default 10, quick 2)")
     parser.add_argument("--cnn-points", type=int, help="MNIST SmallCNN digits (default 64, quick 8)")
     parser.add_argument("--imagenet-points", type=int, help="ImageNet photos (default 2; only with --only imagenet)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per MLP / SmallCNN row (default 3, quick 1; the "
+                        "CIFAR-10 and ImageNet rows run one)")
     parser.add_argument("--peers", help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--out", help="results folder (default benchmarks/results)")
@@ -603,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--note", help="a sentence on this run (machine load, ...) written at the top of the table")
     args = parser.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else QUICK if args.quick else FULL)
-    for key in ("points", "cifar_points", "cnn_points", "imagenet_points"):
+    for key in ("points", "cifar_points", "cnn_points", "imagenet_points", "repeats"):
         v = getattr(args, key)
         if v is not None:
             if v < 1:

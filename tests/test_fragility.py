@@ -555,7 +555,9 @@ def test_grid_sizes_of_the_imagenet_role_and_setting_subset():
     assert cifar["iters"] == quick["grid_iters"] and cifar["beta"] == quick["softplus_beta"]
     assert fr.grid_sizes("imagenet", get_profile("paper"))["iters"] == 300  # SqueezeNet: the shared paper sizes
     # F4's photos: the role's own count where given, else the grid's photos
-    assert im["targeted_n_images"] == quick["imagenet_grid"]["targeted_n_images"] < im["n_images"]
+    assert im["targeted_n_images"] == quick["imagenet_grid"]["targeted_n_images"]
+    more = fr.grid_sizes("imagenet", {**quick, "imagenet_grid": {**quick["imagenet_grid"], "n_images": 3}})
+    assert more["n_images"] == 3 and more["targeted_n_images"] == quick["imagenet_grid"]["targeted_n_images"] < 3
     assert cifar["targeted_n_images"] == cifar["n_images"] == quick["grid_n_images"]
     smoke_im = fr.grid_sizes("imagenet", get_profile("smoke"))
     assert smoke_im["targeted_n_images"] == smoke_im["n_images"] == get_profile("smoke")["imagenet_grid"]["n_images"]

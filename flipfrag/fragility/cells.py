@@ -1,12 +1,12 @@
 """Paper-scale F3 on the ImageNet CNN from committed grid cells (computed where compute is, checked where it is read).
 
-The quick profile computes F3 on EfficientNet-Lite0 live, on 2 photos x 6 iterations: what fits a 20-minute build on
-two cores. The larger grid of :data:`SCALE_GRID` — 16 photos x 50 iterations for SG, DeepLIFT and DTD at every ε, and
-IG with 16 steps at ε = 8 — costs about 0.7 / 1.7 / 1.0 s per image-iteration for SG / DeepLIFT / DTD on that machine
-(IG: ~16x SG), i.e. CPU-hours. It is split into *cells*: one (method, attack, ε) on one chunk of 4 photos. Each cell
-is computed by :func:`run_cells` (``python -m flipfrag.fragility.cells run``, ``make cells``) wherever compute is
-available — a CPU in the background across sessions, a GPU with ``--device cuda`` — and written, as soon as it is
-done, to the committed folder ``results/cells/imagenet/`` (:func:`cells_dir`):
+The quick profile computes F3 on EfficientNet-Lite0 live, on one photo and a few iterations (what fits a 20-minute
+build on two cores). The larger grid of :data:`SCALE_GRID` — 16 photos x 50 iterations for SG, DeepLIFT and DTD at
+every ε, and IG with 16 steps at ε = 8 — costs about 0.7 / 1.7 / 1.0 s per image-iteration for SG / DeepLIFT / DTD
+on that machine (IG: ~16x SG), i.e. CPU-hours. It is split into *cells*: one (method, attack, ε) on one chunk of 4
+photos. Each cell is computed by :func:`run_cells` (``python -m flipfrag.fragility.cells run``, ``make cells``)
+wherever compute is available — a CPU in the background across sessions, a GPU with ``--device cuda`` — and
+written, as soon as it is done, to the committed folder ``results/cells/imagenet/`` (:func:`cells_dir`):
 
 * ``cell-<key>.json``: the grid rows, as the cache of :func:`~flipfrag.fragility.grid.run_attack_grid` writes them
   (same key: weights, photos, the cell's settings and the source of the code that computes it);
@@ -50,7 +50,7 @@ from .grid import (
     load_grid_cell,
     save_grid_cell,
 )
-from .paper import ATTACKS, METRICS
+from .paper import ATTACKS, METHOD_ABBREV, METRICS
 from .settings import ImageSetting
 
 #: The committed paper-scale grid on the ImageNet CNN (issue 21): at least 16 photos x 50 iterations for SG, DeepLIFT
@@ -393,7 +393,6 @@ def verify_cell(cell: ScaleCell, folder: str | Path | None = None, *, setting: I
             "seconds": round(seconds, 1), **{f"max_abs_diff_{m}": v for m, v in diffs.items()}}  # fmt: skip
 
 
-_SHORT = {"gradient": "SG", "deeplift": "DL", "integrated_gradients": "IG", "dtd": "DTD"}
 
 
 def scale_deviation(scale: ScaleGrid) -> str:
@@ -427,15 +426,15 @@ def scale_claims(summary: pd.DataFrame, *, deviation: str) -> list[dict[str, Any
         methods = [m for m in have(attack) if attack == "random" or m in random_methods]
         if not methods:
             continue
-        ours = {_SHORT[m]: round(_value(summary, m, attack, 8, col), 4) for m in methods}
+        ours = {METHOD_ABBREV[m]: round(_value(summary, m, attack, 8, col), 4) for m in methods}
         if col == "center_rel":
-            paper = {_SHORT[m]: round(_paper_rel(m, attack, 8), 4) for m in methods}
+            paper = {METHOD_ABBREV[m]: round(_paper_rel(m, attack, 8), 4) for m in methods}
         else:
-            paper = {_SHORT[m]: round(_paper(m, attack, 8, col), 4) for m in methods}
+            paper = {METHOD_ABBREV[m]: round(_paper(m, attack, 8, col), 4) for m in methods}
         if attack == "random":
-            reference: dict[str, float] = {_SHORT[m]: 1.0 for m in methods}
+            reference: dict[str, float] = {METHOD_ABBREV[m]: 1.0 for m in methods}
         else:
-            reference = {_SHORT[m]: round(_value(summary, m, "random", 8, col), 4) for m in methods}
+            reference = {METHOD_ABBREV[m]: round(_value(summary, m, "random", 8, col), 4) for m in methods}
         n = int(summary.n_images.max())
         claims.append({"claim_id": f"fragility/{cid}", "claim": f"{text} — paper scale: {n} photos x "
                        f"{SCALE_GRID['iters']} iterations (committed cells)", "paper_value": paper, "ours": ours,

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .paper import METHODS, PAPER_EPS255, PAPER_F3, PAPER_SIDE, paper_grid
+from .paper import METHOD_ABBREV, METHODS, PAPER_EPS255, PAPER_F3, PAPER_SIDE, paper_grid
 
 # ------------------------------------------------------------------------------------------------- claims
 
@@ -82,7 +82,7 @@ def grid_claims(summary: pd.DataFrame, *, deviation: str, prefix: str = "fragili
     """
     sg, dl, ig = "gradient", "deeplift", "integrated_gradients"
     trio = (sg, dl, ig)
-    short = {sg: "SG", dl: "DL", ig: "IG", "lrp": "LRP", "dtd": "DTD"}
+    short = METHOD_ABBREV
     fig = "F3 [FIG]"
     claims: list[dict[str, Any]] = []
 

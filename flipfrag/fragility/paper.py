@@ -14,6 +14,8 @@ import pandas as pd
 METHODS = ("gradient", "deeplift", "integrated_gradients", "dtd")
 #: Every method the grid accepts (``methods=``): also LRP-epsilon, the arXiv-v1 "relevance propagation".
 GRID_METHODS = (*METHODS, "lrp")
+#: Short method names of the claims' per-method values (REPRODUCTION.md rows: "SG 0.00 / DL 0.01 / IG 0.18").
+METHOD_ABBREV = {"gradient": "SG", "deeplift": "DL", "integrated_gradients": "IG", "lrp": "LRP", "dtd": "DTD"}
 #: Attacks of the grid: the paper's top-k and center attacks and its random-sign baseline.
 ATTACKS = ("topk", "center", "random")
 #: Metrics (rows of F3): top-k intersection, Spearman rank correlation, center-of-mass shift (pixels).
