@@ -233,3 +233,25 @@ def test_bench_cifar_cnn_times_what_it_says(monkeypatch):
     assert math.isclose(r["overhead_a_over_d"], 0.5) and math.isclose(r["overhead_c_over_d"], 0.25)
     assert math.isclose(r["flipfrag_over_hand_time"], 1.2) and math.isclose(r["batched_over_one_at_a_time"], 1.0)
     assert math.isclose(r["overhead_a_over_d_plus_e"], 0.0) and math.isclose(r["model_map_over_direction"], 0.5)
+
+
+def test_throughput_peak_memory_is_the_fresh_process_own():
+    """The throughput table's peak memory is the spawned process's own: Linux keeps ``ru_maxrss`` across ``execve``,
+    so a child started from a large parent used to report the parent's peak. Here the parent holds 1 GB more than
+    any child needs; the child (which imports the benchmark, torch included) must report well below it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ballast = np.ones(2**27)  # 1 GiB, touched
+    code = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m._peak_rss_gb())"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(BENCH / "bench_cifar_cnn.py")], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    child = float(out.stdout.strip().splitlines()[-1])
+    parent = _load("bench_cifar_cnn")._peak_rss_gb()
+    assert ballast.sum() == 2**27 and parent > 1.0
+    assert 0.05 < child < parent - 0.5, (child, parent)
