@@ -47,7 +47,7 @@ Usage::
 
 Writes ``benchmarks/results/flip.{json,md}`` (``flip_quick.*``, git-ignored, with ``--quick``; ``flip_<only>.*``
 with ``--only``; ``--stem`` / ``--out`` choose others, ``--note`` adds a sentence on the run, e.g. the load).
-``benchmarks/results/flip_peers.*`` is a ``--quick`` run kept in git.
+(The loaded ``--quick`` run ``flip_peers.*`` of issue 25 was removed once ``flip.*`` had every peer on every model.)
 """
 
 from __future__ import annotations

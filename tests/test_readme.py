@@ -107,3 +107,32 @@ def test_a_nested_pytest_cannot_overwrite_the_run_summary():
     from conftest import SUMMARY_ENV
 
     assert SUMMARY_ENV not in os.environ
+
+
+def test_flip_speed_rows_prefer_runs_with_every_peer(tmp_path, monkeypatch):
+    """The README's flip-point speed row of a model comes from the latest results file, except that a row measured
+    against every peer (FMN / DDN: it has ``goals``) is not replaced by a later one without them; its goals are the
+    issue's (fastest qualifying peer, every peer's crossing), rendered from the row's own fields."""
+    import copy
+    import json
+
+    from flipfrag import readme
+
+    run = json.loads((readme.RESULTS / "flip.json").read_text())
+    m = copy.deepcopy(run["models"][0])
+    m["goals"].update(fastest_qualifying_peer="DDN", speedup_vs_fastest_qualifying=0.5, speed_2x=False,
+                      never_farther=False, farther_than_1pct_of_a_crossing=3)  # fmt: skip
+    old = {k: v for k, v in copy.deepcopy(m).items() if k != "goals"}
+    old["ours_ms"] = 123.0
+    (tmp_path / "flip.json").write_text(json.dumps({**run, "models": [m]}))
+    (tmp_path / "flip_later.json").write_text(json.dumps({**run, "models": [old]}))
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    [(source, r, row)] = readme._flip_rows()
+    assert source == "flip.json" and row["ours_ms"] == m["ours_ms"]
+    text = readme._flip_row(source, r, row)
+    assert "≥ 2x the fastest qualifying peer: **not met**" in text and "flipfrag 0.5x as fast" in text
+    assert "none farther than 1.01 x any peer's crossing: **not met** (3 points)" in text
+    newer = {**copy.deepcopy(m), "ours_ms": 7.0}
+    (tmp_path / "flip_newer.json").write_text(json.dumps({**run, "models": [newer]}))
+    [(source, _, row)] = readme._flip_rows()
+    assert source == "flip_newer.json" and row["ours_ms"] == 7.0
