@@ -393,8 +393,6 @@ def verify_cell(cell: ScaleCell, folder: str | Path | None = None, *, setting: I
             "seconds": round(seconds, 1), **{f"max_abs_diff_{m}": v for m, v in diffs.items()}}  # fmt: skip
 
 
-
-
 def scale_deviation(scale: ScaleGrid) -> str:
     """What the committed grid's claims differ in from the paper's F3 (for their deviation column)."""
     g = SCALE_GRID
