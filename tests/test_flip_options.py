@@ -27,6 +27,9 @@ F64 = torch.float64
         (dict(batch_size=0), "batch_size"),
         (dict(solve_dtype=torch.float16), "solve_dtype"),
         (dict(screen=0), "screen"),
+        (dict(walk_steps=-1), "walk_steps"),
+        (dict(walk_steps="many"), "walk_steps"),
+        (dict(walk_steps=True), "walk_steps"),
     ],
 )
 def test_bad_options_are_named_when_made(kw, name):
@@ -55,8 +58,9 @@ def dataclasses_frozen_error():
 def test_image_rule_and_resolved_defaults():
     assert FlipOptions.for_images().max_ineq == 2 and FlipOptions.for_images(max_ineq=4).max_ineq == 4
     smooth, relu = FlipOptions().resolved(nonsmooth=False), FlipOptions().resolved(nonsmooth=True)
-    assert (smooth.max_iter, smooth.screen, smooth.nonsmooth) == (200, 3, False)
-    assert (relu.max_iter, relu.screen, relu.nonsmooth) == (20, 1, True)
+    assert (smooth.max_iter, smooth.screen, smooth.nonsmooth, smooth.walk_steps) == (200, 3, False, 0)
+    assert (relu.max_iter, relu.screen, relu.nonsmooth, relu.walk_steps) == (20, 1, True, 100)
+    assert FlipOptions(walk_steps=7).resolved(nonsmooth=False).walk_steps == 7
     assert FlipOptions(max_iter=5, screen=None).resolved(nonsmooth=True).max_iter == 5
     assert FlipOptions(tol=1e-5, restarts=2).changed() == {"tol": 1e-5, "restarts": 2}
 

@@ -274,3 +274,68 @@ def test_cifar10_cnn_photo_certified(photo):
     assert float(res.distance[0]) <= 1.01 * float(res.upper_bound[0])
     d = float((res.x_flip - x).flatten(1).norm(dim=1)[0])
     assert math.isclose(d, float(res.distance[0]), rel_tol=1e-5)
+
+
+def test_norm_walk_reaches_the_closed_form_boundary_of_a_linear_model():
+    """On a linear two-class model the closest label change in the scaled norm is closed-form: |z_s - z_t| /
+    ||D^-1 grad(z_s - z_t)|| over the free coordinates. The walk's point changes the label, stays in the box, keeps
+    the masked coordinates, and is within 1 % of that distance; its segment crossing is within 0.1 % above it."""
+    from flipfrag.flip.problems import _Problems
+    from flipfrag.flip.starts import _norm_walk, _segment_crossing
+
+    torch.manual_seed(0)
+    n, P = 40, 6
+    lin = nn.Linear(n, 2).double()
+    xh = torch.rand(P, n, dtype=torch.float64) * 0.6 + 0.2
+    src = lin(xh).argmax(1)
+    w = torch.rand(n, dtype=torch.float64) + 0.5  # scale**2
+    fixed = torch.zeros(n, dtype=torch.bool)
+    fixed[:10] = True
+    lo, hi = torch.full((P, n), -5.0, dtype=torch.float64), torch.full((P, n), 5.0, dtype=torch.float64)
+    lo[:, fixed], hi[:, fixed] = xh[:, fixed], xh[:, fixed]
+    pr = _Problems(xh, lo, hi, w.expand(P, n).clone(), src, 1 - src)
+    a = (lin.weight[0] - lin.weight[1]).detach()
+    with torch.no_grad():
+        gap = (lin(xh)[:, 0] - lin(xh)[:, 1]).abs()
+    exact = gap / torch.sqrt((a[~fixed] ** 2 / w[~fixed]).sum())
+    radius = 3 * exact  # a loose start: the walk must shrink it
+    x, found = _norm_walk(lin, pr, radius, None, steps=100)
+    assert found.all()
+    assert (lin(x).argmax(1) != src).all()
+    assert torch.equal(x[:, fixed], xh[:, fixed]) and (x >= lo).all() and (x <= hi).all()
+    dist = torch.sqrt((w * (x - xh) ** 2).sum(1))
+    assert (dist >= exact * (1 - 1e-9)).all() and (dist <= 1.01 * exact).all(), (dist / exact)
+    xc, cls, ok = _segment_crossing(lin, pr, x)
+    dc = torch.sqrt((w * (xc - xh) ** 2).sum(1))
+    assert ok.all() and (cls == 1 - src).all() and (dc <= 1.001 * dist).all() and (dc >= exact * (1 - 1e-9)).all()
+
+
+@pytest.mark.parametrize("digit", [21, 44])
+def test_shipped_mnist_cnn_walk_start_reaches_closer_regions(digit):
+    """The first-order walk's start (``walk_steps``, default 100 on ReLU nets) on test digits of the shipped MNIST
+    CNN where the SQP and region polish alone certify a farther region's optimum (issue 25's "never farther"): the
+    oracle is foolbox's DDN, a peer. Digit 21: the solve without the walk is > 10 % farther than DDN's crossing and
+    the default is within 1.01 x it; digit 44: the one of the first 64 still 1.4 % farther (recorded, not hidden)."""
+    fb = pytest.importorskip("foolbox")
+    from flipfrag.models import trained_model
+
+    net, ds, _ = trained_model("mnist-cnn", "quick", seed=0)
+    net = net.float().eval()
+    x = ds.X_test[digit : digit + 1].float()
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    _, x_ddn, _ = fb.attacks.DDNAttack()(fb.PyTorchModel(net, bounds=(0, 1)), x, fb.criteria.Misclassification(y),
+                                         epsilons=None)  # fmt: skip
+    with torch.no_grad():  # DDN's crossing: the first label change on the segment x -> x_ddn (fine scan)
+        ts = torch.linspace(0, 1, 2001)[1:]
+        labels = net(x + ts[:, None, None, None] * (x_ddn - x)).argmax(1)
+        t = float(ts[torch.nonzero(labels != y)[0, 0]])
+    ddn = t * float((x_ddn - x).norm())
+    old = closest_flip_point(net, x, lower=0.0, upper=1.0, walk_steps=0)
+    new = closest_flip_point(net, x, lower=0.0, upper=1.0)
+    assert bool(old.converged[0]) and bool(new.converged[0]), (old.status, new.status)
+    assert float(new.distance[0]) < float(old.distance[0])
+    if digit == 21:
+        assert float(old.distance[0]) > 1.1 * ddn and float(new.distance[0]) <= 1.01 * ddn
+    else:
+        assert 1.0 < float(new.distance[0]) / ddn < 1.02

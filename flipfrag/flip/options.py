@@ -13,6 +13,7 @@ from torch import nn
 
 _NONSMOOTH_MAX_ITER = 20  # default SQP iterations of a piecewise-linear model (the region polish finishes)
 _SMOOTH_MAX_ITER = 200
+_NONSMOOTH_WALK_STEPS = 100  # default steps of the first-order start on piecewise-linear models (DDN's default)
 
 
 def _tau_argument(tau: float) -> float:
@@ -81,6 +82,13 @@ class FlipOptions:
         screening it is ``inf`` for the targets not solved). ``"auto"`` (default): 3, or 1 for piecewise-linear
         models (``nonsmooth``: their crossings and region polish cost more per target; a class that a segment
         crossing reaches first is still added).
+    walk_steps : int or "auto"
+        Steps of the first-order start (:func:`~flipfrag.flip.starts._norm_walk`, a DDN-style walk of decoupled
+        direction and norm; one forward and one backward pass per step and point) whose segment crossing becomes one
+        more start. ``"auto"`` (default): 100 for piecewise-linear models (``nonsmooth``), whose SQP and region
+        polish certify the closest flip point of the activation region they reach — the walk is not held by the
+        region it starts in (measured on the MNIST SmallCNN: ``benchmarks/results/flip.md``) —, 0 for smooth ones.
+        0 turns it off.
     upper_bounds : bool
         Also start from the segment crossings toward a DeepFool-style label-changing point (``target=None``) and
         toward the solver's own last iterates (default True); see ``FlipResult.upper_bound``.
@@ -107,6 +115,7 @@ class FlipOptions:
     solve_dtype: torch.dtype = torch.float64
     nonsmooth: bool | None = None
     screen: int | str | None = "auto"
+    walk_steps: int | str = "auto"
     upper_bounds: bool = True
     progress: bool = False
     differentiable: bool = False
@@ -134,6 +143,9 @@ class FlipOptions:
         s = self.screen
         if s is not None and s != "auto" and (not isinstance(s, int) or isinstance(s, bool) or s < 1):
             raise ValueError(f"screen must be None, 'auto' or an integer >= 1, got {s!r}")
+        ws = self.walk_steps
+        if ws != "auto" and (not isinstance(ws, int) or isinstance(ws, bool) or ws < 0):
+            raise ValueError(f"walk_steps must be 'auto' or an integer >= 0, got {ws!r}")
         if not isinstance(self.differentiable, bool):
             raise TypeError(f"differentiable must be a bool, got {type(self.differentiable).__name__}")
 
@@ -158,12 +170,14 @@ class FlipOptions:
                 if getattr(self, f.name) != f.default}  # fmt: skip
 
     def resolved(self, nonsmooth: bool) -> FlipOptions:
-        """The options with the model-dependent defaults filled: ``nonsmooth``, ``max_iter``, ``screen``."""
+        """The options with the model-dependent defaults filled: ``nonsmooth``, ``max_iter``, ``screen``,
+        ``walk_steps``."""
         max_iter = self.max_iter
         if max_iter is None:
             max_iter = _NONSMOOTH_MAX_ITER if nonsmooth else _SMOOTH_MAX_ITER
         screen = (1 if nonsmooth else 3) if self.screen == "auto" else self.screen
-        return dataclasses.replace(self, nonsmooth=bool(nonsmooth), max_iter=max_iter, screen=screen,
+        walk = (_NONSMOOTH_WALK_STEPS if nonsmooth else 0) if self.walk_steps == "auto" else self.walk_steps
+        return dataclasses.replace(self, nonsmooth=bool(nonsmooth), max_iter=max_iter, screen=screen, walk_steps=walk,
                                    margin=float(self.margin), tol=float(self.tol), kkt_tol=float(self.kkt_tol))
 
 

@@ -18,6 +18,7 @@ _START_DEEPFOOL, _START_CANDIDATES, _START_ITERATES = 100, 101, 102
 
 
 _START_REGION = 103  # the region polish of a piecewise-linear model's closest feasible candidate
+_START_WALK = 104  # the segment crossing toward the first-order walk's point (starts._norm_walk)
 
 
 _BOUND_SLACK = 0.01  # a certified point may be at most 1 % farther than the closest boundary crossing found

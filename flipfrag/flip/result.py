@@ -41,7 +41,8 @@ class FlipResult:
     start : LongTensor (N,)
         Which candidate won: 0 = direct solve from ``x``, 1 = homotopy path, 2.. = random restarts, 100 / 101 / 102 =
         solves from the segment crossings toward the DeepFool-style point / ``candidates`` / the solver's iterates,
-        103 = the region polish (piecewise-linear models); -1 if none was certified.
+        103 = the region polish (piecewise-linear models), 104 = the solve from the crossing toward the first-order
+        walk's point (``walk_steps``); -1 if none was certified.
     distances : Tensor (N, C) or None
         With ``target=None``: the certified distance toward every class, ``inf`` where that solve failed and in
         the source column. None when ``target`` was given.

@@ -169,6 +169,52 @@ def _deepfool(fn: ScoreFn, pr: _Problems, C: int, chunk: int, max_iter: int = 8,
     return x, changed
 
 
+def _norm_walk(fn: ScoreFn, pr: _Problems, radius: torch.Tensor, targets: torch.Tensor | None, steps: int,
+               gamma: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """A label-changing point per problem by a DDN-style walk (decoupled direction and norm, Rony et al. 2019), in
+    the scaled norm and inside the box — a first-order start that, unlike the SQP's, is not held by the activation
+    region it starts in.
+
+    From x_hat: ``steps`` steps of the scaled steepest ascent of the source's cross-entropy (``targets`` given: the
+    target's log-probability), as DDN, of length alpha (cosine-annealed from ``radius`` to ``radius / 100``); after
+    each step the perturbation is rescaled to the norm eps, which shrinks by ``gamma`` where the point is past the
+    boundary and grows by ``gamma`` where it is not (starting at ``radius`` (P,), a distance the caller already
+    reached). One forward and one backward pass per step. Returns (x (P, n) — the closest label-changing iterate,
+    x_hat where none was —, found (P,))."""
+    x0 = torch.minimum(torch.maximum(pr.xh, pr.lo), pr.hi)
+    free = (~pr.fixed).to(x0.dtype)
+    P = len(pr)
+    delta = torch.zeros_like(x0)
+    eps = radius.to(x0.dtype).clone()
+    best = torch.full((P,), math.inf, dtype=x0.dtype, device=x0.device)
+    x_best = x0.clone()
+    for k in range(steps):
+        alpha = radius * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * k / steps)))
+        x = (x0 + delta).requires_grad_(True)
+        with torch.enable_grad():
+            z = fn(x)
+            # the log-odds against the source (for the target): the cross-entropy's (log-probability's) direction,
+            # without its rounding to a zero gradient where the source's (target's) probability rounds to 1 (0)
+            cls = pr.src if targets is None else targets
+            rest = torch.logsumexp(z.scatter(1, cls[:, None], -math.inf), 1)
+            loss = z.gather(1, cls[:, None])[:, 0] - rest
+            loss = -loss if targets is None else loss
+            (g,) = torch.autograd.grad(loss.sum(), x)
+        z = z.detach()
+        past = z.argmax(1) != pr.src if targets is None else z.argmax(1) == targets
+        nrm = torch.sqrt((pr.w * delta**2).sum(1))
+        closer = past & (nrm < best)
+        best = torch.where(closer, nrm, best)
+        x_best = torch.where(closer[:, None], x.detach(), x_best)
+        eps = torch.where(past, eps * (1 - gamma), eps * (1 + gamma))
+        g = g * free
+        u = (g / pr.w) / torch.sqrt((g * g / pr.w).sum(1, keepdim=True)).clamp(min=_TINY)
+        delta = delta + alpha[:, None] * u
+        delta = delta * (eps / torch.sqrt((pr.w * delta**2).sum(1)).clamp(min=_TINY))[:, None]
+        delta = torch.minimum(torch.maximum(x0 + delta, pr.lo), pr.hi) - x0
+    return x_best, torch.isfinite(best)
+
+
 @torch.no_grad()
 def _segment_crossing(fn: ScoreFn, pr: _Problems, x_end: torch.Tensor, samples: int = 8,
                       bisections: int = 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from .pool import (
     _START_CANDIDATES,
     _START_DEEPFOOL,
     _START_ITERATES,
+    _START_WALK,
     _Candidates,
     _certify,
     _finish_feasibility,
@@ -25,10 +26,10 @@ from .pool import (
     _Pool,
     _to_output,
 )
-from .problems import _SOLVER_STATUS, _TINY, ScoreFn, _model_fn, _Problems
+from .problems import _SOLVER_STATUS, _TINY, ScoreFn, _chunks, _model_fn, _Problems
 from .result import FlipResult
 from .sqp import _region_gap_tol, _run_sqp
-from .starts import _deepfool, _homotopy, _screen_targets, _segment_crossing
+from .starts import _deepfool, _homotopy, _norm_walk, _screen_targets, _segment_crossing
 
 
 def _solve_candidates(run: _Setup, pr: _Problems, gen: torch.Generator) -> _Candidates:
@@ -129,6 +130,9 @@ def _solve_steps(run: _Setup, fn: ScoreFn, points: _Problems, C: int, z: torch.T
         starts.append((candidates, torch.ones(N, dtype=torch.bool, device=points.xh.device), _START_CANDIDATES))
     for x_end, usable, start_id in starts:
         _start_from_crossings(run, fn, pool, torch.nonzero(usable)[:, 0], points, x_end[usable], tgt, start_id)
+    if run.opts.walk_steps:
+        x_w, found = _walk(run, pool, points, tgt)
+        _start_from_crossings(run, fn, pool, torch.nonzero(found)[:, 0], points, x_w[found], tgt, _START_WALK)
     if upper_bounds:  # the solver's own last iterates: the segment to each may cross another class first
         for _ in range(2):
             if not _start_from_crossings(run, fn, pool, pool.pid, points, pool.best.x.to(run.dtype), tgt,
@@ -145,6 +149,28 @@ def _solve_steps(run: _Setup, fn: ScoreFn, points: _Problems, C: int, z: torch.T
         if upper_bounds:
             _start_from_valid_crossings(run, fn, pool, points, C, relaxed_x, groups, tgt)
     return pool
+
+
+def _walk(run: _Setup, pool: _Pool, points: _Problems, tgt) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first-order walk's label-changing points (:func:`~.starts._norm_walk`), on the caller's model and dtype
+    (a start needs no float64), chunk by chunk; its norm starts at the closest flip point found so far (the median
+    of those found where a point has none). Returns (x (N, n) in the working dtype, found (N,))."""
+    N = len(points)
+    radius = torch.minimum(pool.closest_feasible(N, run.opts.margin), pool.bound)
+    fin = torch.isfinite(radius) & (radius > 0)
+    fallback = radius[fin].median() if fin.any() else torch.ones((), dtype=radius.dtype, device=radius.device)
+    radius = torch.where(fin, radius, fallback)
+    cd = run.cert_dtype
+    fn = _model_fn(run.orig, run.shape)
+    xs, found = [], []
+    for idx in _chunks(N, run.chunk, points.xh.device):
+        sub = points.take(idx)
+        sub = _Problems(sub.xh.to(cd), sub.lo.to(cd), sub.hi.to(cd), sub.w.to(cd), sub.src,
+                        sub.src if tgt is None else tgt[idx])  # fmt: skip
+        x, ok = _norm_walk(fn, sub, radius[idx].to(cd), None if tgt is None else tgt[idx], run.opts.walk_steps)
+        xs.append(x.to(run.dtype))
+        found.append(ok)
+    return torch.cat(xs), torch.cat(found)
 
 
 def _continue_infeasible(run: _Setup, fn: ScoreFn, pool: _Pool, points: _Problems, C: int, screened: bool) -> None:
