@@ -50,7 +50,7 @@ from .grid import (
     load_grid_cell,
     save_grid_cell,
 )
-from .paper import ATTACKS, METHOD_ABBREV, METRICS
+from .paper import ATTACKS, METRICS
 from .settings import ImageSetting
 
 #: The committed paper-scale grid on the ImageNet CNN (issue 21): at least 16 photos x 50 iterations for SG, DeepLIFT
@@ -404,41 +404,16 @@ def scale_deviation(scale: ScaleGrid) -> str:
 
 
 def scale_claims(summary: pd.DataFrame, *, deviation: str) -> list[dict[str, Any]]:
-    """Claims 1–3 of the paper-2 spec at ε = 8 on the committed grid (``summary``: :func:`summarize_grid` of
-    ``load_scale_grid().df``), each over the methods whose cells are complete (none: the claim is left out). Judged
-    like :func:`~flipfrag.fragility.grid_claims`: tolerance 0.05 (center as a fraction of the side: 0.02) against
-    the "no effect" reference — 1 (∩) / 0 (center) for random noise, our random baseline at ε = 8 for an attack."""
-    from .claims import _paper, _paper_rel, _value
+    """The paper-2 claims of the F3 grid (1–4, 3b/3c, 6, 9; 2b at ε = 1 and the shape claim 5 once their cells are
+    complete) on the committed grid (``summary``: :func:`summarize_grid` of ``load_scale_grid().df``, which holds
+    complete (method, attack, ε) cells only), named ``fragility/scale_claim…``: :func:`~flipfrag.fragility.grid_claims`
+    with SG, DeepLIFT, IG and DTD, each claim over the methods whose cells it needs are complete (none: left out)."""
+    from .claims import grid_claims
 
-    def have(attack: str) -> list[str]:
-        sel = summary[(summary.attack == attack) & np.isclose(summary.eps255, 8)]
-        return [m for m in ("gradient", "deeplift", "integrated_gradients", "dtd") if m in set(sel.method)]
-
-    claims = []
-    specs = [("scale_claim1_random_topk_eps8", "Random sign noise, ε = 8: top-k intersection", "random", "topk"),
-             ("scale_claim2_topk_eps8", "Top-k attack, ε = 8: top-k intersection", "topk", "topk"),
-             ("scale_claim3_center_shift_eps8", "Center attack, ε = 8: center shift as a fraction of the map side "
-              "(paper px / 227)", "center", "center_rel")]  # fmt: skip
-    random_methods = set(have("random"))
-    for cid, text, attack, col in specs:
-        methods = [m for m in have(attack) if attack == "random" or m in random_methods]
-        if not methods:
-            continue
-        ours = {METHOD_ABBREV[m]: round(_value(summary, m, attack, 8, col), 4) for m in methods}
-        if col == "center_rel":
-            paper = {METHOD_ABBREV[m]: round(_paper_rel(m, attack, 8), 4) for m in methods}
-        else:
-            paper = {METHOD_ABBREV[m]: round(_paper(m, attack, 8, col), 4) for m in methods}
-        if attack == "random":
-            reference: dict[str, float] = {METHOD_ABBREV[m]: 1.0 for m in methods}
-        else:
-            reference = {METHOD_ABBREV[m]: round(_value(summary, m, "random", 8, col), 4) for m in methods}
-        n = int(summary.n_images.max())
-        claims.append({"claim_id": f"fragility/{cid}", "claim": f"{text} — paper scale: {n} photos x "
-                       f"{SCALE_GRID['iters']} iterations (committed cells)", "paper_value": paper, "ours": ours,
-                       "tolerance": 0.02 if col == "center_rel" else 0.05, "reference": reference, "kind": "numeric",
-                       "deviation": deviation, "source": "F3 [FIG]"})  # fmt: skip
-    return claims
+    n = int(summary.n_images.max()) if len(summary) else 0
+    return grid_claims(summary, deviation=deviation, methods=("gradient", "deeplift", "integrated_gradients", "dtd"),
+                       tag="scale_", suffix=f" — paper scale: {n} photos x {SCALE_GRID['iters']} iterations "
+                       "(committed cells)")  # fmt: skip
 
 
 def plot_scale_grid(scale: ScaleGrid, summary: pd.DataFrame, per_metric: pd.DataFrame, *, title: str):
