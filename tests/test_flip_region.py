@@ -15,6 +15,7 @@ from torch import nn
 from flipfrag.flip import FlipOptions, closest_flip_point
 from flipfrag.flip import polish as F
 from flipfrag.flip.options import _Setup
+from flipfrag.flip.pool import _START_WALK
 from flipfrag.models import SmallCNN
 
 F64 = torch.float64
@@ -270,10 +271,19 @@ def test_cifar10_cnn_photo_certified(photo):
     x = datasets.load_cifar10().X_test[photo : photo + 1].float()
     res = closest_flip_point(net, x, lower=0.0, upper=1.0)
     assert bool(res.converged[0]), res.status
-    assert int(res.start[0]) == F._START_REGION and float(res.region_gap[0]) <= 0.01
+    # photo 1: the solve from the far walk's crossing wins (the region polish of the others' is 22 % farther)
+    assert int(res.start[0]) in (F._START_REGION, _START_WALK)
+    if int(res.start[0]) == F._START_REGION:
+        assert float(res.region_gap[0]) <= 0.01
     assert float(res.distance[0]) <= 1.01 * float(res.upper_bound[0])
     d = float((res.x_flip - x).flatten(1).norm(dim=1)[0])
     assert math.isclose(d, float(res.distance[0]), rel_tol=1e-5)
+    fb = pytest.importorskip("foolbox")  # a peer as the oracle: never farther than 1.01 x DDN's crossing
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    _, x_ddn, _ = fb.attacks.DDNAttack()(fb.PyTorchModel(net, bounds=(0, 1)), x, fb.criteria.Misclassification(y),
+                                         epsilons=None)  # fmt: skip
+    assert float(res.distance[0]) <= 1.01 * _first_label_change(net, x, x_ddn, y)
 
 
 def test_norm_walk_reaches_the_closed_form_boundary_of_a_linear_model():
@@ -312,7 +322,7 @@ def test_norm_walk_reaches_the_closed_form_boundary_of_a_linear_model():
 
 @pytest.mark.parametrize("digit", [21, 44])
 def test_shipped_mnist_cnn_walk_start_reaches_closer_regions(digit):
-    """The first-order walk's start (``walk_steps``, default 100 on ReLU nets) on test digits of the shipped MNIST
+    """The first-order walks' starts (``walk_steps``, default 100 on ReLU nets) on test digits of the shipped MNIST
     CNN where the SQP and region polish alone certify a farther region's optimum (issue 25's "never farther"): the
     oracle is foolbox's DDN, a peer. Digit 21: the solve without the walk is > 10 % farther than DDN's crossing and
     the default is within 1.01 x it; digit 44: the one of the first 64 still 1.4 % farther (recorded, not hidden)."""
@@ -326,11 +336,7 @@ def test_shipped_mnist_cnn_walk_start_reaches_closer_regions(digit):
         y = net(x).argmax(1)
     _, x_ddn, _ = fb.attacks.DDNAttack()(fb.PyTorchModel(net, bounds=(0, 1)), x, fb.criteria.Misclassification(y),
                                          epsilons=None)  # fmt: skip
-    with torch.no_grad():  # DDN's crossing: the first label change on the segment x -> x_ddn (fine scan)
-        ts = torch.linspace(0, 1, 2001)[1:]
-        labels = net(x + ts[:, None, None, None] * (x_ddn - x)).argmax(1)
-        t = float(ts[torch.nonzero(labels != y)[0, 0]])
-    ddn = t * float((x_ddn - x).norm())
+    ddn = _first_label_change(net, x, x_ddn, y)
     old = closest_flip_point(net, x, lower=0.0, upper=1.0, walk_steps=0)
     new = closest_flip_point(net, x, lower=0.0, upper=1.0)
     assert bool(old.converged[0]) and bool(new.converged[0]), (old.status, new.status)
@@ -339,3 +345,12 @@ def test_shipped_mnist_cnn_walk_start_reaches_closer_regions(digit):
         assert float(old.distance[0]) > 1.1 * ddn and float(new.distance[0]) <= 1.01 * ddn
     else:
         assert 1.0 < float(new.distance[0]) / ddn < 1.02
+
+
+@torch.no_grad()
+def _first_label_change(net, x, x_end, y, samples: int = 2000) -> float:
+    """Distance from x (1, ...) to the first point of a fine scan of the segment x -> x_end whose label is not y
+    (a peer's crossing, from above within 1 / samples of the segment)."""
+    ts = torch.linspace(0, 1, samples + 1)[1:]
+    labels = torch.cat([net(x + t[:, None, None, None] * (x_end - x)).argmax(1) for t in ts.split(250)])
+    return float(ts[torch.nonzero(labels != y)[0, 0]]) * float((x_end - x).norm())

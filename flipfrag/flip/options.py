@@ -83,11 +83,12 @@ class FlipOptions:
         models (``nonsmooth``: their crossings and region polish cost more per target; a class that a segment
         crossing reaches first is still added).
     walk_steps : int or "auto"
-        Steps of the first-order start (:func:`~flipfrag.flip.starts._norm_walk`, a DDN-style walk of decoupled
-        direction and norm; one forward and one backward pass per step and point) whose segment crossing becomes one
-        more start. ``"auto"`` (default): 100 for piecewise-linear models (``nonsmooth``), whose SQP and region
-        polish certify the closest flip point of the activation region they reach — the walk is not held by the
-        region it starts in (measured on the MNIST SmallCNN: ``benchmarks/results/flip.md``) —, 0 for smooth ones.
+        Steps of the first-order starts (:func:`~flipfrag.flip.starts._norm_walk`, DDN-style walks of decoupled
+        direction and norm from the closest flip point's norm so far and from 16 times it; two forward and two
+        backward passes per step and point) whose segment crossings become more starts. ``"auto"`` (default): 100
+        for piecewise-linear models (``nonsmooth``), whose SQP and region polish certify the closest flip point of
+        the activation region they reach — a walk is not held by the region it starts in (measured on the MNIST
+        SmallCNN and the CIFAR-10 CNN: ``benchmarks/results/flip.md``) —, 0 for smooth ones.
         0 turns it off.
     upper_bounds : bool
         Also start from the segment crossings toward a DeepFool-style label-changing point (``target=None``) and
