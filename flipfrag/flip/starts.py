@@ -170,7 +170,7 @@ def _deepfool(fn: ScoreFn, pr: _Problems, C: int, chunk: int, max_iter: int = 8,
 
 
 def _norm_walk(fn: ScoreFn, pr: _Problems, radius: torch.Tensor, targets: torch.Tensor | None, steps: int,
-               gamma: float = 0.05, step: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               gamma: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
     """A label-changing point per problem by a DDN-style walk (decoupled direction and norm, Rony et al. 2019), in
     the scaled norm and inside the box — a first-order start that, unlike the SQP's, is not held by the activation
     region it starts in.
@@ -189,7 +189,7 @@ def _norm_walk(fn: ScoreFn, pr: _Problems, radius: torch.Tensor, targets: torch.
     best = torch.full((P,), math.inf, dtype=x0.dtype, device=x0.device)
     x_best = x0.clone()
     for k in range(steps):
-        alpha = step * radius * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * k / steps)))
+        alpha = radius * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * k / steps)))
         x = (x0 + delta).requires_grad_(True)
         with torch.enable_grad():
             z = fn(x)
