@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from flipfrag._io import atomic_write
+from flipfrag._proc import peak_rss_gb as _peak_rss_gb
 from flipfrag.attacks import TopKAttack
 from flipfrag.datasets import load_imagenet_photos, load_natural_images
 from flipfrag.models import cifar10_cnn, efficientnet_lite0
@@ -358,21 +359,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         print(_markdown(res))
     return res
-
-
-def _peak_rss_gb() -> float:
-    """This process's peak resident memory in GB: ``VmHWM`` of ``/proc/self/status`` (Linux), the high-water mark of
-    this process's own address space. Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux keeps that across ``execve``,
-    so a process spawned from a 3 GB parent reports the parent's 3 GB (measured: every row read 3.00 GB)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB -> GB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # elsewhere (macOS: bytes; rough)
 
 
 def _step_in_fresh_process(batch: int, depthwise: str, layout: str, queue) -> None:

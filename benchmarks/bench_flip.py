@@ -66,6 +66,7 @@ from scipy.optimize import minimize
 
 from flipfrag import datasets, models
 from flipfrag._io import atomic_write, atomic_write_json
+from flipfrag._proc import peak_rss_gb, reset_peak_rss
 from flipfrag.flip import closest_flip_point
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,12 +121,14 @@ def imagenet_cnn() -> dict:
     target class); FMN and DDN untargeted (one gradient per step whatever C); torchattacks' DeepFool is left out (it
     differentiates all 1000 classes in every step).
 
-    Measured limit (issue 25, 2026-12-07): on the shared 2-core CPU (load average 6-9) flipfrag's default call on
-    one photo did not finish within 25 minutes (13 CPU minutes, 1.2 GB; a 2-photo run reached 15.6 GB during its
-    peers and was stopped at 25 minutes too), so no ImageNet results file exists yet: run it on a GPU (``make
-    gpu-check`` runs this row last) or a quiet machine. Per photo the float64 solve runs ~20 SQP iterations with up
-    to 9 backward passes each, the segment crossings, the polish's 64 class rows and up to 512 sign rows, and the
-    certificate's kink rows, each a float64 pass of EfficientNet-Lite0 at 224 x 224."""
+    Measured (issue 25, 2026-12-08, ``results/flip_imagenet.*``: 2 torch threads on the 2-core CPU, other jobs
+    beside it part of the time): 778 s per photo (736 / 391 passes per point), peak resident memory 17.3 GB during
+    flipfrag's solve (the peers: 4.5 GB). Photo 0 certified at 0.0586 (DDN's crossing 1.0015 x it, FAB's
+    1.0085 x; alone in a 1-photo run: 477 s, the same point); photo 1 not certified (its SQP stopped at max_iter at
+    0.136 and the closest crossing found, 0.129, was not polished to a certificate). The peers take 13-20 s per
+    photo in a batch of 2. Per photo the float64 solve runs the SQP's iterations with up to 9 backward passes each,
+    the walks, the segment crossings, the polish's 64 class rows and up to 512 sign rows, and the certificate's kink
+    rows, each a pass of EfficientNet-Lite0 at 224 x 224; a GPU run: ``make gpu-check`` runs this row last."""
     net = models.efficientnet_lite0(pretrained=True).eval()
     photos = datasets.load_imagenet_photos()
     return {"net": net, "X": photos.X.float(), "lo": 0.0, "hi": 1.0, "runner_up": True,
@@ -343,29 +346,35 @@ def run_model(spec: dict, cfg: dict, n_points: int, repeats: int | None = None, 
     times: dict = {k: [] for k in fns}
     outs: dict = {}
     passes: dict = {}
+    peak: dict = {k: None for k in fns}  # GB: the process's high-water mark during the method (CPU runs, Linux)
     for r in range(repeats):
         for k, fn in fns.items():
             net.tally.reset()
             _sync(device)
+            outs.pop(k, None)  # (the previous round's output would count in this round's peak)
+            reset = reset_peak_rss()
             t0 = time.perf_counter()
             outs[k] = fn()
             _sync(device)
             times[k].append(time.perf_counter() - t0)
             passes[k] = (net.tally.fwd / N, net.tally.bwd / N)
+            if reset:
+                peak[k] = max(peak[k] or 0.0, peak_rss_gb())
             if spec.get("runner_up"):  # (the ImageNet row runs for many minutes: its progress as it goes)
                 extra = ""
                 if k == "flipfrag":
                     extra = (f", certified {outs[k].converged.tolist()}, distance {outs[k].distance.tolist()}, "
                              f"upper bound {outs[k].upper_bound.tolist()}, status {outs[k].status}")
                 print(f"  {label}: {k} {times[k][-1]:.1f} s, passes {passes[k][0]:.0f} / {passes[k][1]:.0f} per "
-                      f"point{extra}", flush=True)
+                      f"point, peak memory {_f(peak[k], '.2f')} GB{extra}", flush=True)
             if k == "flipfrag" and r == 0:  # the matched budget: no more forward nor backward passes than flipfrag
                 budget["steps"] = max(1, int(min(passes[k])))
     res = outs["flipfrag"]
     t_ours = statistics.median(times["flipfrag"])
     out = {"model": label, "key": spec["key"], "device": str(torch.device(device)), "points": N, "classes": C,
            "features": int(x[0].numel()), "repeats": repeats,
-           "ours_ms": 1000 * t_ours / N, "certified": res.success_rate,
+           "target": "runner-up" if runner_up else "all", "ours_ms": 1000 * t_ours / N,
+           "certified": res.success_rate, "ours_peak_rss_gb": peak["flipfrag"],
            "ours_passes_fwd": passes["flipfrag"][0], "ours_passes_bwd": passes["flipfrag"][1],
            "budget_steps": budget["steps"], "peers": list(peers),
            "ours_status_failed": [s for s in res.status if s != "converged"][:5]}
@@ -384,7 +393,7 @@ def run_model(spec: dict, cfg: dict, n_points: int, repeats: int | None = None, 
         out[name] = {"ms": ms, "settings": PEERS[name].replace("flipfrag's passes per point",
                                                                f"{budget['steps']}"),
                      "steps": budget["steps"] if name.endswith("@budget") else None,
-                     "passes_fwd": passes[name][0], "passes_bwd": passes[name][1],
+                     "passes_fwd": passes[name][0], "passes_bwd": passes[name][1], "peak_rss_gb": peak[name],
                      "label_changed": label_changed,
                      "ratio_to_distance": ratios(ours, dist), "ratio_to_crossing": ratios(ours, cross), **close,
                      # a peer "gets within 1 % of flipfrag's distance": it changes the label of >= 99 % of the
@@ -459,7 +468,8 @@ def flat_rows(result: dict) -> list[dict]:
                   "mode": result["mode"]}
         rows.append({**common, "method": "flipfrag", "settings": "closest_flip_point(net, x, lower, upper) (default)",
                      "ms_per_point": r["ours_ms"], "passes_fwd": r["ours_passes_fwd"],
-                     "passes_bwd": r["ours_passes_bwd"], "certified_share": r["certified"], "label_changed_share": None,
+                     "passes_bwd": r["ours_passes_bwd"], "peak_rss_gb": r.get("ours_peak_rss_gb"),
+                     "certified_share": r["certified"], "label_changed_share": None,
                      "speedup_ours": 1.0, **{f"goal_{k}": v for k, v in r["goals"].items()}})
         ours_passes = r["ours_passes_fwd"] + r["ours_passes_bwd"]
         for p in r["peers"] + ["SLSQP"]:
@@ -469,7 +479,7 @@ def flat_rows(result: dict) -> list[dict]:
             passes = (d["passes_fwd"] or 0) + (d["passes_bwd"] or 0)
             rows.append({**common, "method": p, "settings": d.get("settings", d.get("basis")),
                          "ms_per_point": d["ms"], "passes_fwd": d["passes_fwd"], "passes_bwd": d["passes_bwd"],
-                         "certified_share": None, "label_changed_share": d.get("label_changed"),
+                         "peak_rss_gb": d.get("peak_rss_gb"), "certified_share": None, "label_changed_share": d.get("label_changed"),
                          "speedup_ours": r[f"speedup_vs_{p}"],
                          "pass_ratio_ours": passes / ours_passes if ours_passes and p != "SLSQP" else None,
                          "ratio_ours_to_distance": d.get("ratio_to_distance") or d.get("ratio_pairs"),
@@ -530,21 +540,23 @@ def to_markdown(result: dict) -> str:
     lines += ["", "## Every method: time and passes per point, distance ratios", "",
               "Passes are counted as AttackBench does (forward calls x batch rows; backward passes reaching the output "
               "x rows), divided by the points. Ratios flipfrag / peer per point: median / max / count farther than "
-              "1 %. *crossing within 1 %*: share of points whose crossing is within 1 % of flipfrag's distance.", "",
-              "| model | method | ms | passes fwd / bwd | label changed | vs flipfrag: time / passes | ours / distance "
-              "| ours / crossing | crossing / ours (median) | crossing within 1 % | qualifies |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "1 %. *crossing within 1 %*: share of points whose crossing is within 1 % of flipfrag's distance. "
+              "*Peak GB*: the process's resident high-water mark while the method ran (reset before it; the model, "
+              "data and the other methods' results included; host memory on CUDA runs).", "",
+              "| model | method | ms | passes fwd / bwd | peak GB | label changed | vs flipfrag: time / passes "
+              "| ours / distance | ours / crossing | crossing / ours (median) | crossing within 1 % | qualifies |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["models"]:
         lines.append(f"| {r['model']} | flipfrag | {r['ours_ms']:.1f} | {r['ours_passes_fwd']:.0f} / "
-                     f"{r['ours_passes_bwd']:.0f} | certified {100 * r['certified']:.0f} % | 1 / 1 | - | - | - | - "
-                     "| - |")
+                     f"{r['ours_passes_bwd']:.0f} | {_f(r.get('ours_peak_rss_gb'), '.2f')} | certified "
+                     f"{100 * r['certified']:.0f} % | 1 / 1 | - | - | - | - | - |")
         ours_p = r["ours_passes_fwd"] + r["ours_passes_bwd"]
         for p in r["peers"]:
             d = r[p]
             name = p if d["steps"] is None else f"{p.split('@')[0]} ({d['steps']} steps)"
             lines.append(
                 f"| {r['model']} | {name} | {d['ms']:.1f} | {d['passes_fwd']:.0f} / {d['passes_bwd']:.0f} | "
-                f"{100 * d['label_changed']:.0f} % | {r[f'speedup_vs_{p}']:.2f}x / "
+                f"{_f(d.get('peak_rss_gb'), '.2f')} | {100 * d['label_changed']:.0f} % | {r[f'speedup_vs_{p}']:.2f}x / "
                 f"{(d['passes_fwd'] + d['passes_bwd']) / ours_p:.2f}x | {_fmt_ratio(d['ratio_to_distance'])} | "
                 f"{_fmt_ratio(d['ratio_to_crossing'])} | {_f(d['median_crossing_over_ours'], '.4f')} | "
                 f"{_f(None if d['within_1pct_share'] is None else 100 * d['within_1pct_share'], '.0f')} % | "
@@ -553,7 +565,7 @@ def to_markdown(result: dict) -> str:
         if math.isfinite(sl["ms"]):
             lines.append(
                 f"| {r['model']} | SLSQP ({sl['basis']}) | {sl['ms']:.0f} | {sl['passes_fwd']:.0f} / "
-                f"{sl['passes_bwd']:.0f} (point 0) | - | {r['speedup_vs_SLSQP']:.0f}x / - | "
+                f"{sl['passes_bwd']:.0f} (point 0) | - | - | {r['speedup_vs_SLSQP']:.0f}x / - | "
                 f"{_fmt_ratio(sl['ratio_pairs'])} (pairs) | - | - | - | - |")
     lines += ["", "## Peers' settings", ""] + [f"- **{k}**: {v}" for k, v in PEERS.items()]
     lines += ["", "## Notes", ""]

@@ -93,22 +93,28 @@ def _peer(m: dict[str, Any], peer: str) -> str:
     if not c.get("compared"):
         return f"{peer} {_ms(p['ms'])}"
     d = p["ratio_to_distance"]
+    changed = round(p["label_changed"] * m["points"]) if p.get("label_changed") is not None else c["compared"]
+    where = ("compared there" if changed == c["compared"]
+             else f"compared on {c['compared']} of them (flipfrag's point certified, the crossing found)")  # fmt: skip
     return (f"{peer} {_ms(p['ms'])} (flipfrag {_x(m[f'speedup_vs_{peer}'])} as fast; {peer} changed the label on "
-            f"{c['compared']} of {m['points']}, compared there: our distance / {peer}'s distance median "
+            f"{changed} of {m['points']}, {where}: our distance / {peer}'s distance median "
             f"{d['median']:.3f}, / the crossing toward {peer}'s point median {c['median']:.3f}, max {c['max']:.3f}, "
             f"{c['farther_1pct']} farther than 1 %)")  # fmt: skip
 
 
 def _flip_row(source: str, run: dict[str, Any], m: dict[str, Any]) -> str:
     threads = run["machine"].rsplit(",", 1)[-1].strip().replace("1 threads", "1 thread")
-    targets = "the other class" if m["classes"] == 2 else f"all {m['classes'] - 1} other classes"
+    targets = ("the runner-up class" if m.get("target") == "runner-up" else "the other class" if m["classes"] == 2
+               else f"all {m['classes'] - 1} other classes")  # fmt: skip
     what = (f"closest flip points toward {targets}, {m['model']} ({m['points']} points, {threads}, median of "
             f"{m.get('repeats', run.get('repeats'))} runs; `{source}`)")  # fmt: skip
     sl = m["SLSQP"]
     slsqp = (f"SciPy SLSQP {_ms(sl['ms'])} ({_x(m['speedup_vs_SLSQP'])}; {sl['basis']})" if math.isfinite(sl["ms"])
              else f"SciPy SLSQP {sl['basis']}")  # fmt: skip
-    result = (f"flipfrag {_ms(m['ours_ms'])} per point, {100 * m['certified']:.1f} % certified; "
-              f"{_peer(m, 'FAB')}; {_peer(m, 'DeepFool')}; {slsqp}")  # fmt: skip
+    peak = m.get("ours_peak_rss_gb")
+    result = "; ".join([f"flipfrag {_ms(m['ours_ms'])} per point, {100 * m['certified']:.1f} % certified"
+                        + ("" if peak is None else f", peak memory {peak:.1f} GB"),
+                        *(_peer(m, p) for p in ("FAB", "DeepFool") if p in m), slsqp])  # fmt: skip
     g = m.get("goals")  # runs with the minimum-norm peers FMN / DDN (issue 25): goals over every peer
     if g:
         fastest = g.get("fastest_qualifying_peer")

@@ -136,3 +136,23 @@ def test_flip_speed_rows_prefer_runs_with_every_peer(tmp_path, monkeypatch):
     (tmp_path / "flip_newer.json").write_text(json.dumps({**run, "models": [newer]}))
     [(source, _, row)] = readme._flip_rows()
     assert source == "flip_newer.json" and row["ours_ms"] == 7.0
+
+
+def test_flip_speed_row_of_a_runner_up_run_without_deepfool(tmp_path, monkeypatch):
+    """The ImageNet CNN's row (``bench_flip.py --only imagenet``) flips toward the runner-up class only and has no
+    DeepFool peer: its README row says so and lists the peers it has, with flipfrag's peak memory."""
+    import copy
+    import json
+
+    from flipfrag import readme
+
+    run = json.loads((readme.RESULTS / "flip.json").read_text())
+    m = copy.deepcopy(run["models"][0])
+    del m["DeepFool"], m["speedup_vs_DeepFool"]
+    m.update(target="runner-up", ours_peak_rss_gb=3.21, peers=[p for p in m["peers"] if p != "DeepFool"])
+    (tmp_path / "flip_imagenet.json").write_text(json.dumps({**run, "models": [m]}))
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    [(source, r, row)] = readme._flip_rows()
+    text = readme._flip_row(source, r, row)
+    assert "toward the runner-up class" in text and "other classes" not in text
+    assert "DeepFool" not in text and "FAB " in text and "peak memory 3.2 GB" in text
