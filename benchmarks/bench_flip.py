@@ -479,7 +479,8 @@ def flat_rows(result: dict) -> list[dict]:
             passes = (d["passes_fwd"] or 0) + (d["passes_bwd"] or 0)
             rows.append({**common, "method": p, "settings": d.get("settings", d.get("basis")),
                          "ms_per_point": d["ms"], "passes_fwd": d["passes_fwd"], "passes_bwd": d["passes_bwd"],
-                         "peak_rss_gb": d.get("peak_rss_gb"), "certified_share": None, "label_changed_share": d.get("label_changed"),
+                         "peak_rss_gb": d.get("peak_rss_gb"), "certified_share": None,
+                         "label_changed_share": d.get("label_changed"),
                          "speedup_ours": r[f"speedup_vs_{p}"],
                          "pass_ratio_ours": passes / ours_passes if ours_passes and p != "SLSQP" else None,
                          "ratio_ours_to_distance": d.get("ratio_to_distance") or d.get("ratio_pairs"),
