@@ -41,7 +41,7 @@ def _problems(model, xh: torch.Tensor, x0: torch.Tensor) -> F._Problems:
                        src, tgt)
 
 
-def test_frozen_pattern_is_the_model_on_its_region_and_affine():
+def test_frozen_pattern_is_the_model_on_its_region_and_affine(monkeypatch):
     torch.manual_seed(1)
     cnn = SmallCNN(in_channels=1, n_classes=3, width=4).double().eval()
     fn = F._model_fn(cnn, (1, 8, 8))
@@ -75,6 +75,10 @@ def test_frozen_pattern_is_the_model_on_its_region_and_affine():
     for p in range(3):
         J = torch.func.jacrev(lambda x, p=p: all_values(x)[p])(x0[p])
         torch.testing.assert_close(rows[p], J[picks], rtol=1e-12, atol=1e-12)
+    # a memory bound below one row's copies of the network: one row per pass, the same rows
+    monkeypatch.setattr(F, "_ROW_MEMORY", 1)
+    one = F._sign_rows(fn, rec.pattern, x0, picks[None].expand(3, -1).clone(), sizes, chunk=7)
+    torch.testing.assert_close(one, rows, rtol=1e-12, atol=1e-12)
 
 
 def _explicit_region_optimum(model, xh, x0, src, tgt, w=None, fixed=None):
