@@ -219,11 +219,12 @@ NOTEBOOK_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
             "fragility/claim9_dtd",
             "fragility/imagenet_surrogate_beta",
             # the committed paper-scale cells (fragility.scale_claims): a claim appears once a cell it needs is
-            # complete — scale_claim2b_topk_eps1 (ε = 1 cells) and scale_claim5_shape (SG / DeepLIFT / IG top-k and
-            # center at ε = 2 and 8) are not yet, and are declared here when they are committed
+            # complete — scale_claim5_shape (SG / DeepLIFT / IG top-k and center at ε = 2 and 8) is not yet, and is
+            # declared here when they are committed
             "fragility/scale_claim1_random_topk_eps8",
             "fragility/scale_claim1b_random_spearman_eps8",
             "fragility/scale_claim2_topk_eps8",
+            "fragility/scale_claim2b_topk_eps1",
             "fragility/scale_claim3_center_shift_eps8",
             "fragility/scale_claim3b_topk_center_shift_eps8",
             "fragility/scale_claim3c_center_vs_random",
