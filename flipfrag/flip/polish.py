@@ -312,7 +312,7 @@ def _sign_rows(fn: ScoreFn, pattern: list, x: torch.Tensor, picks: torch.Tensor,
     needed) and one backward pass; fewer rows per pass where ``chunk`` copies would hold more than ``_ROW_MEMORY``."""
     P, K = picks.shape
     n = x.shape[1]
-    chunk = max(1, min(chunk, _ROW_MEMORY // (3 * sum(sizes) * x.element_size())))
+    chunk = max(1, min(chunk, _ROW_MEMORY // (3 * max(1, sum(sizes)) * x.element_size())))
     rows = torch.zeros(P * K, n, dtype=x.dtype, device=x.device)
     ends = torch.tensor(sizes, device=x.device).cumsum(0)
     starts = torch.cat([torch.zeros(1, dtype=torch.long, device=x.device), ends[:-1]])
